@@ -1,0 +1,12 @@
+"""packdit: kernels and modules for diffusion transformers on packed batches of images and videos.
+
+Public API:
+    pack, unpack, pack_like, PackedSeqs   -- the packed layout (packdit.layout)
+    packdit.reference                      -- pure-PyTorch oracles every kernel is tested against
+"""
+
+from packdit.layout import PackedSeqs, pack, pack_like, unpack
+
+__version__ = "0.1.0"
+
+__all__ = ["PackedSeqs", "pack", "pack_like", "unpack", "__version__"]

@@ -1,0 +1,69 @@
+"""Shared test helpers: error reporting, the 2x error rule, random packed layouts."""
+
+from __future__ import annotations
+
+import random
+
+import torch
+from torch import Tensor
+
+
+def error_report(actual: Tensor, expected: Tensor) -> str:
+    """Max abs / max rel / mean abs error and the index of the worst element."""
+    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
+    diff = (a - e).abs()
+    if diff.numel() == 0:
+        return "empty"
+    diff = torch.where(torch.isnan(a) ^ torch.isnan(e), torch.full_like(diff, float("inf")), diff.nan_to_num(0.0))
+    worst = int(diff.argmax())
+    where = tuple(int(i) for i in torch.unravel_index(torch.tensor(worst), diff.shape))
+    rel = diff / e.abs().clamp_min(1e-12)
+    return (f"max abs {diff.max().item():.3e} at {where} (got {a.flatten()[worst].item():.6g}, "
+            f"want {e.flatten()[worst].item():.6g}), max rel {rel.max().item():.3e}, mean abs {diff.mean().item():.3e}")
+
+
+def assert_close(actual: Tensor, expected: Tensor, *, atol: float = 1e-5, rtol: float = 1e-5, name: str = "") -> None:
+    """``|actual - expected| <= atol + rtol*|expected|`` elementwise; the failure names the worst element."""
+    if actual.shape != expected.shape:
+        raise AssertionError(f"{name}: shape {tuple(actual.shape)} != expected {tuple(expected.shape)}")
+    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
+    ok = ((a - e).abs() <= atol + rtol * e.abs()) | (torch.isnan(a) & torch.isnan(e)) | (a == e)
+    if not bool(ok.all()):
+        raise AssertionError(f"{name}: {int((~ok).sum())}/{ok.numel()} elements off; {error_report(actual, expected)}")
+
+
+def assert_within_2x(out: Tensor, pt: Tensor, ref: Tensor, *, floor: float = 1e-5, name: str = "") -> None:
+    """The flash-attention rule: kernel error vs the fp32/fp64 oracle <= 2x the error of same-precision torch + floor."""
+    err_out = (out.double() - ref.double()).abs().max().item() if out.numel() else 0.0
+    err_pt = (pt.double() - ref.double()).abs().max().item() if pt.numel() else 0.0
+    print(f"{name}: kernel err {err_out:.3e}, torch err {err_pt:.3e}")
+    assert err_out <= 2 * err_pt + floor, f"{name}: {err_out:.3e} > 2*{err_pt:.3e} + {floor:.1e}; {error_report(out, ref)}"
+
+
+EDGE_LENGTHS = (0, 1, 7, 37, 100)
+
+
+def random_grids(rng: random.Random, n: int, *, max_t: int = 3, max_hw: int = 6, allow_empty: bool = True):
+    """``n`` random (T, H, W) patch grids, including single-token and (optionally) empty samples."""
+    grids = []
+    for _ in range(n):
+        kind = rng.random()
+        if allow_empty and kind < 0.1:
+            grids.append((rng.randint(0, 2), 0, rng.randint(1, max_hw)))
+        elif kind < 0.25:
+            grids.append((1, 1, 1))
+        else:
+            grids.append((rng.randint(1, max_t), rng.randint(1, max_hw), rng.randint(1, max_hw)))
+    return grids
+
+
+def random_seqlens(rng: random.Random, n: int, *, max_len: int = 100) -> list[int]:
+    """Segment lengths mixing the edge lengths 0, 1, 7, 37, 100 with random ones up to ``max_len``."""
+    return [rng.choice(EDGE_LENGTHS) if rng.random() < 0.5 else rng.randint(0, max_len) for _ in range(n)]
+
+
+def cu_seqlens_of(lengths, device="cpu") -> Tensor:
+    cu = [0]
+    for n in lengths:
+        cu.append(cu[-1] + n)
+    return torch.tensor(cu, dtype=torch.int32, device=device)
