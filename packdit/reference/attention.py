@@ -1,0 +1,64 @@
+"""Reference varlen attention: one ``F.scaled_dot_product_attention`` call per packed segment.
+
+Layout (the flash-attn varlen convention)::
+
+    q: (Nq, Hq, D)    k, v: (Nk, Hk, D)    Hq % Hk == 0 (GQA: query head h reads kv head h // (Hq/Hk))
+    cu_seqlens_q: (B+1,) int32 over q,  cu_seqlens_k: (B+1,) int32 over k/v (defaults to cu_seqlens_q)
+
+For each sample b: ``out[q_b] = softmax(scale * q_b k_b^T) v_b``, with no token of b ever seeing a
+token of another sample. Segments with no keys give zero output (the flash-attn convention) and
+``lse = -inf``. This is the oracle the Triton kernels are tested against: slow, one launch per
+segment, obviously correct.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["varlen_attention"]
+
+
+def varlen_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor | None = None,
+    *,
+    scale: float | None = None,
+    return_lse: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Attention inside each packed segment; returns ``out (Nq, Hq, D)`` [and ``lse (Hq, Nq)`` fp32]."""
+    if cu_seqlens_k is None:
+        cu_seqlens_k = cu_seqlens_q
+    if q.dim() != 3 or k.dim() != 3 or v.shape != k.shape or q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"q, k, v: expected (Nq, Hq, D), (Nk, Hk, D), (Nk, Hk, D); got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    hq, hk = q.shape[1], k.shape[1]
+    if hq % hk:
+        raise ValueError(f"q, k: query heads {hq} must be a multiple of key/value heads {hk}")
+    if cu_seqlens_q.shape != cu_seqlens_k.shape:
+        raise ValueError(f"cu_seqlens_k: expected {len(cu_seqlens_q) - 1} segments like cu_seqlens_q, "
+                         f"got {len(cu_seqlens_k) - 1}")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    if cq[-1] != q.shape[0] or ck[-1] != k.shape[0]:
+        raise ValueError(f"cu_seqlens: last entries ({cq[-1]}, {ck[-1]}) must equal Nq={q.shape[0]}, Nk={k.shape[0]}")
+
+    out = q.new_zeros(q.shape)
+    lse = q.new_full((hq, q.shape[0]), -math.inf, dtype=torch.float32)
+    for b in range(len(cq) - 1):
+        q0, q1, k0, k1 = cq[b], cq[b + 1], ck[b], ck[b + 1]
+        if q1 == q0 or k1 == k0:
+            continue
+        qb = q[q0:q1].transpose(0, 1)                                   # (Hq, Lq, D)
+        kb = k[k0:k1].transpose(0, 1).repeat_interleave(hq // hk, 0)    # (Hq, Lk, D)
+        vb = v[k0:k1].transpose(0, 1).repeat_interleave(hq // hk, 0)
+        out[q0:q1] = F.scaled_dot_product_attention(qb, kb, vb, scale=scale).transpose(0, 1)
+        if return_lse:
+            lse[:, q0:q1] = torch.logsumexp((qb.float() @ kb.float().transpose(1, 2)) * scale, dim=-1)
+    return (out, lse) if return_lse else out
