@@ -1,0 +1,32 @@
+# One-command set-up: each target creates .venv, installs the pinned requirements and packdit (with its
+# native extension), then does its job. `make test` is what CI runs (.ci/run).
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+DEPS   := $(VENV)/.deps-installed
+
+.PHONY: install test run gpu-check clean
+
+$(DEPS): requirements/ci.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements/ci.txt
+	touch $@
+
+# Re-runs the (incremental) CMake build every time so csrc/ edits are picked up.
+install: $(DEPS)
+	$(PY) -m pip install --quiet --no-build-isolation --no-deps -e .
+
+test: install
+	PACKDIT_REQUIRE_EXT=1 $(PY) -m pytest tests -ra --durations=15
+
+run: install
+	$(PY) benchmarks/run.py
+
+# On a GPU machine (no network, system python with torch/triton/pybind11/cmake/ninja): build, GPU tests,
+# the full benchmark; logs and results go to $$OUT when set.
+gpu-check:
+	bash .ci/gpu_check
+
+clean:
+	rm -rf build $(VENV) packdit/_C*.so *.egg-info
