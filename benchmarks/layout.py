@@ -18,7 +18,7 @@ PATCH = (1, 2, 2)
 
 
 def run(ctx: Context) -> list[dict]:
-    budget = 16_384 if ctx.quick else 262_144
+    budget = 131_072 if ctx.quick else 1_048_576
     repeats = 5 if ctx.quick else 20
     rows = []
     for mix in MIXES:
