@@ -1,58 +1,77 @@
 """Sample streams the benchmarks share: latent shapes of images and videos as a video DiT sees them.
 
-Latents follow the common video-VAE geometry (8x spatial, 4x causal temporal compression,
-``T_lat = 1 + (frames - 1) // 4``) with C = 4 channels; the DiT then patchifies with (1, 2, 2).
-Mixes (seeded, reproducible):
+Pixels -> latents by the common causal video VAE (8x space, 4x time: ``T_lat = 1 + (frames - 1) // 4``,
+C = 4 channels); the DiT then patchifies with (1, 2, 2). Resolutions name the short side (144p..720p),
+the long side follows the aspect ratio, both snapped to multiples of 16 px.
 
-- ``images``: images only, 256-1024 px, aspect ratios 1:1, 4:3, 3:4, 16:9, 9:16.
-- ``video-mix``: 40% images as above, 60% videos at 144p-720p with 17-129 frames, the spread that
-  makes per-sample cost vary by ~3 orders of magnitude.
-- ``long-videos``: 480p/720p videos with 65-257 frames.
+Default mix (``video-mix``): 30% images / 70% videos.
+    video short side 144/240/360/480/720 p with probability .10/.20/.30/.25/.15
+    image short side 144/240/360/480/720 p with probability .05/.10/.20/.30/.35
+    aspect ratio 16:9 .55, 4:3 .12, 1:1 .10, 3:4 .05, 9:16 .15, 21:9 .03
+    frames uniform over {17, 33, ..., 129}
+Stress mixes: ``image-heavy`` (70% images), ``long-videos`` (10% images; videos 480p/720p only,
+65..129 frames), and ``images`` (images only, the short-sequence case for attention).
+All streams are seeded and reproducible.
 """
 
 from __future__ import annotations
 
 import random
 
-MIXES = ("images", "video-mix", "long-videos")
+MIXES = ("images", "image-heavy", "video-mix", "long-videos")
 LATENT_CHANNELS = 4
-_ASPECTS = ((1, 1), (4, 3), (3, 4), (16, 9), (9, 16))
-_VIDEO_HEIGHTS = (144, 240, 360, 480, 720)
+RESOLUTIONS = (144, 240, 360, 480, 720)
+_VIDEO_RES_P = (0.10, 0.20, 0.30, 0.25, 0.15)
+_IMAGE_RES_P = (0.05, 0.10, 0.20, 0.30, 0.35)
+_ASPECTS = ((16, 9), (4, 3), (1, 1), (3, 4), (9, 16), (21, 9))  # width : height
+_ASPECT_P = (0.55, 0.12, 0.10, 0.05, 0.15, 0.03)
+_FRAMES = tuple(range(17, 130, 16))
+
+# name -> (image fraction, video resolution probabilities, frame choices)
+_MIX_SPECS = {
+    "images": (1.0, _VIDEO_RES_P, _FRAMES),
+    "image-heavy": (0.7, _VIDEO_RES_P, _FRAMES),
+    "video-mix": (0.3, _VIDEO_RES_P, _FRAMES),
+    "long-videos": (0.1, (0.0, 0.0, 0.0, 0.5, 0.5), tuple(f for f in _FRAMES if f >= 65)),
+}
 
 
-def _hw(rng: random.Random, short_side: int) -> tuple[int, int]:
-    a, b = rng.choice(_ASPECTS)
-    h, w = (short_side, short_side * b // a) if a <= b else (short_side * a // b, short_side)
-    # latent = pixels / 8, rounded down to a multiple of the 2x2 patch
-    return max(2, h // 16 * 2), max(2, w // 16 * 2)
+def _snap16(px: float) -> int:
+    return max(16, int(round(px / 16)) * 16)
 
 
-def _image(rng: random.Random) -> tuple[int, ...]:
-    h, w = _hw(rng, rng.choice((256, 384, 512, 768, 1024)))
-    return (LATENT_CHANNELS, h, w)
-
-
-def _video(rng: random.Random, heights, frames) -> tuple[int, ...]:
-    h, w = _hw(rng, rng.choice(heights))
-    return (LATENT_CHANNELS, 1 + (rng.choice(frames) - 1) // 4, h, w)
+def _latent_hw(rng: random.Random, res_p) -> tuple[int, int]:
+    """(H, W) of a latent: short side from ``res_p``, aspect from the default distribution, / 8."""
+    short = rng.choices(RESOLUTIONS, weights=res_p)[0]
+    aw, ah = rng.choices(_ASPECTS, weights=_ASPECT_P)[0]
+    h, w = (short, short * aw / ah) if aw >= ah else (short * ah / aw, short)
+    return _snap16(h) // 8, _snap16(w) // 8
 
 
 def latent_shapes(mix: str, num_samples: int, *, seed: int = 0) -> list[tuple[int, ...]]:
-    """``num_samples`` latent shapes ``(C, H, W)`` / ``(C, T, H, W)`` drawn from ``mix``."""
+    """``num_samples`` latent shapes ``(C, H, W)`` (images) / ``(C, T, H, W)`` (videos) drawn from ``mix``."""
+    if mix not in _MIX_SPECS:
+        raise ValueError(f"mix: expected one of {MIXES}, got {mix!r}")
+    image_fraction, video_res_p, frames = _MIX_SPECS[mix]
     rng = random.Random(f"{mix}-{seed}")
-    if mix == "images":
-        return [_image(rng) for _ in range(num_samples)]
-    if mix == "video-mix":
-        return [_image(rng) if rng.random() < 0.4 else _video(rng, _VIDEO_HEIGHTS, (17, 33, 49, 65, 97, 129))
-                for _ in range(num_samples)]
-    if mix == "long-videos":
-        return [_video(rng, (480, 720), (65, 129, 193, 257)) for _ in range(num_samples)]
-    raise ValueError(f"mix: expected one of {MIXES}, got {mix!r}")
+    shapes = []
+    for _ in range(num_samples):
+        if rng.random() < image_fraction:
+            shapes.append((LATENT_CHANNELS, *_latent_hw(rng, _IMAGE_RES_P)))
+        else:
+            h, w = _latent_hw(rng, video_res_p)
+            shapes.append((LATENT_CHANNELS, 1 + (rng.choice(frames) - 1) // 4, h, w))
+    return shapes
 
 
 def num_patches(shape: tuple[int, ...], patch_size=(1, 2, 2)) -> int:
     t = shape[1] if len(shape) == 4 else 1
     return (t // patch_size[0]) * (shape[-2] // patch_size[1]) * (shape[-1] // patch_size[2])
+
+
+def sample_lengths(mix: str, num_samples: int, *, seed: int = 0, patch_size=(1, 2, 2)) -> list[int]:
+    """Token counts of ``num_samples`` samples of ``mix`` (what the packing planner sees)."""
+    return [num_patches(s, patch_size) for s in latent_shapes(mix, num_samples, seed=seed)]
 
 
 def take_tokens(mix: str, token_budget: int, *, seed: int = 0, patch_size=(1, 2, 2)) -> list[tuple[int, ...]]:
