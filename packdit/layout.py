@@ -26,6 +26,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch import Tensor
 
+from packdit._validate import validate_seqs
 from packdit.ops.layout_positions import layout_positions
 
 __all__ = ["PackedSeqs", "pack", "pack_like", "unpack", "normalize_patch_size"]
@@ -132,6 +133,7 @@ class PackedSeqs:
         )
         seqs._cache["seqlens"] = tuple(lengths)
         seqs._cache["grids"] = tuple(grids)
+        seqs._cache["validated"] = True  # consistent by construction: no device->host check needed later
         return seqs
 
     # ------------------------------------------------------------------ sizes
@@ -338,6 +340,7 @@ def pack_like(latents: Sequence[Tensor], seqs: PackedSeqs, patch_size: PatchSize
     The loss on kept tokens of a dropped layout is ``mse(pred_tokens, pack_like(targets, seqs, p))``.
     """
     patch_size = normalize_patch_size(patch_size)
+    validate_seqs(seqs)
     grids = _check_latents(latents, patch_size)
     if len(grids) != len(seqs) or tuple(grids) != seqs.grids:
         for b, (g, want) in enumerate(zip(grids, seqs.grids)):
@@ -364,6 +367,7 @@ def unpack(
     :func:`pack_like`.
     """
     patch_size = normalize_patch_size(patch_size)
+    validate_seqs(seqs)
     pt, ph, pw = patch_size
     if tokens.dim() != 2 or tokens.shape[0] != seqs.num_tokens:
         raise ValueError(f"tokens: expected shape ({seqs.num_tokens}, C*{pt}*{ph}*{pw}), got {tuple(tokens.shape)}")

@@ -260,3 +260,10 @@ def test_randomized_layouts(seed, n, patch, drop):
 def test_public_names():
     assert packdit.__version__
     assert {"pack", "unpack", "pack_like", "PackedSeqs"} <= set(packdit.__all__)
+
+
+def test_million_token_layout_builds_on_cpu():
+    grids = [(16, 32, 64)] * 32  # 32 clips of 32,768 tokens: 1,048,576 tokens
+    seqs = PackedSeqs.from_grids(grids)
+    assert seqs.num_tokens == 2**20 and seqs.max_seqlen == 32768
+    assert seqs.positions[-1].tolist() == [15, 31, 63] and int(seqs.segment_ids[-1]) == 31

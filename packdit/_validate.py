@@ -1,0 +1,123 @@
+"""Input validation shared by every packdit op.
+
+A packed batch is where silent corruption hides: one off-by-one in ``cu_seqlens`` mixes two samples'
+tokens and nothing crashes. Ops therefore validate their layout before launching, cheaply:
+
+* shape/dtype/device/contiguity checks are host-only and run on every call;
+* value checks that need a device->host copy (``cu_seqlens`` monotone, ``grid`` consistent with the
+  lengths, ``positions`` inside the grid) run **once per layout object**: the result is memoized on
+  the :class:`~packdit.PackedSeqs` (``seqs.cached``), so a 28-layer model pays for them once per batch.
+
+Checks are on by default. Turn them off with ``PACKDIT_CHECKS=0`` in the environment, or for a block
+of code with ``with packdit.checks(False): ...`` (e.g. a hot loop after the first step has validated
+the data pipeline). Every error names the argument, the segment and the expected vs actual value.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor
+
+__all__ = ["checks", "checks_enabled", "validate_cu_seqlens", "validate_seqs"]
+
+_state = threading.local()
+
+
+def checks_enabled() -> bool:
+    """Whether validation runs: the innermost ``checks(...)`` block, else ``PACKDIT_CHECKS`` (default on)."""
+    override = getattr(_state, "enabled", None)
+    if override is not None:
+        return override
+    return os.environ.get("PACKDIT_CHECKS", "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+@contextlib.contextmanager
+def checks(enabled: bool) -> Iterator[None]:
+    """Turn packdit's input validation on or off inside a ``with`` block (thread-local, nestable)."""
+    previous = getattr(_state, "enabled", None)
+    _state.enabled = bool(enabled)
+    try:
+        yield
+    finally:
+        _state.enabled = previous
+
+
+def _first_bad(mask: Tensor) -> int:
+    return int(mask.nonzero()[0, 0])
+
+
+def validate_cu_seqlens(cu_seqlens: Tensor, num_tokens: int, name: str = "cu_seqlens") -> list[int]:
+    """Check ``cu_seqlens`` is an int32 ``(B+1,)`` prefix sum over ``num_tokens`` tokens; return it as a host list.
+
+    One device->host copy: call it once per layout, not per layer.
+    """
+    if not isinstance(cu_seqlens, Tensor):
+        raise TypeError(f"{name}: expected an int32 tensor, got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dtype != torch.int32:
+        raise ValueError(f"{name}: expected dtype int32, got {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 1:
+        raise ValueError(f"{name}: expected shape (B+1,) with B >= 0, got {tuple(cu_seqlens.shape)}")
+    host = cu_seqlens.tolist()
+    if host[0] != 0:
+        raise ValueError(f"{name}: expected {name}[0] = 0, got {host[0]}")
+    for b in range(len(host) - 1):
+        if host[b + 1] < host[b]:
+            raise ValueError(f"{name}: segment {b} has negative length: {name}[{b}] = {host[b]} > "
+                             f"{name}[{b + 1}] = {host[b + 1]} (expected non-decreasing)")
+    if host[-1] != num_tokens:
+        raise ValueError(f"{name}: expected {name}[-1] = {num_tokens} (the number of tokens), got {host[-1]}")
+    return host
+
+
+def validate_seqs(seqs, name: str = "seqs") -> None:
+    """Full consistency check of a :class:`~packdit.PackedSeqs`, memoized on the object.
+
+    Checks: int32 tensors on one device; ``cu_seqlens`` a prefix sum over N tokens; ``grid`` (B, 3)
+    non-negative with each length ``<= T*H*W`` (``==`` unless tokens were dropped); ``max_seqlen``
+    the true maximum; ``segment_ids`` the sample of each token; ``positions`` inside each sample's grid.
+    """
+    if not checks_enabled() or seqs._cache.get("validated"):
+        return
+    n = seqs.segment_ids.shape[0]
+    for field in ("cu_seqlens", "grid", "positions", "segment_ids"):
+        t = getattr(seqs, field)
+        if t.dtype != torch.int32:
+            raise ValueError(f"{name}.{field}: expected dtype int32, got {t.dtype}")
+        if t.device != seqs.cu_seqlens.device:
+            raise ValueError(f"{name}.{field}: expected device {seqs.cu_seqlens.device} like cu_seqlens, got {t.device}")
+    cu = validate_cu_seqlens(seqs.cu_seqlens, n, f"{name}.cu_seqlens")
+    num_segments = len(cu) - 1
+    if seqs.grid.shape != (num_segments, 3):
+        raise ValueError(f"{name}.grid: expected shape ({num_segments}, 3), got {tuple(seqs.grid.shape)}")
+    if seqs.positions.shape != (n, 3):
+        raise ValueError(f"{name}.positions: expected shape ({n}, 3), got {tuple(seqs.positions.shape)}")
+    lengths = [cu[b + 1] - cu[b] for b in range(num_segments)]
+    if seqs.max_seqlen != max(lengths, default=0):
+        raise ValueError(f"{name}.max_seqlen: expected {max(lengths, default=0)} (the longest segment), got {seqs.max_seqlen}")
+    for b, ((t, h, w), length) in enumerate(zip(seqs.grid.tolist(), lengths)):
+        full = t * h * w
+        if min(t, h, w) < 0 or length > full or (length < full and not seqs.dropped):
+            want = f"<= {full}" if seqs.dropped else f"= {full}"
+            raise ValueError(f"{name}: segment {b} has {length} tokens but its grid (T, H, W) = ({t}, {h}, {w}) "
+                             f"needs length {want}")
+    expected_ids = torch.repeat_interleave(
+        torch.arange(num_segments, dtype=torch.int32, device=seqs.cu_seqlens.device), seqs.lengths, output_size=n
+    )
+    bad = seqs.segment_ids != expected_ids
+    if bool(bad.any()):
+        i = _first_bad(bad)
+        raise ValueError(f"{name}.segment_ids: token {i} says segment {int(seqs.segment_ids[i])}, "
+                         f"cu_seqlens puts it in segment {int(expected_ids[i])}")
+    if n:
+        grid_of_token = seqs.grid[expected_ids.long()]
+        bad = ((seqs.positions < 0) | (seqs.positions >= grid_of_token)).any(dim=1)
+        if bool(bad.any()):
+            i = _first_bad(bad)
+            raise ValueError(f"{name}.positions: token {i} of segment {int(expected_ids[i])} is at (t, h, w) = "
+                             f"{tuple(seqs.positions[i].tolist())}, outside its grid {tuple(grid_of_token[i].tolist())}")
+    seqs._cache["validated"] = True
