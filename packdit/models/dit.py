@@ -1,0 +1,416 @@
+"""``packdit.DiT``: the adaLN-Zero DiT on packed batches of images and videos (arXiv 2212.09748, 2307.06304).
+
+With the default arguments it is ``packdit.reference.DiT`` -- same constructor, ``state_dict`` keys,
+initialization and ``forward(x, t, y)`` / ``forward_with_cfg`` -- so ``DiT_models["DiT-XL/2"]()`` loads an
+official checkpoint with ``strict=True``. Underneath, every call runs on packed tokens without padding:
+
+    tokens (N, C*pt*ph*pw) --patch Linear--> (N, D) (+ position embedding)
+    c (R, D) = TimestepEmbed(t) + LabelEmbed(y) [+ pooled text]       R = B, or one row per frame
+    blocks:  x = x + gate1[i] * Attn(norm(x) * (1 + scale1[i]) + shift1[i])      i = mod_index (N,)
+             [x = x + CrossAttn(x, text)]
+             x = x + gate2[i] * MLP(norm(x) * (1 + scale2[i]) + shift2[i])
+    final:   Linear(norm(x) * (1 + scale[i]) + shift[i]) -> (N, pt*ph*pw*C_out), channels last
+
+Video and NaViT options (keyword-only; the defaults keep official compatibility):
+
+* ``patch_size=(pt, ph, pw)``: spacetime patches (the patch embedding is then a ``Conv3d`` weight).
+* ``pos_embed``: ``"sincos2d"`` (official 2-D table from each token's (h, w); videos add a 1-D
+  sin-cos over t, shifted so that t = 0 adds nothing and images stay exactly official) or
+  ``"factorized"`` (NaViT learned t/h/w tables, optionally at fractional coordinates).
+* ``cond="text"``: cross-attention from the packed video tokens to a packed, per-sample,
+  variable-length text sequence (``context``: list of ``(L_b, text_dim)``), plus its mean-pooled vector
+  added to ``c``. An empty context (``L_b = 0``) is the unconditional branch for CFG.
+* per-frame or per-token timesteps: ``t`` of shape ``(B,)``, ``(sum_b T_b,)`` (one per patch frame:
+  diffusion forcing, image-to-video) or ``(N,)``. Modulation rows are computed once per distinct row
+  (``R`` rows, not ``N``) and gathered by ``mod_index`` inside the fused kernels.
+* ``qk_norm``: RMSNorm on queries and keys per head.
+* ``checkpoint_activations``: recompute each block in backward.
+* ``backend``: ``"torch"`` (reference ops) or ``"triton"`` (fused kernels); ``None`` picks the fastest
+  available for the device.
+
+The timestep/label embedders and the adaLN projections stay in plain PyTorch: they are O(R D^2) with R
+the number of samples or frames, not O(N).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+from packdit.layout import PackedSeqs, normalize_patch_size, pack, unpack
+from packdit.nn import functional as PF
+from packdit.nn.pool import segment_pool
+from packdit.reference.dit import LabelEmbedder, TimestepEmbedder, get_2d_sincos_pos_embed
+
+__all__ = ["DiT", "DiT_models"]
+
+POS_EMBEDS = ("sincos2d", "factorized")
+CONDS = ("class", "text")
+
+
+def _sincos_1d(dim: int, pos: Tensor) -> Tensor:
+    """(M,) -> (M, dim) float64 ``concat(sin(pos*omega), cos(pos*omega))``, omega as in the 2-D table."""
+    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64, device=pos.device) / (dim / 2.0))
+    angles = pos.to(torch.float64)[:, None] * omega
+    return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+
+class RMSNorm(nn.Module):
+    """``x / rms(x) * weight`` over the last dim (QK-norm)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.rms_norm(x, x.shape[-1:], self.weight, self.eps)
+
+
+class Attention(nn.Module):
+    """Self-attention over packed tokens: fused ``qkv`` Linear, optional QK-RMSNorm, varlen attention, ``proj``."""
+
+    def __init__(self, dim: int, num_heads: int, *, qk_norm: bool = False, backend: str | None = None):
+        super().__init__()
+        self.num_heads, self.head_dim, self.backend = num_heads, dim // num_heads, backend
+        self.qkv = nn.Linear(dim, 3 * dim, bias=True)
+        if qk_norm:
+            self.q_norm, self.k_norm = RMSNorm(self.head_dim), RMSNorm(self.head_dim)
+        else:
+            self.q_norm = self.k_norm = None
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor, seqs: PackedSeqs) -> Tensor:
+        """x (N, D) -> (N, D), each token attending to its own sample only."""
+        q, k, v = self.qkv(x).unflatten(-1, (3, self.num_heads, self.head_dim)).unbind(-3)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        out = PF.attention(q, k, v, seqs.cu_seqlens, seqs.max_seqlen, backend=self.backend)
+        return self.proj(out.flatten(-2))
+
+
+class CrossAttention(nn.Module):
+    """Packed queries (N, D) x packed per-sample context (M, D): sample b's tokens read only context b."""
+
+    def __init__(self, dim: int, num_heads: int, *, qk_norm: bool = False, backend: str | None = None):
+        super().__init__()
+        self.num_heads, self.head_dim, self.backend = num_heads, dim // num_heads, backend
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        if qk_norm:
+            self.q_norm, self.k_norm = RMSNorm(self.head_dim), RMSNorm(self.head_dim)
+        else:
+            self.q_norm = self.k_norm = None
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor, seqs: PackedSeqs, context: Tensor, context_seqs: PackedSeqs) -> Tensor:
+        q = self.q(x).unflatten(-1, (self.num_heads, self.head_dim))
+        k, v = self.kv(context).unflatten(-1, (2, self.num_heads, self.head_dim)).unbind(-3)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        out = PF.attention(q, k, v, seqs.cu_seqlens, seqs.max_seqlen, context_seqs.cu_seqlens,
+                           context_seqs.max_seqlen, backend=self.backend)
+        return self.proj(out.flatten(-2))
+
+
+class Mlp(nn.Module):
+    """``fc2(gelu_tanh(fc1(x)))`` (the fused MLP kernel on the triton backend)."""
+
+    def __init__(self, dim: int, hidden: int, *, backend: str | None = None):
+        super().__init__()
+        self.backend = backend
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return PF.mlp(x, self.fc1, self.fc2, backend=self.backend)
+
+
+class DiTBlock(nn.Module):
+    """adaLN-Zero block on packed tokens; state_dict names match the official ``DiTBlock``."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, *, qk_norm: bool, cross: bool,
+                 backend: str | None):
+        super().__init__()
+        self.backend = backend
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(hidden_size, num_heads, qk_norm=qk_norm, backend=backend)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio), backend=backend)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
+        self.cross_attn = CrossAttention(hidden_size, num_heads, qk_norm=qk_norm, backend=backend) if cross else None
+
+    def forward(self, x: Tensor, c: Tensor, mod_index: Tensor, seqs: PackedSeqs,
+                context: Tensor | None = None, context_seqs: PackedSeqs | None = None) -> Tensor:
+        """x (N, D), c (R, D), mod_index (N,) -> (N, D)."""
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=-1)
+        h = PF.norm_modulate(x, shift1, scale1, mod_index, eps=self.norm1.eps, backend=self.backend)
+        x = PF.gated_residual(x, self.attn(h, seqs), gate1, mod_index, backend=self.backend)
+        if self.cross_attn is not None:
+            x = x + self.cross_attn(x, seqs, context, context_seqs)
+        h = PF.norm_modulate(x, shift2, scale2, mod_index, eps=self.norm2.eps, backend=self.backend)
+        return PF.gated_residual(x, self.mlp(h), gate2, mod_index, backend=self.backend)
+
+
+class FinalLayer(nn.Module):
+    """adaLN (shift, scale) then ``Linear`` D -> pt*ph*pw*C_out; official names."""
+
+    def __init__(self, hidden_size: int, patch_volume: int, out_channels: int, backend: str | None):
+        super().__init__()
+        self.backend = backend
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden_size, patch_volume * out_channels, bias=True)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
+
+    def forward(self, x: Tensor, c: Tensor, mod_index: Tensor) -> Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
+        h = PF.norm_modulate(x, shift, scale, mod_index, eps=self.norm_final.eps, backend=self.backend)
+        return self.linear(h)
+
+
+class PatchEmbed(nn.Module):
+    """Patch embedding as a strided conv named ``proj`` (``Conv2d`` for 2-D patches, official; ``Conv3d``
+    for spacetime patches), applied to packed tokens as a Linear with the flattened conv weight."""
+
+    def __init__(self, input_size: int, patch_size: tuple[int, int, int], in_channels: int, hidden_size: int,
+                 image_only: bool):
+        super().__init__()
+        pt, ph, pw = patch_size
+        self.grid_size = (input_size // ph, input_size // pw)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        if image_only:
+            self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=(ph, pw), stride=(ph, pw))
+        else:
+            self.proj = nn.Conv3d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        """(N, C*pt*ph*pw) in conv-weight order -> (N, D)."""
+        return F.linear(tokens, self.proj.weight.flatten(1), self.proj.bias)
+
+
+class DiT(nn.Module):
+    """Packed DiT; see the module docstring. The official positional arguments come first."""
+
+    def __init__(
+        self,
+        input_size: int = 32,
+        patch_size: int | Sequence[int] = 2,
+        in_channels: int = 4,
+        hidden_size: int = 1152,
+        depth: int = 28,
+        num_heads: int = 16,
+        mlp_ratio: float = 4.0,
+        class_dropout_prob: float = 0.1,
+        num_classes: int = 1000,
+        learn_sigma: bool = True,
+        *,
+        pos_embed: str = "sincos2d",
+        max_grid: tuple[int, int, int] = (64, 128, 128),
+        fractional_positions: bool = False,
+        qk_norm: bool = False,
+        cond: str = "class",
+        text_dim: int | None = None,
+        checkpoint_activations: bool = False,
+        backend: str | None = None,
+    ):
+        super().__init__()
+        if hidden_size % num_heads:
+            raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
+        if pos_embed not in POS_EMBEDS:
+            raise ValueError(f"pos_embed: expected one of {POS_EMBEDS}, got {pos_embed!r}")
+        if cond not in CONDS:
+            raise ValueError(f"cond: expected one of {CONDS}, got {cond!r}")
+        if cond == "text" and not text_dim:
+            raise ValueError("text_dim: cond='text' needs the width of the text embeddings")
+        self.backend = PF.resolve_backend(backend)
+        self.image_only = isinstance(patch_size, int) or len(patch_size) == 2
+        self.patch_size = normalize_patch_size(patch_size)
+        self.in_channels = in_channels
+        self.learn_sigma = learn_sigma
+        self.out_channels = 2 * in_channels if learn_sigma else in_channels
+        self.num_heads = num_heads
+        self.pos_embed_type, self.fractional_positions, self.cond = pos_embed, fractional_positions, cond
+        self.checkpoint_activations = checkpoint_activations
+        patch_volume = math.prod(self.patch_size)
+
+        # construction order follows the official model (same seed -> same initial weights)
+        self.x_embedder = PatchEmbed(input_size, self.patch_size, in_channels, hidden_size, self.image_only)
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        if cond == "class":
+            self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
+        else:
+            self.context_embedder = nn.Sequential(nn.Linear(text_dim, hidden_size), nn.GELU(approximate="tanh"),
+                                                  nn.Linear(hidden_size, hidden_size))
+            self.pooled_context = nn.Linear(hidden_size, hidden_size)
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.x_embedder.num_patches, hidden_size), requires_grad=False)
+        if pos_embed == "factorized":
+            self.max_grid = tuple(max_grid)
+            self.pos_embed_t, self.pos_embed_h, self.pos_embed_w = (
+                nn.Parameter(torch.zeros(n, hidden_size)) for n in self.max_grid)
+        self.blocks = nn.ModuleList([
+            DiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm=qk_norm, cross=cond == "text", backend=self.backend)
+            for _ in range(depth)
+        ])
+        self.final_layer = FinalLayer(hidden_size, patch_volume, self.out_channels, self.backend)
+        self.initialize_weights()
+
+    # ------------------------------------------------------------------ init (official)
+    def initialize_weights(self) -> None:
+        def xavier_linear(module: nn.Module) -> None:
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+
+        self.apply(xavier_linear)
+        gh, gw = self.x_embedder.grid_size
+        h = torch.arange(gh).repeat_interleave(gw)
+        w = torch.arange(gw).repeat(gh)
+        self.pos_embed.data.copy_(get_2d_sincos_pos_embed(self.pos_embed.shape[-1], h, w).float().unsqueeze(0))
+        weight = self.x_embedder.proj.weight.data
+        nn.init.xavier_uniform_(weight.view(weight.shape[0], -1))
+        if self.cond == "class":
+            nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        if self.pos_embed_type == "factorized":
+            for table in (self.pos_embed_t, self.pos_embed_h, self.pos_embed_w):
+                nn.init.normal_(table, std=0.02)
+        for block in self.blocks:
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        for layer in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    # ------------------------------------------------------------------ embeddings
+    def _position_embedding(self, seqs: PackedSeqs, dim: int) -> Tensor:
+        """(N, dim) embedding of each token's true (t, h, w) (kept coordinates survive token dropping)."""
+        pos = seqs.positions.long()
+        if self.pos_embed_type == "sincos2d":
+            emb = get_2d_sincos_pos_embed(dim, pos[:, 1], pos[:, 2])
+            if not self.image_only:  # sincos over t minus its t=0 value: images get exactly the official table
+                zero = torch.zeros(1, dtype=torch.long, device=pos.device)
+                emb = emb + _sincos_1d(dim, pos[:, 0]) - _sincos_1d(dim, zero)
+            return emb
+        tables = (self.pos_embed_t, self.pos_embed_h, self.pos_embed_w)
+        if self.fractional_positions:  # NaViT: coordinate / extent of its own axis, scaled to the table
+            grid = seqs.grid.long()[seqs.segment_ids.long()]
+            idx = [(pos[:, a] * len(tables[a])) // grid[:, a].clamp_min(1) for a in range(3)]
+        else:
+            idx = [pos[:, a] for a in range(3)]
+            for a, name in enumerate("thw"):
+                if pos.shape[0] and int(idx[a].max()) >= len(tables[a]):
+                    raise ValueError(f"seqs: a {name} position of {int(idx[a].max())} exceeds max_grid {self.max_grid}; "
+                                     "raise max_grid or use fractional_positions=True")
+        return sum(table[i] for table, i in zip(tables, idx))
+
+    def _condition(self, t: Tensor, y: Tensor | None, seqs: PackedSeqs, context, context_seqs):
+        """-> c (R, D) modulation conditioning and mod_index (N,): the row of each token."""
+        b, n = len(seqs), seqs.num_tokens
+        frames = [g[0] for g in seqs.grids]
+        if t.dim() != 1:
+            raise ValueError(f"t: expected a 1-D tensor, got shape {tuple(t.shape)}")
+        if t.shape[0] == b:
+            row_of_sample, mod_index = torch.arange(b, device=t.device), seqs.segment_ids
+        elif t.shape[0] == sum(frames):  # per-frame rows: row = first frame of the sample + t position
+            first_frame = torch.tensor([0] + frames[:-1], device=t.device).cumsum(0)
+            row_of_sample = torch.repeat_interleave(torch.arange(b, device=t.device),
+                                                    torch.tensor(frames, device=t.device), output_size=t.shape[0])
+            mod_index = (first_frame[seqs.segment_ids.long()] + seqs.positions[:, 0]).to(torch.int32)
+        elif t.shape[0] == n:
+            row_of_sample = seqs.segment_ids.long()
+            mod_index = torch.arange(n, dtype=torch.int32, device=t.device)
+        else:
+            raise ValueError(f"t: expected {b} (per sample), {sum(frames)} (per frame) or {n} (per token) "
+                             f"timesteps, got {t.shape[0]}")
+        c = self.t_embedder(t)
+        if self.cond == "class":
+            if y is None or y.shape != (b,):
+                raise ValueError(f"y: expected ({b},) class labels, got {None if y is None else tuple(y.shape)}")
+            c = c + self.y_embedder(y, self.training)[row_of_sample]
+        else:
+            c = c + self.pooled_context(segment_pool(context, context_seqs, "mean"))[row_of_sample]
+        return c, mod_index
+
+    def _pack_context(self, context):
+        if self.cond != "text":
+            return None, None
+        if context is None:
+            raise ValueError("context: cond='text' needs a list of (L_b, text_dim) text embeddings")
+        if isinstance(context, tuple):  # already packed: (tokens (M, text_dim), PackedSeqs)
+            ctx, ctx_seqs = context
+        else:
+            ctx = torch.cat(list(context))
+            ctx_seqs = PackedSeqs.from_grids([(1, 1, c.shape[0]) for c in context], device=ctx.device)
+        return self.context_embedder(ctx), ctx_seqs
+
+    # ------------------------------------------------------------------ forwards
+    def forward_packed(self, tokens: Tensor, seqs: PackedSeqs, t: Tensor, y: Tensor | None = None,
+                       context=None) -> Tensor:
+        """tokens (N, C*pt*ph*pw) from ``packdit.pack(latents, patch_size)``, t (B,) | (sum T_b,) | (N,),
+        y (B,) labels or ``context`` (list of (L_b, text_dim), or packed ``(tokens, seqs)``)
+        -> (N, pt*ph*pw*C_out), each token channels-last (``unpack(..., channels_last=True)``)."""
+        width = self.in_channels * math.prod(self.patch_size)
+        if tokens.dim() != 2 or tokens.shape != (seqs.num_tokens, width):
+            raise ValueError(f"tokens: expected ({seqs.num_tokens}, {width}) packed patches of seqs, got {tuple(tokens.shape)}")
+        if len(context or ()) not in (0, len(seqs)) and not isinstance(context, tuple):
+            raise ValueError(f"context: expected {len(seqs)} per-sample text sequences, got {len(context)}")
+        x = self.x_embedder(tokens)
+        x = x + self._position_embedding(seqs, x.shape[-1]).to(x.dtype)
+        ctx, ctx_seqs = self._pack_context(context)
+        c, mod_index = self._condition(t, y, seqs, ctx, ctx_seqs)
+        for block in self.blocks:
+            if self.checkpoint_activations and self.training:
+                x = checkpoint(block, x, c, mod_index, seqs, ctx, ctx_seqs, use_reentrant=False)
+            else:
+                x = block(x, c, mod_index, seqs, ctx, ctx_seqs)
+        return self.final_layer(x, c, mod_index)
+
+    def forward(self, x, t: Tensor, y: Tensor | None = None, context=None):
+        """``x (B, C, H, W)`` (official batch call) -> ``(B, C_out, H, W)``; or ``x`` a list of ``(C, H, W)`` /
+        ``(C, T, H, W)`` latents of any sizes -> list of predictions in the same shapes."""
+        if isinstance(x, Tensor):
+            if x.dim() not in (4, 5):
+                raise ValueError(f"x: expected (B, C, H, W) or (B, C, T, H, W), got {tuple(x.shape)}")
+            return torch.stack(self.forward(list(x.unbind(0)), t, y, context))
+        tokens, seqs = pack(x, self.patch_size)
+        out = self.forward_packed(tokens, seqs, t, y, context)
+        return unpack(out, seqs, self.patch_size, channels_last=True)
+
+    def forward_with_cfg(self, x: Tensor, t: Tensor, y: Tensor, cfg_scale: float) -> Tensor:
+        """The official classifier-free-guidance forward (guidance on the first 3 channels, as upstream)."""
+        half = x[: len(x) // 2]
+        model_out = self.forward(torch.cat([half, half]), t, y)
+        eps, rest = model_out[:, :3], model_out[:, 3:]
+        cond_eps, uncond_eps = torch.split(eps, len(eps) // 2, dim=0)
+        half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
+        return torch.cat([torch.cat([half_eps, half_eps]), rest], dim=1)
+
+
+# ---------------------------------------------------------------------- registry
+_SIZES = {"XL": (28, 1152, 16), "L": (24, 1024, 16), "B": (12, 768, 12), "S": (12, 384, 6)}
+
+
+def _entry(defaults: dict) -> Callable[..., DiT]:
+    def build(**kwargs) -> DiT:
+        return DiT(**{**defaults, **kwargs})
+
+    build.__doc__ = f"DiT with {defaults}; keyword arguments override."
+    return build
+
+
+DiT_models: dict[str, Callable[..., DiT]] = {
+    f"DiT-{size}/{p}": _entry(dict(depth=d, hidden_size=h, num_heads=nh, patch_size=p))
+    for size, (d, h, nh) in _SIZES.items() for p in (2, 4, 8)
+}
+# Video configs for benchmarks: STDiT-XL/2-like (28 x 1152, head dim 72, spacetime patches) and a 3B-class
+# model (hidden 3072, head dim 128). Both use 3-D patches, so their patch embedding is a Conv3d.
+DiT_models["STDiT-XL/2"] = _entry(dict(depth=28, hidden_size=1152, num_heads=16, patch_size=(1, 2, 2), qk_norm=True))
+DiT_models["DiT-3B"] = _entry(dict(depth=32, hidden_size=3072, num_heads=24, patch_size=(1, 2, 2), qk_norm=True))

@@ -1,0 +1,158 @@
+"""packdit.DiT: official compatibility via the reference, packed equivalences, video/NaViT options."""
+
+import pytest
+import torch
+from helpers import assert_close
+
+import packdit
+from packdit import reference
+from packdit.models.dit import DiT, DiT_models
+
+TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2, num_classes=10)
+VIDEO = dict(input_size=8, patch_size=(1, 2, 2), in_channels=4, hidden_size=32, depth=2, num_heads=2, num_classes=10,
+             learn_sigma=False)
+
+
+def _randomize(model, seed=0):
+    """Non-zero weights everywhere (adaLN-Zero init would make every block the identity)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    return model
+
+
+@pytest.mark.parametrize("name", list(reference.DiT_models))
+def test_state_dict_matches_reference_on_meta(name):
+    with torch.device("meta"):
+        ours, ref = DiT_models[name](), reference.DiT_models[name]()
+    a, b = ours.state_dict(), ref.state_dict()
+    assert list(a) == list(b)
+    assert all(a[k].shape == b[k].shape and a[k].dtype == b[k].dtype for k in a)
+
+
+def test_same_seed_same_init_as_reference():
+    torch.manual_seed(3)
+    ours = DiT(**TINY, backend="torch")
+    torch.manual_seed(3)
+    ref = reference.DiT(**TINY)
+    for (k, a), b in zip(ours.state_dict().items(), ref.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_loads_reference_checkpoint_strict_and_matches_outputs_and_grads():
+    ref = _randomize(reference.DiT(**TINY)).eval()
+    ours = DiT(**TINY, backend="torch").eval()
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    x = torch.randn(3, 4, 8, 8, requires_grad=True)
+    t, y = torch.tensor([1.0, 500.0, 999.0]), torch.tensor([0, 3, 9])
+    out_ref = ref(x, t, y)
+    out = ours(x, t, y)
+    assert_close(out, out_ref, atol=1e-5, rtol=1e-5, name="forward")
+    trainable = [(n, p) for n, p in ours.named_parameters() if p.requires_grad]
+    g_ref = torch.autograd.grad(out_ref.square().sum(), [x, *(p for p in ref.parameters() if p.requires_grad)],
+                                allow_unused=True)
+    g = torch.autograd.grad(out.square().sum(), [x, *(p for _, p in trainable)], allow_unused=True)
+    for (name, _), a, b in zip([("x", None), *trainable], g, g_ref):
+        if b is None:
+            assert a is None or not a.abs().sum(), name
+        else:
+            # fp32 conv vs Linear-on-tokens sum in different orders: error relative to the gradient's scale
+            assert_close(a, b, atol=2e-5 * b.abs().max().item(), rtol=1e-4, name=f"grad {name}")
+    xc = torch.randn(4, 4, 8, 8)
+    tc, yc = torch.full((4,), 10.0), torch.tensor([1, 2, 10, 10])
+    assert_close(ours.forward_with_cfg(xc, tc, yc, 4.0), ref.forward_with_cfg(xc, tc, yc, 4.0), atol=1e-5, rtol=1e-5)
+
+
+def test_mixed_image_and_video_list_each_sample_independent():
+    model = _randomize(DiT(**VIDEO, backend="torch")).eval()
+    latents = [torch.randn(4, 3, 4, 6), torch.randn(4, 6, 2), torch.randn(4, 1, 2, 2), torch.randn(4, 2, 4, 4)]
+    t = torch.tensor([3.0, 50.0, 700.0, 999.0])
+    y = torch.tensor([1, 2, 3, 4])
+    outs = model(latents, t, y)
+    assert [o.shape for o in outs] == [x.shape for x in latents]
+    for i, x in enumerate(latents):
+        alone = model([x], t[i:i + 1], y[i:i + 1])[0]
+        assert_close(outs[i], alone, atol=1e-5, rtol=1e-5, name=f"sample {i}")
+    perm = [2, 0, 3, 1]
+    permuted = model([latents[i] for i in perm], t[perm], y[perm])
+    for j, i in enumerate(perm):
+        assert_close(permuted[j], outs[i], atol=1e-5, rtol=1e-5)
+
+
+def test_images_in_a_video_model_get_the_official_position_table():
+    model = DiT(**VIDEO, backend="torch")
+    _, seqs = packdit.pack([torch.zeros(4, 8, 8)], (1, 2, 2))
+    emb = model._position_embedding(seqs, 32).float()
+    assert_close(emb, model.pos_embed[0], atol=1e-7, rtol=0)
+
+
+def test_per_frame_and_per_token_timesteps():
+    model = _randomize(DiT(**VIDEO, backend="torch")).eval()
+    latents = [torch.randn(4, 3, 2, 4), torch.randn(4, 2, 2)]
+    tokens, seqs = packdit.pack(latents, (1, 2, 2))
+    y = torch.tensor([1, 2])
+    per_sample = model.forward_packed(tokens, seqs, torch.tensor([100.0, 200.0]), y)
+    per_frame = model.forward_packed(tokens, seqs, torch.tensor([100.0, 100.0, 100.0, 200.0]), y)
+    per_token = model.forward_packed(tokens, seqs, torch.tensor([100.0] * 6 + [200.0]), y)
+    assert_close(per_frame, per_sample, atol=1e-5, rtol=1e-5)
+    assert_close(per_token, per_sample, atol=1e-5, rtol=1e-5)
+    # a different timestep on frame 2 changes frame 2's tokens (and, through attention, its sample)
+    other = model.forward_packed(tokens, seqs, torch.tensor([100.0, 100.0, 900.0, 200.0]), y)
+    assert not torch.allclose(other[4:6], per_sample[4:6])
+    assert_close(other[6:], per_sample[6:], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="per frame"):
+        model.forward_packed(tokens, seqs, torch.zeros(5), y)
+
+
+def test_text_conditioning_cross_attention_is_per_sample():
+    model = _randomize(DiT(**VIDEO, cond="text", text_dim=12, backend="torch")).eval()
+    assert "blocks.0.cross_attn.kv.weight" in model.state_dict() and not hasattr(model, "y_embedder")
+    latents = [torch.randn(4, 2, 4, 4), torch.randn(4, 4, 6)]
+    context = [torch.randn(5, 12), torch.randn(3, 12)]
+    t = torch.tensor([10.0, 20.0])
+    out = model(latents, t, context=context)
+    changed = model(latents, t, context=[context[0], torch.randn(7, 12)])
+    assert_close(changed[0], out[0], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(changed[1], out[1])
+    unconditional = model(latents, t, context=[torch.zeros(0, 12), context[1]])  # empty text: CFG null branch
+    assert torch.isfinite(unconditional[0]).all()
+    assert_close(unconditional[1], out[1], atol=1e-5, rtol=1e-5)
+
+
+def test_factorized_positions_and_errors():
+    model = _randomize(DiT(**VIDEO, pos_embed="factorized", max_grid=(4, 4, 4), backend="torch")).eval()
+    y = torch.tensor([1])
+    model([torch.randn(4, 2, 8, 8)], torch.tensor([5.0]), y)
+    with pytest.raises(ValueError, match="exceeds max_grid"):
+        model([torch.randn(4, 1, 10, 4)], torch.tensor([5.0]), y)
+    fractional = _randomize(DiT(**VIDEO, pos_embed="factorized", max_grid=(4, 4, 4), fractional_positions=True,
+                                backend="torch"))
+    assert fractional([torch.randn(4, 1, 20, 4)], torch.tensor([5.0]), y)[0].shape == (4, 1, 20, 4)
+    with pytest.raises(ValueError, match="pos_embed"):
+        DiT(**VIDEO, pos_embed="learned")
+    with pytest.raises(ValueError, match="text_dim"):
+        DiT(**VIDEO, cond="text")
+
+
+def test_qk_norm_and_activation_checkpointing_same_gradients():
+    model = _randomize(DiT(**VIDEO, qk_norm=True, backend="torch"))
+    assert "blocks.1.attn.q_norm.weight" in model.state_dict()
+    latents = [torch.randn(4, 2, 4, 4), torch.randn(4, 2, 2)]
+    t, y = torch.tensor([10.0, 20.0]), torch.tensor([1, 2])
+    grads = []
+    for ckpt in (False, True):
+        model.checkpoint_activations = ckpt
+        model.zero_grad()
+        sum(o.square().sum() for o in model(latents, t, y)).backward()
+        grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
+    for a, b in zip(*grads):
+        assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_video_configs():
+    with torch.device("meta"):
+        st, big = DiT_models["STDiT-XL/2"](), DiT_models["DiT-3B"]()
+    assert st.blocks[0].attn.head_dim == 72 and big.blocks[0].attn.head_dim == 128
+    assert isinstance(st.x_embedder.proj, torch.nn.Conv3d)
