@@ -1,0 +1,130 @@
+"""The packed model-function protocol and the pieces flow matching and DDPM share.
+
+A *model function* maps a packed batch to one prediction per token::
+
+    model_fn(x_tokens (N, D_in), seqs: PackedSeqs, t, y) -> (N, D_out)
+
+``x_tokens`` come from :func:`packdit.pack` (each token a ``(C, pt, ph, pw)`` patch), ``t`` is ``(B,)``
+(one timestep per sample) or ``(N,)`` (one per token, where the objective allows it), ``y`` is ``(B,)``
+labels or None. The output tokens are in the same order and the same ``(C_out, pt, ph, pw)`` patch
+layout, so ``unpack(out, seqs, patch_size)`` gives per-sample tensors. The model owns the order of its
+output; :func:`dit_adapter` converts the reference DiT's ``(p, p, C_out)`` tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from packdit.layout import PackedSeqs
+
+__all__ = ["ModelFn", "Generators", "dit_adapter", "classifier_free_guidance", "draw_noise", "segment_mean"]
+
+ModelFn = Callable[[Tensor, PackedSeqs, Tensor, Union[Tensor, None]], Tensor]
+"""``(x_tokens (N, D_in), seqs, t (B,) or (N,), y (B,) or None) -> (N, D_out)`` in pack order."""
+
+Generators = Union[torch.Generator, Sequence[torch.Generator], None]
+"""One generator for the whole batch, one per sample, or None for the global RNG."""
+
+
+def dit_adapter(model: torch.nn.Module, *, time_scale: float = 1000.0, keep_variance: bool = False) -> ModelFn:
+    """Wrap :class:`packdit.reference.DiT` (``forward_packed``) as a model function in pack order.
+
+    The DiT emits each token as a ``(p, p, C_out)`` patch; the adapter returns ``(C', 1, p, p)`` patches,
+    the :func:`packdit.pack` order, with ``C' = in_channels`` (the noise / velocity channels: with
+    ``learn_sigma`` the variance channels are dropped) or ``C' = C_out`` when ``keep_variance`` (the
+    learned-range DDPM path, eps channels first). Timesteps are multiplied by ``time_scale`` before the
+    sinusoidal embedding: 1000 maps flow time t in [0, 1] onto the 0..999 range the DiT embedding was
+    designed for; use 1 for DDPM integer steps. ``t`` must be per sample ``(B,)``: the DiT conditions
+    whole samples, so per-token timesteps need a model built for them.
+
+    The DiT drops labels itself in training mode (``class_dropout_prob``, global RNG). When label
+    dropout is done by the objective (``cfg_dropout``), set ``model.y_embedder.dropout_prob = 0.0`` after
+    construction: the embedding table keeps its null-class row.
+    """
+    p, c_out = model.patch_size, model.out_channels
+    kept_channels = c_out if keep_variance else model.in_channels
+
+    def model_fn(x_tokens: Tensor, seqs: PackedSeqs, t: Tensor, y: Tensor | None) -> Tensor:
+        if t.dim() != 1 or t.shape[0] != len(seqs):
+            raise ValueError(f"t: the DiT takes one timestep per sample, shape ({len(seqs)},), got {tuple(t.shape)}")
+        out = model.forward_packed(x_tokens, seqs, t * time_scale, y)            # (N, p*p*C_out), (p, p, C)
+        out = out.unflatten(1, (p, p, c_out))[..., :kept_channels]
+        return out.permute(0, 3, 1, 2).reshape(out.shape[0], kept_channels * p * p)
+
+    return model_fn
+
+
+def _doubled_layout(seqs: PackedSeqs) -> PackedSeqs:
+    """The layout of ``[samples..., samples...]``: every sample of ``seqs`` twice, in the same order."""
+    kept = list(seqs.raster_index().split(list(seqs.seqlens))) * 2 if seqs.dropped else None
+    return PackedSeqs.from_grids(seqs.grids * 2, kept=kept, sample_ndims=seqs.sample_ndims * 2, device=seqs.device)
+
+
+def classifier_free_guidance(
+    model_fn: ModelFn, *, cfg_scale: float, null_label: int, guided_columns: int | None = None
+) -> ModelFn:
+    """Classifier-free guidance (Ho & Salimans, arXiv 2207.12598) with both halves in ONE packed sequence.
+
+    The wrapped function runs ``model_fn`` once on 2B samples, the conditional copies (labels ``y``) then
+    the unconditional ones (labels ``null_label``), tokens ``cat([x, x])``, timesteps ``cat([t, t])``
+    (works for per-sample and per-token t), and returns for the B samples::
+
+        out[:, :k] = uncond + cfg_scale * (cond - uncond)        k = guided_columns (default: all)
+        out[:, k:] = cond                                         (e.g. learned variance channels)
+
+    In pack order the first ``c * pt*ph*pw`` columns of a token are its first c channels, so
+    ``guided_columns = 3 * pt*ph*pw`` reproduces the official DiT ``forward_with_cfg`` (3 channels).
+    The doubled layout is memoized on ``seqs``.
+    """
+    def guided(x_tokens: Tensor, seqs: PackedSeqs, t: Tensor, y: Tensor | None) -> Tensor:
+        if y is None:
+            raise ValueError("y: classifier-free guidance needs class labels")
+        doubled = seqs.cached("cfg_doubled", lambda: _doubled_layout(seqs))
+        y_both = torch.cat([y, torch.full_like(y, null_label)])
+        out = model_fn(torch.cat([x_tokens, x_tokens]), doubled, torch.cat([t, t]), y_both)
+        cond, uncond = out.split(x_tokens.shape[0])
+        k = out.shape[1] if guided_columns is None else guided_columns
+        mixed = uncond[:, :k] + cfg_scale * (cond[:, :k] - uncond[:, :k])
+        return torch.cat([mixed, cond[:, k:]], dim=1)
+
+    return guided
+
+
+def draw_noise(
+    shapes: Sequence[Sequence[int]], generator: Generators = None, *, device=None, dtype=torch.float32
+) -> list[Tensor]:
+    """One standard-normal tensor per requested shape, drawn in sample order.
+
+    Each tensor is drawn in float32 on the generator's device, then moved to ``device``/``dtype``, so the
+    values depend only on the generator state, not on the target device, dtype or packing. With one
+    generator per sample (a sequence), sample b's noise depends on its own generator only, so a sample is
+    reproducible whatever else is in its batch.
+    """
+    if isinstance(generator, Sequence):
+        if len(generator) != len(shapes):
+            raise ValueError(f"generator: expected one generator per sample ({len(shapes)}), got {len(generator)}")
+        generators = list(generator)
+    else:
+        generators = [generator] * len(shapes)
+    noise = []
+    for shape, g in zip(shapes, generators):
+        draw_device = g.device if g is not None else device
+        noise.append(torch.randn(tuple(shape), generator=g, device=draw_device).to(device=device, dtype=dtype))
+    return noise
+
+
+def segment_mean(values: Tensor, seqs: PackedSeqs) -> Tensor:
+    """Per-token values ``(N,)`` -> ``(B,)`` mean over each sample's tokens (0 for a sample without tokens).
+
+    Segment sums are differences of one float64 prefix sum at ``cu_seqlens``: no loop over samples and,
+    unlike ``index_add_``, deterministic on GPUs.
+    """
+    prefix = F.pad(values.double().cumsum(0), (1, 0))
+    cu = seqs.cu_seqlens.long()
+    sums = prefix[cu[1:]] - prefix[cu[:-1]]
+    return (sums / seqs.lengths.clamp_min(1)).to(values.dtype)
