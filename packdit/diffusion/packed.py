@@ -13,6 +13,7 @@ output; :func:`dit_adapter` converts the reference DiT's ``(p, p, C_out)`` token
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Union
 
@@ -20,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from packdit.layout import PackedSeqs
+from packdit.layout import PackedSeqs, normalize_patch_size
 
 __all__ = ["ModelFn", "Generators", "dit_adapter", "classifier_free_guidance", "draw_noise", "segment_mean"]
 
@@ -32,29 +33,28 @@ Generators = Union[torch.Generator, Sequence[torch.Generator], None]
 
 
 def dit_adapter(model: torch.nn.Module, *, time_scale: float = 1000.0, keep_variance: bool = False) -> ModelFn:
-    """Wrap :class:`packdit.reference.DiT` (``forward_packed``) as a model function in pack order.
+    """Wrap a DiT's ``forward_packed`` (:class:`packdit.DiT` or :class:`packdit.reference.DiT`) as a model
+    function in pack order.
 
-    The DiT emits each token as a ``(p, p, C_out)`` patch; the adapter returns ``(C', 1, p, p)`` patches,
-    the :func:`packdit.pack` order, with ``C' = in_channels`` (the noise / velocity channels: with
-    ``learn_sigma`` the variance channels are dropped) or ``C' = C_out`` when ``keep_variance`` (the
-    learned-range DDPM path, eps channels first). Timesteps are multiplied by ``time_scale`` before the
-    sinusoidal embedding: 1000 maps flow time t in [0, 1] onto the 0..999 range the DiT embedding was
-    designed for; use 1 for DDPM integer steps. ``t`` must be per sample ``(B,)``: the DiT conditions
-    whole samples, so per-token timesteps need a model built for them.
+    The DiT emits each token as a channels-last ``(pt, ph, pw, C_out)`` patch; the adapter returns
+    ``(C', pt, ph, pw)`` patches, the :func:`packdit.pack` order, with ``C' = in_channels`` (the noise /
+    velocity channels: with ``learn_sigma`` the variance channels are dropped) or ``C' = C_out`` when
+    ``keep_variance`` (the learned-range DDPM path, eps channels first). Timesteps are multiplied by
+    ``time_scale`` before the sinusoidal embedding: 1000 maps flow time t in [0, 1] onto the 0..999 range
+    the DiT embedding was designed for; use 1 for DDPM integer steps. ``t`` is passed on as given: the
+    reference DiT takes one timestep per sample, :class:`packdit.DiT` also per frame or per token.
 
     The DiT drops labels itself in training mode (``class_dropout_prob``, global RNG). When label
     dropout is done by the objective (``cfg_dropout``), set ``model.y_embedder.dropout_prob = 0.0`` after
     construction: the embedding table keeps its null-class row.
     """
-    p, c_out = model.patch_size, model.out_channels
+    patch, c_out = normalize_patch_size(model.patch_size), model.out_channels
     kept_channels = c_out if keep_variance else model.in_channels
 
     def model_fn(x_tokens: Tensor, seqs: PackedSeqs, t: Tensor, y: Tensor | None) -> Tensor:
-        if t.dim() != 1 or t.shape[0] != len(seqs):
-            raise ValueError(f"t: the DiT takes one timestep per sample, shape ({len(seqs)},), got {tuple(t.shape)}")
-        out = model.forward_packed(x_tokens, seqs, t * time_scale, y)            # (N, p*p*C_out), (p, p, C)
-        out = out.unflatten(1, (p, p, c_out))[..., :kept_channels]
-        return out.permute(0, 3, 1, 2).reshape(out.shape[0], kept_channels * p * p)
+        out = model.forward_packed(x_tokens, seqs, t * time_scale, y)            # (N, pt*ph*pw*C_out)
+        out = out.unflatten(1, (*patch, c_out))[..., :kept_channels]
+        return out.permute(0, 4, 1, 2, 3).reshape(out.shape[0], kept_channels * math.prod(patch))
 
     return model_fn
 
