@@ -6,7 +6,13 @@ Layout (the flash-attn varlen convention)::
     cu_seqlens_q: (B+1,) int32 over q,  cu_seqlens_k: (B+1,) int32 over k/v (defaults to cu_seqlens_q)
 
 For each sample b: ``out[q_b] = softmax(scale * q_b k_b^T) v_b``, with no token of b ever seeing a
-token of another sample. Segments with no keys give zero output (the flash-attn convention) and
+token of another sample (``mode="full"``). Factorized spacetime attention reads each sample's
+``(T, H, W)`` patch grid (``grid`` rows, tokens in (t, h, w) raster order, none dropped):
+
+    mode="spatial"   token (t, h, w) attends to the H*W tokens (t, *, *) of its own frame
+    mode="temporal"  token (t, h, w) attends to the T tokens (*, h, w) at its own spatial position
+
+Segments with no keys give zero output (the flash-attn convention) and
 ``lse = -inf``. This is the oracle the Triton kernels are tested against: slow, one launch per
 segment, obviously correct.
 """
@@ -30,17 +36,28 @@ def varlen_attention(
     cu_seqlens_k: Tensor | None = None,
     *,
     scale: float | None = None,
+    mode: str = "full",
+    grid: Tensor | None = None,
     return_lse: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
-    """Attention inside each packed segment; returns ``out (Nq, Hq, D)`` [and ``lse (Hq, Nq)`` fp32]."""
-    if cu_seqlens_k is None:
-        cu_seqlens_k = cu_seqlens_q
+    """Attention inside each packed segment; returns ``out (Nq, Hq, D)`` [and ``lse (Hq, Nq)`` fp32].
+
+    ``mode`` "spatial" / "temporal" need ``grid`` ``(B, 3)`` and self-attention (no ``cu_seqlens_k``).
+    """
+    if mode not in ("full", "spatial", "temporal"):
+        raise ValueError(f"mode: expected 'full', 'spatial' or 'temporal', got {mode!r}")
     if q.dim() != 3 or k.dim() != 3 or v.shape != k.shape or q.shape[-1] != k.shape[-1]:
         raise ValueError(f"q, k, v: expected (Nq, Hq, D), (Nk, Hk, D), (Nk, Hk, D); got "
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     hq, hk = q.shape[1], k.shape[1]
     if hq % hk:
         raise ValueError(f"q, k: query heads {hq} must be a multiple of key/value heads {hk}")
+    if mode != "full":
+        if grid is None or cu_seqlens_k is not None:
+            raise ValueError(f"mode={mode!r}: needs grid and self-attention (cu_seqlens_k=None)")
+        return _factorized(q, k, v, cu_seqlens_q, grid, mode, scale, return_lse)
+    if cu_seqlens_k is None:
+        cu_seqlens_k = cu_seqlens_q
     if cu_seqlens_q.shape != cu_seqlens_k.shape:
         raise ValueError(f"cu_seqlens_k: expected {len(cu_seqlens_q) - 1} segments like cu_seqlens_q, "
                          f"got {len(cu_seqlens_k) - 1}")
@@ -61,4 +78,37 @@ def varlen_attention(
         out[q0:q1] = F.scaled_dot_product_attention(qb, kb, vb, scale=scale).transpose(0, 1)
         if return_lse:
             lse[:, q0:q1] = torch.logsumexp((qb.float() @ kb.float().transpose(1, 2)) * scale, dim=-1)
+    return (out, lse) if return_lse else out
+
+
+def _factorized(q, k, v, cu_seqlens, grid, mode, scale, return_lse):
+    """Spatial / temporal attention: regroup each sample's (T*H*W) raster tokens into a batch of frames
+    ``(T, H*W)`` or of spatial positions ``(H*W, T)`` and run one batched SDPA per sample."""
+    hq, hk = q.shape[1], k.shape[1]
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    cu = cu_seqlens.tolist()
+    out = q.new_zeros(q.shape)
+    lse = q.new_full((hq, q.shape[0]), -math.inf, dtype=torch.float32)
+    for b, (t, h, w) in enumerate(grid.tolist()):
+        start, end = cu[b], cu[b + 1]
+        if end - start != t * h * w:
+            raise ValueError(f"grid[{b}]: {t}x{h}x{w} tokens expected in a layout without dropping, got {end - start}")
+        if end == start:
+            continue
+
+        def groups(x):  # (T*H*W, heads, D) -> (groups, heads, group size, D)
+            x = x[start:end].unflatten(0, (t, h * w))                    # (T, HW, heads, D)
+            return x.permute(0, 2, 1, 3) if mode == "spatial" else x.permute(1, 2, 0, 3)
+
+        qb = groups(q)
+        kb = groups(k).repeat_interleave(hq // hk, 1)
+        vb = groups(v).repeat_interleave(hq // hk, 1)
+        ob = F.scaled_dot_product_attention(qb, kb, vb, scale=scale)
+        lb = torch.logsumexp((qb.float() @ kb.float().transpose(-1, -2)) * scale, dim=-1)   # (groups, heads, size)
+        if mode == "spatial":
+            out[start:end] = ob.permute(0, 2, 1, 3).flatten(0, 1)
+            lse[:, start:end] = lb.permute(1, 0, 2).flatten(1)
+        else:
+            out[start:end] = ob.permute(2, 0, 1, 3).flatten(0, 1)
+            lse[:, start:end] = lb.permute(1, 2, 0).flatten(1)
     return (out, lse) if return_lse else out

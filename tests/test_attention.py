@@ -1,0 +1,378 @@
+"""packdit.varlen_attention (Triton) against the float64 reference: forward, lse and every gradient, in all
+modes, with GQA, cross-attention, RoPE, NaN-poisoned memory, determinism, torch.compile and bad inputs.
+
+Accuracy rule (flash-attention's): the kernel's error vs the float64 oracle is at most twice the error of
+the same computation in PyTorch at the kernel's precision, plus a small floor. Without a GPU the kernels
+run in the Triton interpreter on fp32, so the shapes stay tiny (a few hundred tokens per test).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from unittest import mock
+
+import pytest
+import torch
+from helpers import assert_close, assert_within_2x, cu_seqlens_of, random_grids, random_seqlens
+
+import packdit
+from packdit import reference
+from packdit.layout import PackedSeqs
+from packdit.nn import PackedAttention, PackedCrossAttention
+from packdit.ops import attention as attention_op
+from packdit.reference.rope import RoPE3D, apply_rope_3d
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+FLOOR = 2e-6
+
+
+# ---------------------------------------------------------------------------------------------- harness
+def _poisoned(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A NaN-filled leaf buffer with 3 extra rows, 1 extra head and 8 extra head-dim columns, and the
+    ``x``-valued view into it: any read outside the view poisons the result with NaN."""
+    n, h, d = x.shape
+    buffer = torch.full((n + 3, h + 1, d + 8), math.nan, dtype=x.dtype, device=x.device)
+    buffer[:n, :h, :d] = x
+    buffer.requires_grad_(True)
+    return buffer, buffer[:n, :h, :d]
+
+
+def _reference(q, k, v, cu_q, cu_k, *, mode, seqs, rope, scale=None):
+    if rope is not None:
+        q, k = apply_rope_3d(q, seqs.positions, rope), apply_rope_3d(k, seqs.positions, rope)
+    return reference.varlen_attention(q, k, v, cu_q, cu_k, scale=scale, mode=mode,
+                                      grid=seqs.grid if mode != "full" else None, return_lse=True)
+
+
+def _forward_backward(fn, q, k, v, grad_out, grad_lse):
+    leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+    out, lse = fn(*leaves)
+    finite = torch.isfinite(lse)
+    (out * grad_out.to(out.dtype)).sum().add((lse.where(finite, 0) * grad_lse.to(lse.dtype)).sum()).backward()
+    return out, lse, *(t.grad for t in leaves)
+
+
+def check_against_reference(seqs: PackedSeqs, hq: int, hk: int, d: int, *, mode="full", rope=None,
+                            cu_k=None, num_k=None, max_k=None, seed=0, dtype=torch.float32, scale=None):
+    """Forward, lse and dq/dk/dv of the kernel on NaN-poisoned views vs the oracle, with the 2x rule."""
+    g = torch.Generator().manual_seed(seed)
+    num_q = seqs.num_tokens
+    num_k = num_q if num_k is None else num_k
+    q, k, v, grad_out, grad_lse = (torch.randn(*shape, generator=g, dtype=torch.float64).to(DEVICE) for shape in (
+        (num_q, hq, d), (num_k, hk, d), (num_k, hk, d), (num_q, hq, d), (hq, num_q)))
+    cu_q = seqs.cu_seqlens
+
+    def oracle(a, b, c):
+        return _reference(a, b, c, cu_q, cu_k, mode=mode, seqs=seqs, rope=rope, scale=scale)
+
+    want = _forward_backward(oracle, q, k, v, grad_out, grad_lse)
+    torch_ = _forward_backward(oracle, *(t.to(dtype) for t in (q, k, v)), grad_out, grad_lse)
+
+    buffers = [_poisoned(t.to(dtype)) for t in (q, k, v)]
+    out, lse = packdit.varlen_attention(
+        *(view for _, view in buffers), cu_q, seqs.max_seqlen, cu_k, max_k, scale=scale, mode=mode,
+        seqs=seqs, rope=rope, return_lse=True)
+    finite = torch.isfinite(lse)
+    (out * grad_out.to(dtype)).sum().add((lse.where(finite, 0) * grad_lse.float()).sum()).backward()
+    grads = []
+    for (buffer, _), t in zip(buffers, (q, k, v)):
+        n, h, dd = t.shape
+        outside = buffer.grad.clone()
+        outside[:n, :h, :dd] = 0
+        assert not outside.any(), "gradient written outside the q/k/v views"
+        grads.append(buffer.grad[:n, :h, :dd])
+    got = (out, lse, *grads)
+    for name, a, b, c in zip(("out", "lse", "dq", "dk", "dv"), got, torch_, want):
+        assert not torch.isnan(a).any(), f"{name}: NaN read from poisoned memory"
+        if name == "lse":
+            assert torch.equal(torch.isinf(a), torch.isinf(c)), "lse: -inf rows differ"
+            a, b, c = (x.where(torch.isfinite(x), 0) for x in (a, b, c))
+        assert_within_2x(a, b, c, floor=FLOOR if dtype == torch.float32 else 1e-3, name=name)
+    return got
+
+
+def _layout(rng: random.Random, n: int, *, max_t=3, max_hw=5, drop=False) -> PackedSeqs:
+    grids = random_grids(rng, n, max_t=max_t, max_hw=max_hw) + [(1, 1, 2)]   # never an empty batch
+    kept = None
+    if drop:
+        kept = []
+        for t, h, w in grids:
+            full = t * h * w
+            kept.append(torch.tensor(sorted(rng.sample(range(full), rng.randint(0, full))), dtype=torch.int64)
+                        if full and rng.random() < 0.5 else None)
+    return PackedSeqs.from_grids(grids, kept=kept, device=DEVICE)
+
+
+# ---------------------------------------------------------------------------------------------- accuracy
+@pytest.mark.parametrize("mode", ["full", "spatial", "temporal"])
+@pytest.mark.parametrize("hq, hk, d, rope", [
+    (2, 2, 16, None),
+    (4, 2, 24, RoPE3D(100.0, (4, 6, 8))),
+    (3, 1, 16, RoPE3D(10000.0, (2, 4, 4))),
+])
+def test_modes_match_reference(mode, hq, hk, d, rope):
+    rng = random.Random(f"{mode}-{hq}-{d}")
+    seqs = _layout(rng, rng.randint(3, 7))
+    check_against_reference(seqs, hq, hk, d, mode=mode, rope=rope, seed=rng.randint(0, 99))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_full_mode_random_layouts_with_dropped_tokens(seed):
+    """1-12 samples, empty and single-token ones, token dropping (rope still uses the true positions)."""
+    rng = random.Random(seed)
+    seqs = _layout(rng, rng.randint(1, 12), max_hw=4, drop=True)
+    rope = RoPE3D(500.0, (2, 2, 4)) if seed % 2 else None
+    check_against_reference(seqs, 2, 1, 16, rope=rope, seed=seed, scale=0.4 if seed == 2 else None)
+
+
+@pytest.mark.parametrize("d", [16, 64, 72, 96, 128])
+def test_head_dims(d):
+    seqs = PackedSeqs.from_grids([(1, 5, 7), (1, 1, 1), (2, 3, 3)], device=DEVICE)
+    check_against_reference(seqs, 2, 1, d, rope=RoPE3D(10000.0, (8, 4, 4)) if d >= 64 else None, seed=d)
+
+
+@pytest.mark.parametrize("hq, hk", [(4, 4), (4, 1)])
+def test_cross_attention_with_unequal_packings(hq, hk):
+    """Packed video queries x packed per-sample text keys: different lengths, empty query / key segments."""
+    rng = random.Random(hq + hk)
+    seqs = _layout(rng, 6)
+    key_lengths = random_seqlens(rng, len(seqs), max_len=20)
+    key_lengths[1] = 0
+    cu_k = cu_seqlens_of(key_lengths, DEVICE)
+    check_against_reference(seqs, hq, hk, 16, cu_k=cu_k, num_k=sum(key_lengths), max_k=max(key_lengths), seed=hq)
+
+
+def test_each_sample_alone_gives_the_same_output():
+    grids = [(2, 3, 4), (1, 1, 1), (1, 6, 5), (0, 2, 2), (3, 2, 2)]
+    seqs = PackedSeqs.from_grids(grids, device=DEVICE)
+    q, k, v = (torch.randn(seqs.num_tokens, 2, 16, device=DEVICE) for _ in range(3))
+    rope = RoPE3D(100.0, (4, 4, 4))
+    for mode in ("full", "spatial", "temporal"):
+        packed = packdit.varlen_attention(q, k, v, seqs.cu_seqlens, seqs.max_seqlen, mode=mode, seqs=seqs, rope=rope)
+        for b, (start, end) in enumerate(zip(seqs.cu_seqlens.tolist(), seqs.cu_seqlens.tolist()[1:])):
+            if start == end:
+                continue
+            alone = PackedSeqs.from_grids([grids[b]], device=DEVICE)
+            out = packdit.varlen_attention(q[start:end], k[start:end], v[start:end], alone.cu_seqlens,
+                                           alone.max_seqlen, mode=mode, seqs=alone, rope=rope)
+            assert_close(out, packed[start:end], atol=2e-6, rtol=1e-5, name=f"{mode} sample {b}")
+
+
+def test_zero_and_one_token_segments_and_empty_batch():
+    cu = cu_seqlens_of([0, 1, 0, 2, 0], DEVICE)
+    q, k, v = (torch.randn(3, 1, 8, device=DEVICE, requires_grad=True) for _ in range(3))
+    out, lse = packdit.varlen_attention(q, k, v, cu, 2, return_lse=True)
+    want, want_lse = reference.varlen_attention(q.detach(), k.detach(), v.detach(), cu, return_lse=True)
+    assert_close(out, want, atol=1e-6, name="out")
+    assert_close(lse, want_lse, atol=1e-6, name="lse")
+    assert_close(out[0], v[0].detach(), atol=1e-6, name="a single token attends to itself")
+    out.sum().backward()
+    empty = torch.empty(0, 2, 16, device=DEVICE)
+    out, lse = packdit.varlen_attention(empty, empty, empty, cu_seqlens_of([0, 0], DEVICE), 0, return_lse=True)
+    assert out.shape == (0, 2, 16) and lse.shape == (2, 0)
+
+
+def test_plain_cu_seqlens_without_checks_build_the_schedule_on_the_device():
+    """Inside ``packdit.checks(False)`` plain cu_seqlens take the sync-free schedule (upper-bound tile tables
+    whose surplus programs exit); results match the host schedule, cross-attention and gradients included."""
+    lengths_q, lengths_k = [0, 1, 70, 9, 0], [3, 4, 12, 0, 0]
+    cu_q, cu_k = cu_seqlens_of(lengths_q, DEVICE), cu_seqlens_of(lengths_k, DEVICE)
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    for keys in (None, (cu_k, sum(lengths_k), max(lengths_k))):
+        num_k = sum(lengths_q) if keys is None else keys[1]
+        q = torch.randn(sum(lengths_q), 4, 16, device=DEVICE, generator=gen)
+        k, v = (torch.randn(num_k, 2, 16, device=DEVICE, generator=gen) for _ in range(2))
+        extra = () if keys is None else (keys[0], keys[2])
+
+        def run(*inputs):
+            return packdit.varlen_attention(*inputs, cu_q, max(lengths_q), *extra, return_lse=True)
+
+        grad = torch.randn_like(q)
+        want = _forward_backward(run, q, k, v, grad, torch.zeros(4, q.shape[0], device=DEVICE))
+        with packdit.checks(False), mock.patch.object(attention_op, "_segments") as host_schedule:
+            got = _forward_backward(run, q, k, v, grad, torch.zeros(4, q.shape[0], device=DEVICE))
+        host_schedule.assert_not_called()
+        for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, want):
+            assert_close(a, b, atol=1e-6, rtol=1e-5, name=name)
+
+
+# ---------------------------------------------------------------------------------------------- determinism
+def test_deterministic_backward_is_bitwise_reproducible_and_matches_default():
+    seqs = PackedSeqs.from_grids([(2, 4, 5), (1, 3, 3), (1, 1, 2)], device=DEVICE)
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    q = torch.randn(seqs.num_tokens, 4, 16, device=DEVICE, generator=gen)
+    k, v = (torch.randn(seqs.num_tokens, 2, 16, device=DEVICE, generator=gen) for _ in range(2))
+    grad = torch.randn_like(q)
+    rope = RoPE3D(100.0, (4, 4, 4))
+
+    def grads():
+        leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+        out = packdit.varlen_attention(*leaves, seqs.cu_seqlens, seqs.max_seqlen, seqs=seqs, rope=rope)
+        out.backward(grad)
+        return [t.grad for t in leaves]
+
+    try:
+        packdit.use_deterministic(True)
+        first, second = grads(), grads()
+    finally:
+        packdit.use_deterministic(False)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+    for a, b, name in zip(first, grads(), ("dq", "dk", "dv")):
+        assert_close(a, b, atol=1e-5, rtol=1e-5, name=f"deterministic vs atomic {name}")
+
+
+# ---------------------------------------------------------------------------------------------- modules
+def _module_reference(module: PackedAttention, x, seqs):
+    d, hq, hk = module.head_dim, module.num_heads, module.num_kv_heads
+    q, k, v = module.qkv(x).split([hq * d, hk * d, hk * d], -1)
+    q, k, v = q.unflatten(-1, (hq, d)), k.unflatten(-1, (hk, d)), v.unflatten(-1, (hk, d))
+    q, k = module.q_norm(q), module.k_norm(k)
+    out, _ = _reference(q, k, v, seqs.cu_seqlens, None, mode=module.mode, seqs=seqs, rope=module.rope)
+    return module.proj(out.flatten(1))
+
+
+@pytest.mark.parametrize("mode", ["full", "temporal"])
+def test_packed_attention_module(mode):
+    torch.manual_seed(0)
+    module = PackedAttention(64, 4, num_kv_heads=2, qk_norm=True, rope=RoPE3D(100.0, (2, 4, 4)), mode=mode).to(DEVICE)
+    assert {"qkv.weight", "qkv.bias", "proj.weight", "proj.bias"} <= set(module.state_dict())
+    seqs = PackedSeqs.from_grids([(2, 3, 3), (1, 4, 2)], device=DEVICE)
+    x = torch.randn(seqs.num_tokens, 64, device=DEVICE)
+    assert_close(module(x, seqs), _module_reference(module, x, seqs), atol=1e-5, rtol=1e-4, name=mode)
+
+
+def test_packed_cross_attention_module():
+    torch.manual_seed(0)
+    module = PackedCrossAttention(32, 2, context_dim=24, qk_norm=True).to(DEVICE)
+    seqs = PackedSeqs.from_grids([(1, 3, 3), (2, 2, 2)], device=DEVICE)
+    context_cu = cu_seqlens_of([5, 3], DEVICE)
+    x, context = torch.randn(seqs.num_tokens, 32, device=DEVICE), torch.randn(8, 24, device=DEVICE)
+    q = module.q_norm(module.q(x).unflatten(-1, (2, 16)))
+    k, v = module.kv(context).unflatten(-1, (4, 16)).split([2, 2], 1)
+    want = module.proj(reference.varlen_attention(q, module.k_norm(k), v, seqs.cu_seqlens, context_cu).flatten(1))
+    assert_close(module(x, seqs, context, context_cu, 5), want, atol=1e-5, rtol=1e-4)
+
+
+def test_compile_fullgraph_one_graph_for_new_layouts():
+    """One dynamo graph serves every layout: no graph break, no recompile when lengths / sample counts change,
+    and the layers of a step share one schedule build."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    layers = torch.nn.ModuleList(
+        PackedAttention(48, 3, num_kv_heads=1, qk_norm=True, rope=RoPE3D(100.0, (4, 4, 4))) for _ in range(2)
+    ).to(DEVICE)
+    counter = CompileCounterWithBackend("aot_eager")
+
+    def loss(x, seqs):
+        for layer in layers:
+            x = x + layer(x, seqs)
+        return x.square().mean()
+
+    compiled = torch.compile(loss, backend=counter, fullgraph=True, dynamic=True)
+    # B >= 3 and N never 3 or 48: dynamo's duck sizing would equate cu_seqlens' B+1 with the positions'
+    # 3 columns, or N with the model width, and recompile when they part.
+    layouts = ([(1, 3, 5), (2, 2, 3), (1, 1, 1)], [(1, 2, 2), (2, 3, 3), (1, 1, 7), (1, 1, 2)],
+               [(3, 2, 2), (1, 4, 5), (2, 1, 1), (1, 2, 1), (1, 1, 1)])
+    # Float constants (rope theta, norm eps) stay Python floats: as SymFloats the custom op's float
+    # arguments would be specialized on first use and dynamo would trace the frame twice.
+    with torch._dynamo.config.patch(specialize_float=True), \
+            mock.patch.object(attention_op, "_segments", wraps=attention_op._segments) as schedule_builds:
+        for grids in layouts:
+            seqs = PackedSeqs.from_grids(grids, device=DEVICE)
+            x = torch.randn(seqs.num_tokens, 48, device=DEVICE, requires_grad=True)
+            schedule_builds.reset_mock()
+            compiled(x, seqs).backward()
+            assert schedule_builds.call_count == 1, "layers of one step should share the schedule (CSE)"
+            got = x.grad
+            x.grad = None
+            loss(x, seqs).backward()
+            assert_close(got, x.grad, atol=1e-6, rtol=1e-5, name=f"{grids}")
+    assert counter.frame_count == 1, f"compiled {counter.frame_count} times"
+
+
+# ---------------------------------------------------------------------------------------------- errors
+def _bad_inputs():
+    cu = cu_seqlens_of([3, 2], DEVICE)
+    q = torch.randn(5, 4, 16, device=DEVICE)
+    kv = torch.randn(5, 2, 16, device=DEVICE)
+    seqs = PackedSeqs.from_grids([(1, 1, 3), (1, 2, 1)], device=DEVICE)
+    dropped = PackedSeqs.from_grids([(1, 2, 3)], kept=[torch.tensor([0, 1, 3, 4, 5])], device=DEVICE)
+    return [
+        ("k: expected torch.float16 .* like q", dict(q=q.half())),
+        ("k: expected float16, bfloat16 or float32", dict(k=kv.double())),
+        ("q: head_dim 12", dict(q=torch.randn(5, 4, 12, device=DEVICE))),
+        ("q: head_dim 264", dict(q=torch.randn(5, 4, 264, device=DEVICE), k=torch.randn(5, 2, 264, device=DEVICE),
+                          v=torch.randn(5, 2, 264, device=DEVICE))),
+        ("not divisible", dict(k=torch.randn(5, 3, 16, device=DEVICE), v=torch.randn(5, 3, 16, device=DEVICE))),
+        ("last .*contiguous", dict(q=torch.randn(5, 16, 4, device=DEVICE).transpose(1, 2))),
+        ("cu_seqlens_q: expected a .* int32", dict(cu_seqlens_q=cu.long())),
+        ("cu_seqlens_q: expected a tensor on", dict(cu_seqlens_q=torch.empty(3, dtype=torch.int32, device="meta"))),
+        ("cu_seqlens_q: expected non-decreasing", dict(cu_seqlens_q=torch.tensor([0, 4, 3, 5], dtype=torch.int32,
+                                                                                 device=DEVICE), max_seqlen_q=4)),
+        ("cu_seqlens_q: last entry", dict(cu_seqlens_q=cu_seqlens_of([3, 1], DEVICE))),
+        ("max_seqlen", dict(max_seqlen_q=2)),
+        ("mode", dict(mode="diagonal")),
+        ("seqs", dict(mode="spatial")),
+        ("seqs: mode='temporal' needs a layout without dropped", dict(mode="temporal", seqs=dropped,
+                                                                      cu_seqlens_q=dropped.cu_seqlens)),
+        ("rope: applies to self-attention", dict(rope=RoPE3D(axes_dims=(2, 2, 2)), seqs=seqs,
+                                                 cu_seqlens_k=cu, max_seqlen_k=3)),
+        ("rope: axes_dims", dict(rope=RoPE3D(axes_dims=(8, 8, 8)), seqs=seqs)),
+        ("cu_seqlens_k: expected 2 segments", dict(cu_seqlens_k=cu_seqlens_of([5], DEVICE), max_seqlen_k=5)),
+    ]
+
+
+@pytest.mark.parametrize("match, overrides", _bad_inputs(), ids=lambda x: x if isinstance(x, str) else "")
+def test_errors_name_the_argument(match, overrides):
+    args = dict(q=torch.randn(5, 4, 16, device=DEVICE), k=torch.randn(5, 2, 16, device=DEVICE),
+                v=torch.randn(5, 2, 16, device=DEVICE), cu_seqlens_q=cu_seqlens_of([3, 2], DEVICE), max_seqlen_q=3)
+    args.update(overrides)
+    with pytest.raises(ValueError, match=match):
+        packdit.varlen_attention(**args)
+
+
+def test_rope_definition():
+    with pytest.raises(ValueError, match="axes_dims"):
+        RoPE3D(axes_dims=(3, 2, 2))
+    x = torch.randn(4, 1, 8, dtype=torch.float64)
+    pos = torch.tensor([[0, 0, 0], [1, 0, 0], [0, 2, 0], [0, 0, 3]], dtype=torch.int32)
+    y = apply_rope_3d(x, pos, RoPE3D(10000.0, (2, 2, 2)))
+    assert_close(y[0], x[0], atol=0, name="position 0 is the identity")
+    assert_close(y[:, :, 6:], x[:, :, 6:], atol=0, name="dims past dt+dh+dw are unrotated")
+    c, s = math.cos(2.0), math.sin(2.0)      # token 2: pair 1 (the h pair, frequency 1) turns by h = 2
+    assert_close(y[2, 0, 2:4], torch.stack([x[2, 0, 2] * c - x[2, 0, 3] * s, x[2, 0, 2] * s + x[2, 0, 3] * c]))
+    assert_close(y.norm(dim=-1), x.norm(dim=-1), atol=1e-12, name="rotations keep norms")
+
+
+# ---------------------------------------------------------------------------------------------- larger / GPU
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", range(8))
+def test_random_layouts_sweep(seed):
+    rng = random.Random(100 + seed)
+    mode = ("full", "spatial", "temporal")[seed % 3]
+    seqs = _layout(rng, rng.randint(1, 12), max_t=4, max_hw=8)
+    hk = rng.choice([1, 2])
+    rope = RoPE3D(10000.0, (4, 6, 6)) if seed % 2 else None
+    check_against_reference(seqs, hk * rng.choice([1, 2, 3]), hk, rng.choice([16, 32, 72]), mode=mode, rope=rope,
+                            seed=seed)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("mode", ["full", "spatial", "temporal"])
+@pytest.mark.parametrize("d", [64, 72, 96, 128])
+def test_gpu_half_precision(dtype, mode, d):
+    rng = random.Random(d)
+    seqs = _layout(rng, 10, max_t=5, max_hw=24)
+    check_against_reference(seqs, 8, 2, d, mode=mode, rope=RoPE3D(10000.0, (16, 24, 24)), dtype=dtype, seed=d)
+
+
+@pytest.mark.gpu
+def test_gpu_cross_attention_and_long_segments():
+    seqs = PackedSeqs.from_grids([(9, 24, 32), (1, 45, 80), (1, 9, 16)], device=DEVICE)
+    cu_k = cu_seqlens_of([77, 120, 1], DEVICE)
+    check_against_reference(seqs, 16, 16, 64, cu_k=cu_k, num_k=198, max_k=120, dtype=torch.bfloat16)
