@@ -66,6 +66,14 @@ class PackedSeqs:
     sample_ndims: tuple[int, ...] = ()
     _cache: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
+    def __post_init__(self):
+        # The 3 of (N, 3) / (B, 3) is a constant: marking it static keeps torch.compile(dynamic=True)
+        # from "duck sizing" it together with an unrelated size that happens to be 3 (e.g. B + 1 when
+        # B = 2) and recompiling when that coincidence ends.
+        if not torch.compiler.is_compiling():
+            for t in (self.positions, self.grid):
+                torch._dynamo.mark_static(t, 1)
+
     # ------------------------------------------------------------------ constructors
     @classmethod
     def from_grids(
@@ -317,6 +325,11 @@ def pack(
 
 
 def _gather(latents, seqs: PackedSeqs, patch_size, kept) -> Tensor:
+    from packdit.ops import patchify as patchify_op
+
+    if patchify_op.implementation(latents[0]) == "cuda":
+        raster = seqs.raster_index() if seqs.dropped else None
+        return patchify_op.patchify(list(latents), seqs.cu_seqlens, seqs.segment_ids, raster, list(patch_size), False)
     pieces = []
     for b, x in enumerate(latents):
         p = _patchify(x, patch_size)
@@ -378,10 +391,18 @@ def unpack(
             "seqs: the layout has dropped tokens, so unpack cannot restore the full samples; pass fill_value= "
             "to scatter kept tokens into full-size outputs, or use pack_like() to compare on kept tokens"
         )
+    sample_ndims = seqs.sample_ndims or (4,) * len(seqs)
+    from packdit.ops import patchify as patchify_op
+
+    if patchify_op.implementation(tokens) == "cuda":
+        raster = seqs.raster_index() if seqs.dropped else None
+        return patchify_op.unpatchify(tokens, seqs.cu_seqlens, seqs.segment_ids, raster,
+                                      [g for grid in seqs.grids for g in grid], list(sample_ndims),
+                                      list(patch_size), channels_last, fill_value)
     c = tokens.shape[1] // (pt * ph * pw)
     out = []
     for x, keep, (t, h, w), nd in zip(tokens.split(list(seqs.seqlens)), _kept_raster(seqs), seqs.grids,
-                                      seqs.sample_ndims or (4,) * len(seqs)):
+                                      sample_ndims):
         if keep is not None:
             x = x.new_full((t * h * w, x.shape[1]), fill_value).index_copy_(0, keep.to(x.device), x)
         if channels_last:
