@@ -3,13 +3,31 @@
 Public API:
     pack, unpack, pack_like, PackedSeqs   -- the packed layout (packdit.layout)
     checks, use_deterministic              -- input validation switch, bitwise-reproducible backward
+    varlen_attention, RoPE3D               -- packed (full / spatial / temporal) attention with 3-D RoPE
+    modulated_norm, gated_residual,        -- fused adaLN kernels: norm + per-segment modulate, gated
+    fused_mlp                                 residual, MLP with GEMM epilogues (modules in packdit.nn)
     packdit.reference                      -- pure-PyTorch oracles every kernel is tested against
 """
 
 from packdit._validate import checks
 from packdit.determinism import use_deterministic
 from packdit.layout import PackedSeqs, pack, pack_like, unpack
+from packdit.ops.attention import RoPE3D, varlen_attention
 
 __version__ = "0.1.0"
 
-__all__ = ["PackedSeqs", "pack", "pack_like", "unpack", "checks", "use_deterministic", "__version__"]
+# Triton-backed ops, imported on first use so that ``import packdit`` does not import triton.
+_LAZY_OPS = {"modulated_norm": "packdit.ops.modulate", "gated_residual": "packdit.ops.gated_residual",
+             "fused_mlp": "packdit.ops.mlp"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY_OPS:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY_OPS[name]), name)
+    raise AttributeError(f"module 'packdit' has no attribute {name!r}")
+
+
+__all__ = ["PackedSeqs", "pack", "pack_like", "unpack", "checks", "use_deterministic", "varlen_attention", "RoPE3D",
+           "modulated_norm", "gated_residual", "fused_mlp", "__version__"]

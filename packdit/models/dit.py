@@ -15,8 +15,11 @@ Video and NaViT options (keyword-only; the defaults keep official compatibility)
 
 * ``patch_size=(pt, ph, pw)``: spacetime patches (the patch embedding is then a ``Conv3d`` weight).
 * ``pos_embed``: ``"sincos2d"`` (official 2-D table from each token's (h, w); videos add a 1-D
-  sin-cos over t, shifted so that t = 0 adds nothing and images stay exactly official) or
-  ``"factorized"`` (NaViT learned t/h/w tables, optionally at fractional coordinates).
+  sin-cos over t, shifted so that t = 0 adds nothing and images stay exactly official),
+  ``"factorized"`` (NaViT learned t/h/w tables, optionally at fractional coordinates) or ``"rope3d"``
+  (no additive embedding: 3-D rotary embedding of q and k inside the attention kernel).
+* ``attention``: ``"full"`` (each token sees its whole sample) or ``"spatial_temporal"`` (blocks
+  alternate spatial attention within a frame and temporal attention across frames, as STDiT).
 * ``cond="text"``: cross-attention from the packed video tokens to a packed, per-sample,
   variable-length text sequence (``context``: list of ``(L_b, text_dim)``), plus its mean-pooled vector
   added to ``c``. An empty context (``L_b = 0``) is the unconditional branch for CFG.
@@ -47,11 +50,19 @@ from packdit.layout import PackedSeqs, normalize_patch_size, pack, unpack
 from packdit.nn import functional as PF
 from packdit.nn.pool import segment_pool
 from packdit.reference.dit import LabelEmbedder, TimestepEmbedder, get_2d_sincos_pos_embed
+from packdit.reference.rope import RoPE3D
 
 __all__ = ["DiT", "DiT_models"]
 
-POS_EMBEDS = ("sincos2d", "factorized")
+POS_EMBEDS = ("sincos2d", "factorized", "rope3d")
+ATTENTIONS = ("full", "spatial_temporal")
 CONDS = ("class", "text")
+
+
+def default_rope(head_dim: int, theta: float = 10000.0) -> RoPE3D:
+    """3/8 of the head dim each to h and w, the rest to t (72 -> (20, 26, 26), 128 -> (32, 48, 48))."""
+    hw = 2 * (head_dim * 3 // 16)
+    return RoPE3D(theta=theta, axes_dims=(head_dim - 2 * hw, hw, hw))
 
 
 def _sincos_1d(dim: int, pos: Tensor) -> Tensor:
@@ -74,11 +85,14 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    """Self-attention over packed tokens: fused ``qkv`` Linear, optional QK-RMSNorm, varlen attention, ``proj``."""
+    """Self-attention over packed tokens: fused ``qkv`` Linear, optional QK-RMSNorm, varlen attention
+    (``mode`` full / spatial / temporal, optional 3-D RoPE inside the kernel), ``proj``."""
 
-    def __init__(self, dim: int, num_heads: int, *, qk_norm: bool = False, backend: str | None = None):
+    def __init__(self, dim: int, num_heads: int, *, qk_norm: bool = False, mode: str = "full",
+                 rope: RoPE3D | None = None, backend: str | None = None):
         super().__init__()
         self.num_heads, self.head_dim, self.backend = num_heads, dim // num_heads, backend
+        self.mode, self.rope = mode, rope
         self.qkv = nn.Linear(dim, 3 * dim, bias=True)
         if qk_norm:
             self.q_norm, self.k_norm = RMSNorm(self.head_dim), RMSNorm(self.head_dim)
@@ -91,7 +105,8 @@ class Attention(nn.Module):
         q, k, v = self.qkv(x).unflatten(-1, (3, self.num_heads, self.head_dim)).unbind(-3)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        out = PF.attention(q, k, v, seqs.cu_seqlens, seqs.max_seqlen, backend=self.backend)
+        out = PF.attention(q, k, v, seqs.cu_seqlens, seqs.max_seqlen, mode=self.mode, seqs=seqs, rope=self.rope,
+                           backend=self.backend)
         return self.proj(out.flatten(-2))
 
 
@@ -120,7 +135,8 @@ class CrossAttention(nn.Module):
 
 
 class Mlp(nn.Module):
-    """``fc2(gelu_tanh(fc1(x)))`` (the fused MLP kernel on the triton backend)."""
+    """``fc2(gelu_tanh(fc1(h)))``; with ``residual, gate, mod_index`` the block tail
+    ``residual + gate[mod_index] * mlp(h)``, fused into the GEMM epilogues on the triton backend."""
 
     def __init__(self, dim: int, hidden: int, *, backend: str | None = None):
         super().__init__()
@@ -128,19 +144,20 @@ class Mlp(nn.Module):
         self.fc1 = nn.Linear(dim, hidden)
         self.fc2 = nn.Linear(hidden, dim)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return PF.mlp(x, self.fc1, self.fc2, backend=self.backend)
+    def forward(self, h: Tensor, residual: Tensor | None = None, gate: Tensor | None = None,
+                mod_index: Tensor | None = None) -> Tensor:
+        return PF.mlp(h, self.fc1, self.fc2, residual=residual, gate=gate, mod_index=mod_index, backend=self.backend)
 
 
 class DiTBlock(nn.Module):
     """adaLN-Zero block on packed tokens; state_dict names match the official ``DiTBlock``."""
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, *, qk_norm: bool, cross: bool,
-                 backend: str | None):
+                 mode: str, rope: RoPE3D | None, backend: str | None):
         super().__init__()
         self.backend = backend
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(hidden_size, num_heads, qk_norm=qk_norm, backend=backend)
+        self.attn = Attention(hidden_size, num_heads, qk_norm=qk_norm, mode=mode, rope=rope, backend=backend)
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio), backend=backend)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
@@ -155,7 +172,7 @@ class DiTBlock(nn.Module):
         if self.cross_attn is not None:
             x = x + self.cross_attn(x, seqs, context, context_seqs)
         h = PF.norm_modulate(x, shift2, scale2, mod_index, eps=self.norm2.eps, backend=self.backend)
-        return PF.gated_residual(x, self.mlp(h), gate2, mod_index, backend=self.backend)
+        return self.mlp(h, x, gate2, mod_index)
 
 
 class FinalLayer(nn.Module):
@@ -211,6 +228,8 @@ class DiT(nn.Module):
         learn_sigma: bool = True,
         *,
         pos_embed: str = "sincos2d",
+        attention: str = "full",
+        rope: RoPE3D | None = None,
         max_grid: tuple[int, int, int] = (64, 128, 128),
         fractional_positions: bool = False,
         qk_norm: bool = False,
@@ -224,6 +243,8 @@ class DiT(nn.Module):
             raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
         if pos_embed not in POS_EMBEDS:
             raise ValueError(f"pos_embed: expected one of {POS_EMBEDS}, got {pos_embed!r}")
+        if attention not in ATTENTIONS:
+            raise ValueError(f"attention: expected one of {ATTENTIONS}, got {attention!r}")
         if cond not in CONDS:
             raise ValueError(f"cond: expected one of {CONDS}, got {cond!r}")
         if cond == "text" and not text_dim:
@@ -238,6 +259,10 @@ class DiT(nn.Module):
         self.pos_embed_type, self.fractional_positions, self.cond = pos_embed, fractional_positions, cond
         self.checkpoint_activations = checkpoint_activations
         patch_volume = math.prod(self.patch_size)
+        self.attention = attention
+        self.rope = (rope or default_rope(hidden_size // num_heads)) if pos_embed == "rope3d" else None
+        if rope is not None and pos_embed != "rope3d":
+            raise ValueError(f"rope: given, but pos_embed={pos_embed!r}; use pos_embed='rope3d'")
 
         # construction order follows the official model (same seed -> same initial weights)
         self.x_embedder = PatchEmbed(input_size, self.patch_size, in_channels, hidden_size, self.image_only)
@@ -253,9 +278,11 @@ class DiT(nn.Module):
             self.max_grid = tuple(max_grid)
             self.pos_embed_t, self.pos_embed_h, self.pos_embed_w = (
                 nn.Parameter(torch.zeros(n, hidden_size)) for n in self.max_grid)
+        modes = ["spatial", "temporal"] if attention == "spatial_temporal" else ["full"]
         self.blocks = nn.ModuleList([
-            DiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm=qk_norm, cross=cond == "text", backend=self.backend)
-            for _ in range(depth)
+            DiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm=qk_norm, cross=cond == "text",
+                     mode=modes[i % len(modes)], rope=self.rope, backend=self.backend)
+            for i in range(depth)
         ])
         self.final_layer = FinalLayer(hidden_size, patch_volume, self.out_channels, self.backend)
         self.initialize_weights()
@@ -314,12 +341,11 @@ class DiT(nn.Module):
     def _condition(self, t: Tensor, y: Tensor | None, seqs: PackedSeqs, context, context_seqs):
         """-> c (R, D) modulation conditioning and mod_index (N,): the row of each token."""
         b, n = len(seqs), seqs.num_tokens
-        frames = [g[0] for g in seqs.grids]
         if t.dim() != 1:
             raise ValueError(f"t: expected a 1-D tensor, got shape {tuple(t.shape)}")
-        if t.shape[0] == b:
+        if t.shape[0] == b:  # the common case reads no host metadata (no guards under torch.compile)
             row_of_sample, mod_index = torch.arange(b, device=t.device), seqs.segment_ids
-        elif t.shape[0] == sum(frames):  # per-frame rows: row = first frame of the sample + t position
+        elif t.shape[0] == sum(frames := [g[0] for g in seqs.grids]):  # per frame: row = sample's first frame + t
             first_frame = torch.tensor([0] + frames[:-1], device=t.device).cumsum(0)
             row_of_sample = torch.repeat_interleave(torch.arange(b, device=t.device),
                                                     torch.tensor(frames, device=t.device), output_size=t.shape[0])
@@ -363,7 +389,8 @@ class DiT(nn.Module):
         if len(context or ()) not in (0, len(seqs)) and not isinstance(context, tuple):
             raise ValueError(f"context: expected {len(seqs)} per-sample text sequences, got {len(context)}")
         x = self.x_embedder(tokens)
-        x = x + self._position_embedding(seqs, x.shape[-1]).to(x.dtype)
+        if self.pos_embed_type != "rope3d":  # rope3d rotates q and k inside attention instead
+            x = x + self._position_embedding(seqs, x.shape[-1]).to(x.dtype)
         ctx, ctx_seqs = self._pack_context(context)
         c, mod_index = self._condition(t, y, seqs, ctx, ctx_seqs)
         for block in self.blocks:
@@ -412,5 +439,7 @@ DiT_models: dict[str, Callable[..., DiT]] = {
 }
 # Video configs for benchmarks: STDiT-XL/2-like (28 x 1152, head dim 72, spacetime patches) and a 3B-class
 # model (hidden 3072, head dim 128). Both use 3-D patches, so their patch embedding is a Conv3d.
-DiT_models["STDiT-XL/2"] = _entry(dict(depth=28, hidden_size=1152, num_heads=16, patch_size=(1, 2, 2), qk_norm=True))
-DiT_models["DiT-3B"] = _entry(dict(depth=32, hidden_size=3072, num_heads=24, patch_size=(1, 2, 2), qk_norm=True))
+DiT_models["STDiT-XL/2"] = _entry(dict(depth=28, hidden_size=1152, num_heads=16, patch_size=(1, 2, 2), qk_norm=True,
+                                       attention="spatial_temporal"))
+DiT_models["DiT-3B"] = _entry(dict(depth=32, hidden_size=3072, num_heads=24, patch_size=(1, 2, 2), qk_norm=True,
+                                   pos_embed="rope3d"))
