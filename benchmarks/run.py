@@ -21,7 +21,7 @@ import torch  # noqa: E402
 from common import DEFAULT_OUT, Context, device_slug, environment, write_results  # noqa: E402
 
 # section name -> module in benchmarks/ with run(ctx) -> rows and plot(rows, path)
-SECTIONS = ("layout", "packing", "attention", "norm", "mlp", "patchify")
+SECTIONS = ("layout", "packing", "attention", "norm", "mlp", "patchify", "e2e")
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -6,12 +6,16 @@ Public API:
     varlen_attention, RoPE3D               -- packed (full / spatial / temporal) attention with 3-D RoPE
     modulated_norm, gated_residual,        -- fused adaLN kernels: norm + per-segment modulate, gated
     fused_mlp                                 residual, MLP with GEMM epilogues (modules in packdit.nn)
+    DiT, DiT_models                        -- the packed DiT (official-checkpoint compatible, video options)
+    packdit.packing, packdit.data          -- load-balancing planner, per-rank sampler
+    packdit.diffusion, packdit.train       -- flow matching / DDPM objectives and samplers, DDP training
     packdit.reference                      -- pure-PyTorch oracles every kernel is tested against
 """
 
 from packdit._validate import checks
 from packdit.determinism import use_deterministic
 from packdit.layout import PackedSeqs, pack, pack_like, unpack
+from packdit.models import DiT, DiT_models
 from packdit.ops.attention import RoPE3D, varlen_attention
 
 __version__ = "0.1.0"
@@ -30,4 +34,4 @@ def __getattr__(name: str):
 
 
 __all__ = ["PackedSeqs", "pack", "pack_like", "unpack", "checks", "use_deterministic", "varlen_attention", "RoPE3D",
-           "modulated_norm", "gated_residual", "fused_mlp", "__version__"]
+           "modulated_norm", "gated_residual", "fused_mlp", "DiT", "DiT_models", "__version__"]
