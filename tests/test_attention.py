@@ -236,7 +236,8 @@ def _module_reference(module: PackedAttention, x, seqs):
 @pytest.mark.parametrize("mode", ["full", "temporal"])
 def test_packed_attention_module(mode):
     torch.manual_seed(0)
-    module = PackedAttention(64, 4, num_kv_heads=2, qk_norm=True, rope=RoPE3D(100.0, (2, 4, 4)), mode=mode).to(DEVICE)
+    module = PackedAttention(64, 4, num_kv_heads=2, qk_norm=True, rope=RoPE3D(100.0, (2, 4, 4)), mode=mode,
+                             backend="triton").to(DEVICE)
     assert {"qkv.weight", "qkv.bias", "proj.weight", "proj.bias"} <= set(module.state_dict())
     seqs = PackedSeqs.from_grids([(2, 3, 3), (1, 4, 2)], device=DEVICE)
     x = torch.randn(seqs.num_tokens, 64, device=DEVICE)
@@ -245,7 +246,7 @@ def test_packed_attention_module(mode):
 
 def test_packed_cross_attention_module():
     torch.manual_seed(0)
-    module = PackedCrossAttention(32, 2, context_dim=24, qk_norm=True).to(DEVICE)
+    module = PackedCrossAttention(32, 2, context_dim=24, qk_norm=True, backend="triton").to(DEVICE)
     seqs = PackedSeqs.from_grids([(1, 3, 3), (2, 2, 2)], device=DEVICE)
     context_cu = cu_seqlens_of([5, 3], DEVICE)
     x, context = torch.randn(seqs.num_tokens, 32, device=DEVICE), torch.randn(8, 24, device=DEVICE)
@@ -263,7 +264,8 @@ def test_compile_fullgraph_one_graph_for_new_layouts():
     torch._dynamo.reset()
     torch.manual_seed(0)
     layers = torch.nn.ModuleList(
-        PackedAttention(48, 3, num_kv_heads=1, qk_norm=True, rope=RoPE3D(100.0, (4, 4, 4))) for _ in range(2)
+        PackedAttention(48, 3, num_kv_heads=1, qk_norm=True, rope=RoPE3D(100.0, (4, 4, 4)), backend="triton")
+        for _ in range(2)
     ).to(DEVICE)
     counter = CompileCounterWithBackend("aot_eager")
 

@@ -63,7 +63,7 @@ def test_backward_is_deterministic():
 def test_fused_mlp_module_loads_dit_mlp_state_dict():
     torch.manual_seed(0)
     dit_mlp = Mlp(32, 128)
-    mlp = FusedMLP(32, 128)
+    mlp = FusedMLP(32, 128, backend="triton")
     mlp.load_state_dict(dit_mlp.state_dict())
     h = torch.randn(50, 32)
     torch.testing.assert_close(mlp(h), dit_mlp(h), atol=1e-5, rtol=1e-5)
@@ -103,7 +103,7 @@ class _MLPBlock(torch.nn.Module):
     def __init__(self, width: int):
         super().__init__()
         self.norm = ModulatedNorm(width)
-        self.mlp = FusedMLP(width, 4 * width)
+        self.mlp = FusedMLP(width, 4 * width, backend="triton")
 
     def forward(self, x, shift, scale, gate, index):
         return self.mlp(self.norm(x, shift, scale, index), x, gate, index)

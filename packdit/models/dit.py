@@ -48,8 +48,11 @@ from torch.utils.checkpoint import checkpoint
 
 from packdit.layout import PackedSeqs, normalize_patch_size, pack, unpack
 from packdit.nn import functional as PF
+from packdit.nn.attention import PackedAttention, PackedCrossAttention
+from packdit.nn.mlp import FusedMLP
 from packdit.nn.pool import segment_pool
-from packdit.reference.dit import LabelEmbedder, TimestepEmbedder, get_2d_sincos_pos_embed
+from packdit.reference.dit import (LabelEmbedder, TimestepEmbedder, get_1d_sincos_pos_embed, get_2d_sincos_pos_embed,
+                                   guide_first_channels, official_init)
 from packdit.reference.rope import RoPE3D
 
 __all__ = ["DiT", "DiT_models"]
@@ -65,90 +68,6 @@ def default_rope(head_dim: int, theta: float = 10000.0) -> RoPE3D:
     return RoPE3D(theta=theta, axes_dims=(head_dim - 2 * hw, hw, hw))
 
 
-def _sincos_1d(dim: int, pos: Tensor) -> Tensor:
-    """(M,) -> (M, dim) float64 ``concat(sin(pos*omega), cos(pos*omega))``, omega as in the 2-D table."""
-    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64, device=pos.device) / (dim / 2.0))
-    angles = pos.to(torch.float64)[:, None] * omega
-    return torch.cat([angles.sin(), angles.cos()], dim=1)
-
-
-class RMSNorm(nn.Module):
-    """``x / rms(x) * weight`` over the last dim (QK-norm)."""
-
-    def __init__(self, dim: int, eps: float = 1e-6):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return F.rms_norm(x, x.shape[-1:], self.weight, self.eps)
-
-
-class Attention(nn.Module):
-    """Self-attention over packed tokens: fused ``qkv`` Linear, optional QK-RMSNorm, varlen attention
-    (``mode`` full / spatial / temporal, optional 3-D RoPE inside the kernel), ``proj``."""
-
-    def __init__(self, dim: int, num_heads: int, *, qk_norm: bool = False, mode: str = "full",
-                 rope: RoPE3D | None = None, backend: str | None = None):
-        super().__init__()
-        self.num_heads, self.head_dim, self.backend = num_heads, dim // num_heads, backend
-        self.mode, self.rope = mode, rope
-        self.qkv = nn.Linear(dim, 3 * dim, bias=True)
-        if qk_norm:
-            self.q_norm, self.k_norm = RMSNorm(self.head_dim), RMSNorm(self.head_dim)
-        else:
-            self.q_norm = self.k_norm = None
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x: Tensor, seqs: PackedSeqs) -> Tensor:
-        """x (N, D) -> (N, D), each token attending to its own sample only."""
-        q, k, v = self.qkv(x).unflatten(-1, (3, self.num_heads, self.head_dim)).unbind(-3)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        out = PF.attention(q, k, v, seqs.cu_seqlens, seqs.max_seqlen, mode=self.mode, seqs=seqs, rope=self.rope,
-                           backend=self.backend)
-        return self.proj(out.flatten(-2))
-
-
-class CrossAttention(nn.Module):
-    """Packed queries (N, D) x packed per-sample context (M, D): sample b's tokens read only context b."""
-
-    def __init__(self, dim: int, num_heads: int, *, qk_norm: bool = False, backend: str | None = None):
-        super().__init__()
-        self.num_heads, self.head_dim, self.backend = num_heads, dim // num_heads, backend
-        self.q = nn.Linear(dim, dim)
-        self.kv = nn.Linear(dim, 2 * dim)
-        if qk_norm:
-            self.q_norm, self.k_norm = RMSNorm(self.head_dim), RMSNorm(self.head_dim)
-        else:
-            self.q_norm = self.k_norm = None
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x: Tensor, seqs: PackedSeqs, context: Tensor, context_seqs: PackedSeqs) -> Tensor:
-        q = self.q(x).unflatten(-1, (self.num_heads, self.head_dim))
-        k, v = self.kv(context).unflatten(-1, (2, self.num_heads, self.head_dim)).unbind(-3)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        out = PF.attention(q, k, v, seqs.cu_seqlens, seqs.max_seqlen, context_seqs.cu_seqlens,
-                           context_seqs.max_seqlen, backend=self.backend)
-        return self.proj(out.flatten(-2))
-
-
-class Mlp(nn.Module):
-    """``fc2(gelu_tanh(fc1(h)))``; with ``residual, gate, mod_index`` the block tail
-    ``residual + gate[mod_index] * mlp(h)``, fused into the GEMM epilogues on the triton backend."""
-
-    def __init__(self, dim: int, hidden: int, *, backend: str | None = None):
-        super().__init__()
-        self.backend = backend
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, h: Tensor, residual: Tensor | None = None, gate: Tensor | None = None,
-                mod_index: Tensor | None = None) -> Tensor:
-        return PF.mlp(h, self.fc1, self.fc2, residual=residual, gate=gate, mod_index=mod_index, backend=self.backend)
-
-
 class DiTBlock(nn.Module):
     """adaLN-Zero block on packed tokens; state_dict names match the official ``DiTBlock``."""
 
@@ -157,11 +76,12 @@ class DiTBlock(nn.Module):
         super().__init__()
         self.backend = backend
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(hidden_size, num_heads, qk_norm=qk_norm, mode=mode, rope=rope, backend=backend)
+        self.attn = PackedAttention(hidden_size, num_heads, qk_norm=qk_norm, rope=rope, mode=mode, backend=backend)
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio), backend=backend)
+        self.mlp = FusedMLP(hidden_size, int(hidden_size * mlp_ratio), backend=backend)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
-        self.cross_attn = CrossAttention(hidden_size, num_heads, qk_norm=qk_norm, backend=backend) if cross else None
+        self.cross_attn = (PackedCrossAttention(hidden_size, num_heads, qk_norm=qk_norm, backend=backend)
+                           if cross else None)
 
     def forward(self, x: Tensor, c: Tensor, mod_index: Tensor, seqs: PackedSeqs,
                 context: Tensor | None = None, context_seqs: PackedSeqs | None = None) -> Tensor:
@@ -170,7 +90,7 @@ class DiTBlock(nn.Module):
         h = PF.norm_modulate(x, shift1, scale1, mod_index, eps=self.norm1.eps, backend=self.backend)
         x = PF.gated_residual(x, self.attn(h, seqs), gate1, mod_index, backend=self.backend)
         if self.cross_attn is not None:
-            x = x + self.cross_attn(x, seqs, context, context_seqs)
+            x = x + self.cross_attn(x, seqs, context, context_seqs.cu_seqlens, context_seqs.max_seqlen)
         h = PF.norm_modulate(x, shift2, scale2, mod_index, eps=self.norm2.eps, backend=self.backend)
         return self.mlp(h, x, gate2, mod_index)
 
@@ -289,32 +209,10 @@ class DiT(nn.Module):
 
     # ------------------------------------------------------------------ init (official)
     def initialize_weights(self) -> None:
-        def xavier_linear(module: nn.Module) -> None:
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-
-        self.apply(xavier_linear)
-        gh, gw = self.x_embedder.grid_size
-        h = torch.arange(gh).repeat_interleave(gw)
-        w = torch.arange(gw).repeat(gh)
-        self.pos_embed.data.copy_(get_2d_sincos_pos_embed(self.pos_embed.shape[-1], h, w).float().unsqueeze(0))
-        weight = self.x_embedder.proj.weight.data
-        nn.init.xavier_uniform_(weight.view(weight.shape[0], -1))
-        if self.cond == "class":
-            nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        official_init(self)
         if self.pos_embed_type == "factorized":
             for table in (self.pos_embed_t, self.pos_embed_h, self.pos_embed_w):
                 nn.init.normal_(table, std=0.02)
-        for block in self.blocks:
-            nn.init.zeros_(block.adaLN_modulation[-1].weight)
-            nn.init.zeros_(block.adaLN_modulation[-1].bias)
-        for layer in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
-            nn.init.zeros_(layer.weight)
-            nn.init.zeros_(layer.bias)
 
     # ------------------------------------------------------------------ embeddings
     def _position_embedding(self, seqs: PackedSeqs, dim: int) -> Tensor:
@@ -324,7 +222,7 @@ class DiT(nn.Module):
             emb = get_2d_sincos_pos_embed(dim, pos[:, 1], pos[:, 2])
             if not self.image_only:  # sincos over t minus its t=0 value: images get exactly the official table
                 zero = torch.zeros(1, dtype=torch.long, device=pos.device)
-                emb = emb + _sincos_1d(dim, pos[:, 0]) - _sincos_1d(dim, zero)
+                emb = emb + get_1d_sincos_pos_embed(dim, pos[:, 0]) - get_1d_sincos_pos_embed(dim, zero)
             return emb
         tables = (self.pos_embed_t, self.pos_embed_h, self.pos_embed_w)
         if self.fractional_positions:  # NaViT: coordinate / extent of its own axis, scaled to the table
@@ -414,11 +312,7 @@ class DiT(nn.Module):
     def forward_with_cfg(self, x: Tensor, t: Tensor, y: Tensor, cfg_scale: float) -> Tensor:
         """The official classifier-free-guidance forward (guidance on the first 3 channels, as upstream)."""
         half = x[: len(x) // 2]
-        model_out = self.forward(torch.cat([half, half]), t, y)
-        eps, rest = model_out[:, :3], model_out[:, 3:]
-        cond_eps, uncond_eps = torch.split(eps, len(eps) // 2, dim=0)
-        half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
-        return torch.cat([torch.cat([half_eps, half_eps]), rest], dim=1)
+        return guide_first_channels(self.forward(torch.cat([half, half]), t, y), cfg_scale)
 
 
 # ---------------------------------------------------------------------- registry

@@ -49,7 +49,7 @@ from torch import Tensor
 from packdit.layout import PackedSeqs, pack, unpack
 from packdit.reference.attention import varlen_attention
 
-__all__ = ["DiT", "DiT_models", "get_2d_sincos_pos_embed"]
+__all__ = ["DiT", "DiT_models", "get_1d_sincos_pos_embed", "get_2d_sincos_pos_embed", "official_init", "guide_first_channels"]
 
 RowsToTokens = Callable[[Tensor], Tensor]
 """Per-sample rows (B, k) -> a tensor that broadcasts against tokens (..., k): (B, 1, k) or (N, k)."""
@@ -59,7 +59,7 @@ Attend = Callable[[Tensor, Tensor, Tensor], Tensor]
 
 
 # ---------------------------------------------------------------------- position embedding
-def _sincos_1d(dim: int, pos: Tensor) -> Tensor:
+def get_1d_sincos_pos_embed(dim: int, pos: Tensor) -> Tensor:
     """(M,) positions -> (M, dim) float64 ``concat(sin(pos*omega), cos(pos*omega))``."""
     omega = torch.arange(dim // 2, dtype=torch.float64, device=pos.device) / (dim / 2.0)
     omega = 1.0 / 10000**omega
@@ -78,7 +78,7 @@ def get_2d_sincos_pos_embed(embed_dim: int, h: Tensor, w: Tensor) -> Tensor:
         raise ValueError(f"embed_dim: the 2-D sin-cos embedding needs a multiple of 4, got {embed_dim}")
     if h.shape != w.shape:
         raise ValueError(f"h, w: expected equal shapes, got {tuple(h.shape)} and {tuple(w.shape)}")
-    return torch.cat([_sincos_1d(embed_dim // 2, w), _sincos_1d(embed_dim // 2, h)], dim=1)
+    return torch.cat([get_1d_sincos_pos_embed(embed_dim // 2, w), get_1d_sincos_pos_embed(embed_dim // 2, h)], dim=1)
 
 
 def _grid_pos_embed(embed_dim: int, grid_h: int, grid_w: int, device: torch.device) -> Tensor:
@@ -252,6 +252,50 @@ def _dense_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return out.transpose(1, 2)
 
 
+def official_init(model: nn.Module) -> None:
+    """The official DiT init, for any model with the official submodule names (``packdit.DiT`` too).
+
+    Xavier-uniform Linears (zero bias), the sin-cos ``pos_embed`` table, the patch conv xavier-uniform
+    as the (D, C*prod(patch)) matrix, N(0, 0.02) label table (if any) and timestep MLP weights, and zeros
+    for every adaLN modulation Linear and the final Linear (adaLN-Zero). Same order of random draws as
+    upstream, so the same seed gives the same weights.
+    """
+
+    def xavier_linear(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+    model.apply(xavier_linear)
+    grid_h, grid_w = model.x_embedder.grid_size
+    table = _grid_pos_embed(model.pos_embed.shape[-1], grid_h, grid_w, model.pos_embed.device)
+    model.pos_embed.data.copy_(table.float().unsqueeze(0))
+    conv_weight = model.x_embedder.proj.weight.data
+    nn.init.xavier_uniform_(conv_weight.view(conv_weight.shape[0], -1))
+    if hasattr(model, "y_embedder"):
+        nn.init.normal_(model.y_embedder.embedding_table.weight, std=0.02)
+    nn.init.normal_(model.t_embedder.mlp[0].weight, std=0.02)
+    nn.init.normal_(model.t_embedder.mlp[2].weight, std=0.02)
+    for layer in [block.adaLN_modulation[-1] for block in model.blocks] + [
+            model.final_layer.adaLN_modulation[-1], model.final_layer.linear]:
+        nn.init.zeros_(layer.weight)
+        nn.init.zeros_(layer.bias)
+
+
+def guide_first_channels(model_out: Tensor, cfg_scale: float) -> Tensor:
+    """The official CFG combination of ``model_out = [cond half; uncond half]`` (2B, C_out, ...).
+
+    ``uncond + cfg_scale * (cond - uncond)`` on the first 3 channels, written to both halves; the other
+    channels pass through. Upstream guides 3 channels "for exact reproducibility" of its samples (the
+    standard choice would be all ``in_channels`` noise channels); kept for output parity.
+    """
+    eps, rest = model_out[:, :3], model_out[:, 3:]
+    cond_eps, uncond_eps = torch.split(eps, len(eps) // 2, dim=0)
+    half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
+    return torch.cat([torch.cat([half_eps, half_eps], dim=0), rest], dim=1)
+
+
 # ---------------------------------------------------------------------- model
 class DiT(nn.Module):
     """Diffusion model with a Transformer backbone (DiT), class-conditional, adaLN-Zero.
@@ -292,36 +336,7 @@ class DiT(nn.Module):
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
-        """The official init: xavier-uniform Linears (zero bias), sin-cos ``pos_embed``, the patch conv
-        xavier-uniform as the (D, C*p*p) matrix, N(0, 0.02) label table and timestep MLP weights, and
-        zeros for every adaLN modulation Linear and the final Linear (adaLN-Zero)."""
-
-        def xavier_linear(module: nn.Module) -> None:
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-
-        self.apply(xavier_linear)
-
-        grid_h, grid_w = self.x_embedder.grid_size
-        table = _grid_pos_embed(self.pos_embed.shape[-1], grid_h, grid_w, self.pos_embed.device)
-        self.pos_embed.data.copy_(table.float().unsqueeze(0))
-
-        conv_weight = self.x_embedder.proj.weight.data
-        nn.init.xavier_uniform_(conv_weight.view(conv_weight.shape[0], -1))
-
-        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-
-        for block in self.blocks:
-            nn.init.zeros_(block.adaLN_modulation[-1].weight)
-            nn.init.zeros_(block.adaLN_modulation[-1].bias)
-        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
-        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
-        nn.init.zeros_(self.final_layer.linear.weight)
-        nn.init.zeros_(self.final_layer.linear.bias)
+        official_init(self)
 
     # ------------------------------------------------------------------ shared trunk
     def _condition(self, t: Tensor, y: Tensor) -> Tensor:
@@ -384,13 +399,7 @@ class DiT(nn.Module):
         channels) are returned unguided, each half from its own labels.
         """
         half = x[: len(x) // 2]
-        combined = torch.cat([half, half], dim=0)
-        model_out = self.forward(combined, t, y)
-        eps, rest = model_out[:, :3], model_out[:, 3:]
-        cond_eps, uncond_eps = torch.split(eps, len(eps) // 2, dim=0)
-        half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
-        eps = torch.cat([half_eps, half_eps], dim=0)
-        return torch.cat([eps, rest], dim=1)
+        return guide_first_channels(self.forward(torch.cat([half, half], dim=0), t, y), cfg_scale)
 
     # ------------------------------------------------------------------ packed path
     def forward_packed(self, tokens: Tensor, seqs: PackedSeqs, t: Tensor, y: Tensor) -> Tensor:
