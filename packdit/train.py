@@ -27,8 +27,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from packdit.data import PackedSampler, collate_packed
-from packdit.layout import pack
+from packdit.data import PackedSampler
+from packdit.diffusion import FlowMatching, dit_adapter
 
 __all__ = ["train", "packed_loss_sum", "noise_and_time"]
 
@@ -42,29 +42,25 @@ def noise_and_time(latent: Tensor, index: int, *, seed: int, epoch: int) -> tupl
     return torch.randn(latent.shape, generator=generator, dtype=latent.dtype).to(latent.device), t
 
 
-def packed_loss_sum(forward_packed: Callable, dataset, indices: Sequence[int], *, patch_size: int, seed: int,
-                    epoch: int, device) -> Tensor:
+def packed_loss_sum(model: nn.Module, dataset, indices: Sequence[int], *, patch_size: int, seed: int, epoch: int,
+                    device, forward: Callable | None = None) -> Tensor:
     """``sum_{i in indices} loss_i`` (see the module docstring) for samples ``dataset[i] = (latent (C, H, W), label)``,
-    run as one pack through ``forward_packed(tokens, seqs, t, y) -> (N, p*p*C_out)`` (DiT output order (p, p, C_out))."""
-    labels, noisy, velocity, times = [], [], [], []
+    run as one pack through :class:`~packdit.diffusion.FlowMatching` with each sample's own noise and t.
+    ``forward`` (default ``model.forward_packed``) is what runs the DiT, e.g. its DDP wrapper."""
+    latents, labels, noise, times = [], [], [], []
     for i in indices:
         latent, label = dataset[i]
         latent = latent.to(device)
-        noise, t = noise_and_time(latent, i, seed=seed, epoch=epoch)
-        noisy.append((1 - t) * latent + t * noise)
-        velocity.append(noise - latent)
+        n, t = noise_and_time(latent, i, seed=seed, epoch=epoch)
+        latents.append(latent)
         labels.append(label)
+        noise.append(n)
         times.append(t)
-    tokens, seqs, y = collate_packed(list(zip(noisy, labels)), patch_size)
-    target, _ = pack(velocity, patch_size)                                       # (N, C*p*p)
-    t = torch.tensor(times, device=device) * 1000
-    out = forward_packed(tokens, seqs, t, y.to(device))                          # (N, p*p*C_out), (p, p, C) order
-    channels = velocity[0].shape[0]
-    pred = out.unflatten(1, (patch_size, patch_size, -1))[..., :channels].permute(0, 3, 1, 2).flatten(1)
-    token_err = (pred - target).pow(2).mean(dim=1)                               # (N,)
-    per_sample = torch.zeros(len(seqs), device=device, dtype=token_err.dtype)
-    per_sample.index_add_(0, seqs.segment_ids.long(), token_err)
-    return (per_sample / seqs.lengths.clamp_min(1)).sum()
+    loss, _ = FlowMatching().training_loss(
+        dit_adapter(model, forward=forward), latents, patch_size=(1, patch_size, patch_size),
+        t=torch.tensor(times, device=device), y=torch.tensor(labels, device=device), noise=noise,
+    )
+    return loss * len(indices)  # the mean over samples, times their number
 
 
 class _Packed(nn.Module):
@@ -122,8 +118,8 @@ def train(
     while len(losses) < steps:
         sampler.set_epoch(epoch)
         for indices in sampler:
-            local = packed_loss_sum(runner, dataset, indices or [0], patch_size=patch_size, seed=seed,
-                                    epoch=epoch, device=device)
+            local = packed_loss_sum(model, dataset, indices or [0], patch_size=patch_size, seed=seed,
+                                    epoch=epoch, device=device, forward=runner)
             if not indices:
                 local = local * 0.0
             counts = torch.stack([torch.tensor(float(len(indices)), device=device), local.detach().double()])

@@ -76,7 +76,7 @@ def _single_process_reference():
     losses = []
     for step, packs in zip(range(STEPS), zip(*samplers)):
         union = [i for pack in packs for i in pack]
-        loss = packed_loss_sum(model.forward_packed, data, union, patch_size=PATCH, seed=SEED, epoch=0,
+        loss = packed_loss_sum(model, data, union, patch_size=PATCH, seed=SEED, epoch=0,
                                device="cpu") / len(union)
         opt.zero_grad()
         loss.backward()

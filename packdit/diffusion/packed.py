@@ -18,10 +18,10 @@ from collections.abc import Callable, Sequence
 from typing import Union
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from packdit.layout import PackedSeqs, normalize_patch_size
+from packdit.nn.pool import segment_pool
 
 __all__ = ["ModelFn", "Generators", "dit_adapter", "classifier_free_guidance", "draw_noise", "segment_mean"]
 
@@ -32,7 +32,8 @@ Generators = Union[torch.Generator, Sequence[torch.Generator], None]
 """One generator for the whole batch, one per sample, or None for the global RNG."""
 
 
-def dit_adapter(model: torch.nn.Module, *, time_scale: float = 1000.0, keep_variance: bool = False) -> ModelFn:
+def dit_adapter(model: torch.nn.Module, *, time_scale: float = 1000.0, keep_variance: bool = False,
+                forward: Callable | None = None) -> ModelFn:
     """Wrap a DiT's ``forward_packed`` (:class:`packdit.DiT` or :class:`packdit.reference.DiT`) as a model
     function in pack order.
 
@@ -47,12 +48,16 @@ def dit_adapter(model: torch.nn.Module, *, time_scale: float = 1000.0, keep_vari
     The DiT drops labels itself in training mode (``class_dropout_prob``, global RNG). When label
     dropout is done by the objective (``cfg_dropout``), set ``model.y_embedder.dropout_prob = 0.0`` after
     construction: the embedding table keeps its null-class row.
+
+    ``forward`` replaces ``model.forward_packed`` (same signature), e.g. a DDP/FSDP wrapper whose
+    ``forward`` calls it, so the wrapper's gradient hooks see the call.
     """
+    forward = model.forward_packed if forward is None else forward
     patch, c_out = normalize_patch_size(model.patch_size), model.out_channels
     kept_channels = c_out if keep_variance else model.in_channels
 
     def model_fn(x_tokens: Tensor, seqs: PackedSeqs, t: Tensor, y: Tensor | None) -> Tensor:
-        out = model.forward_packed(x_tokens, seqs, t * time_scale, y)            # (N, pt*ph*pw*C_out)
+        out = forward(x_tokens, seqs, t * time_scale, y)                         # (N, pt*ph*pw*C_out)
         out = out.unflatten(1, (*patch, c_out))[..., :kept_channels]
         return out.permute(0, 4, 1, 2, 3).reshape(out.shape[0], kept_channels * math.prod(patch))
 
@@ -119,12 +124,6 @@ def draw_noise(
 
 
 def segment_mean(values: Tensor, seqs: PackedSeqs) -> Tensor:
-    """Per-token values ``(N,)`` -> ``(B,)`` mean over each sample's tokens (0 for a sample without tokens).
-
-    Segment sums are differences of one float64 prefix sum at ``cu_seqlens``: no loop over samples and,
-    unlike ``index_add_``, deterministic on GPUs.
-    """
-    prefix = F.pad(values.double().cumsum(0), (1, 0))
-    cu = seqs.cu_seqlens.long()
-    sums = prefix[cu[1:]] - prefix[cu[:-1]]
-    return (sums / seqs.lengths.clamp_min(1)).to(values.dtype)
+    """Per-token values ``(N,)`` -> ``(B,)`` mean over each sample's tokens (0 for a sample without tokens);
+    :func:`packdit.nn.segment_pool`: no loop over samples, deterministic on GPUs."""
+    return segment_pool(values[:, None], seqs, "mean")[:, 0]
