@@ -17,6 +17,12 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+# Property tests run a fixed example budget in CI (the Triton interpreter is slow); PACKDIT_SLOW=1 runs more.
+settings.register_profile("ci", max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("slow", max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("slow" if os.environ.get("PACKDIT_SLOW") == "1" else "ci")
 
 
 def pytest_addoption(parser):
