@@ -203,3 +203,18 @@ def test_triton_backend_compiles_without_recompiling_for_new_layouts():
         y = torch.arange(len(shapes))
         assert_close(step(tokens, seqs, t, y), model.forward_packed(tokens, seqs, t, y), atol=1e-5, rtol=1e-5)
     assert counter.frame_count == 1, f"compiled {counter.frame_count} times"
+
+
+def test_bf16_autocast_training_step_is_finite_and_close_to_fp32():
+    model = _randomize(DiT(**VIDEO, backend="torch"))
+    latents = [torch.randn(4, 2, 4, 4), torch.randn(4, 6, 2)]
+    t, y = torch.tensor([10.0, 700.0]), torch.tensor([1, 2])
+    want = model(latents, t, y)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = model(latents, t, y)
+        loss = sum(o.float().square().mean() for o in got)
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    for a, b in zip(got, want):
+        assert a.dtype == torch.bfloat16
+        assert (a.float() - b).abs().max() <= 0.05 * b.abs().max()
