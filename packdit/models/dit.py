@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from packdit._validate import checks_enabled
 from packdit.layout import PackedSeqs, normalize_patch_size, pack, unpack
 from packdit.nn import functional as PF
 from packdit.nn.attention import PackedAttention, PackedCrossAttention
@@ -230,7 +231,8 @@ class DiT(nn.Module):
             idx = [(pos[:, a] * len(tables[a])) // grid[:, a].clamp_min(1) for a in range(3)]
         else:
             idx = [pos[:, a] for a in range(3)]
-            for a, name in enumerate("thw"):
+            # one device->host read per forward, skipped with packdit.checks(False) and under torch.compile
+            for a, name in enumerate("thw" if checks_enabled() and not torch.compiler.is_compiling() else ""):
                 if pos.shape[0] and int(idx[a].max()) >= len(tables[a]):
                     raise ValueError(f"seqs: a {name} position of {int(idx[a].max())} exceeds max_grid {self.max_grid}; "
                                      "raise max_grid or use fractional_positions=True")
