@@ -13,6 +13,11 @@ Reported per strategy: steps, total time for the stream (sum of per-step medians
 (real) tokens/s, padding fraction, MFU from useful FLOPs (GPU only) and peak memory; speedups are
 relative to ``pad``. Useful FLOPs of a sample of L tokens, hidden D, depth n (training = 3 x forward):
 ``3 * n * (24 L D^2 + 4 L^2 D)``.
+
+Multi-rank simulation: the measured ``pack`` step times calibrate the planner's cost model
+(``time = a sum L + b sum L^2 + c k``, :func:`packdit.packing.calibrate`; its R^2 and the mean error of
+the predicted step times are reported), which then predicts the time of a longer stream of the same mix
+on 8 data-parallel ranks for each batching strategy: sum over steps of the slowest rank's predicted time.
 """
 
 from __future__ import annotations
@@ -25,7 +30,8 @@ from workloads import latent_shapes, num_patches
 
 import packdit
 from packdit.models import DiT
-from packdit.packing import plan_steps
+from packdit.packing import calibrate, plan_steps
+from packdit.packing.baselines import STRATEGIES
 
 PATCH = (1, 2, 2)
 # dense bf16 tensor-core peak (TFLOP/s) by GPU name prefix, for MFU
@@ -35,7 +41,7 @@ PEAK_TFLOPS = {"NVIDIA H100": 989.0, "NVIDIA H200": 989.0, "NVIDIA A100": 312.0}
 def _config(ctx: Context) -> dict:
     if ctx.is_gpu and not ctx.quick:  # STDiT-XL/2 width and head dim (72), 4 blocks to keep the run short
         return dict(model=dict(hidden_size=1152, depth=4, num_heads=16), capacity=65_536, samples=96, scale=1)
-    return dict(model=dict(hidden_size=64, depth=1, num_heads=2), capacity=2_048, samples=24, scale=8)
+    return dict(model=dict(hidden_size=64, depth=1, num_heads=2), capacity=512, samples=48, scale=8)
 
 
 def _stream(num_samples: int, scale: int) -> list[tuple[int, ...]]:
@@ -107,7 +113,7 @@ def run(ctx: Context) -> list[dict]:
         batches = _batches(strategy, lengths, shapes, capacity, cfg["model"]["hidden_size"])
         if ctx.is_gpu:
             torch.cuda.reset_peak_memory_stats()
-        total_ms, padded_tokens = 0.0, 0
+        total_ms, padded_tokens, step_ms = 0.0, 0, []
         for batch in batches:
             tokens, seqs, real = _step_inputs(batch, latents, lengths, strategy == "pad", ctx.device)
             padded_tokens += tokens.shape[0]
@@ -123,7 +129,8 @@ def run(ctx: Context) -> list[dict]:
                 opt.step()
                 opt.zero_grad(set_to_none=True)
 
-            total_ms += measure(step, device=ctx.device, warmup=1, repeats=3).median_ms
+            step_ms.append(measure(step, device=ctx.device, warmup=1, repeats=3).median_ms)
+            total_ms += step_ms[-1]
         useful = sum(lengths)
         flops = _useful_flops(lengths, cfg["model"]["hidden_size"], cfg["model"]["depth"])
         row = {"strategy": strategy, "backend": model.backend, "steps": len(batches), "samples": len(lengths),
@@ -135,6 +142,8 @@ def run(ctx: Context) -> list[dict]:
             row["MFU"] = row["useful_TFLOPs"] / peak if peak else None
             row["peak_memory_GiB"] = torch.cuda.max_memory_allocated() / 2**30
         rows.append(row)
+        if strategy == "pack":
+            pack_steps = ([[lengths[i] for i in b] for b in batches], step_ms)
     base = next(r for r in rows if r["strategy"] == "pad" and r["backend"] == rows[-1]["backend"])
     for r in rows:
         r["speedup_vs_pad"] = base["time_ms"] / r["time_ms"]
@@ -142,12 +151,42 @@ def run(ctx: Context) -> list[dict]:
                 f" hidden {cfg['model']['hidden_size']}, depth {cfg['model']['depth']}, capacity {capacity} tokens)",
                 rows, ["strategy", "backend", "steps", "time_ms", "samples_per_s", "useful_tokens_per_s",
                        "padding_fraction", "useful_TFLOPs", "MFU", "peak_memory_GiB", "speedup_vs_pad"])
+    return rows + _simulate_ranks(ctx, cfg, capacity, *pack_steps)
+
+
+def _simulate_ranks(ctx: Context, cfg: dict, capacity: int, packs: list[list[int]], step_ms: list[float],
+                    ranks: int = 8) -> list[dict]:
+    """Calibrate the cost model on the measured pack steps, then predict multi-rank stream times."""
+    distinct = {tuple(p): ms for p, ms in zip(packs, step_ms)}
+    if len(distinct) < 3:
+        print(f"\n(multi-rank simulation skipped: {len(distinct)} distinct packs, 3 needed to fit the cost model)")
+        return []
+    cal = calibrate(lambda seqlens: distinct[tuple(seqlens)] / 1e3, packs=list(distinct))
+    predicted = [float(cal.model(p).sum()) * cal.seconds_per_unit * 1e3 for p in distinct]
+    error = sum(abs(p - m) / m for p, m in zip(predicted, distinct.values())) / len(distinct)
+    rows = [{"strategy": "cost-model", "a": cal.model.a, "b": cal.model.b, "c": cal.model.c, "R2": cal.r2,
+             "mean_abs_error": error, "packs": len(distinct)}]
+    lengths = [num_patches(s, PATCH) for s in _stream(cfg["samples"] * 40, cfg["scale"])]
+    lengths = [n for n in lengths if n <= capacity]
+    for name, strategy in STRATEGIES.items():
+        plan = strategy(lengths, capacity=capacity, ranks=ranks, cost=cal.model)
+        step_max = plan.bin_costs.reshape(-1, ranks).max(axis=1)
+        rows.append({"strategy": f"simulated-{name}", "ranks": ranks, "samples": len(lengths),
+                     "steps": plan.num_steps, "E": plan.stats.balance_efficiency,
+                     "time_ms": float(step_max.sum()) * cal.seconds_per_unit * 1e3})
+    pad = next(r for r in rows if r["strategy"] == "simulated-pad-to-max")
+    for r in rows[1:]:
+        r["speedup_vs_pad"] = pad["time_ms"] / r["time_ms"]
+    print_table(f"cost model fitted on {len(distinct)} measured packs: R^2 {cal.r2:.3f}, mean |error| {error:.1%}; "
+                f"predicted {ranks}-rank stream time", rows[1:], ["strategy", "samples", "steps", "E", "time_ms",
+                                                                 "speedup_vs_pad"])
     return rows
 
 
 def plot(rows: list[dict], path) -> None:
     import matplotlib.pyplot as plt
 
+    rows = [r for r in rows if "backend" in r]
     fig, ax = plt.subplots(figsize=(6, 3.5))
     labels = [f"{r['strategy']}\n({r['backend']})" for r in rows]
     ax.bar(labels, [r["speedup_vs_pad"] for r in rows], color=["tab:gray", "tab:orange", "tab:green", "tab:blue"][:len(rows)])
