@@ -15,6 +15,7 @@ import time
 import numpy as np
 import torch
 from common import Context, measure, print_table
+from tqdm import tqdm
 from workloads import MIXES, sample_lengths
 
 from packdit.packing import implementation, plan_steps
@@ -44,14 +45,13 @@ def _timed_plan(fn, lengths, **kwargs):
 def run(ctx: Context) -> list[dict]:
     num_samples = 50_000 if ctx.quick else 500_000
     rows = []
-    for mix in MIXES:
-        lengths = np.array(sample_lengths(mix, num_samples, seed=0))
-        for ranks in RANKS:
-            for name, strategy in STRATEGIES.items():
-                for window in (WINDOWS if name == "lookahead" else (None,)):
-                    extra = {"window": window} if window else {}
-                    plan, seconds = _timed_plan(strategy, lengths, ranks=ranks, **extra)
-                    rows.append(_row(mix, ranks, name, window, plan, seconds))
+    runs = [(mix, ranks, name, window) for mix in MIXES for ranks in RANKS for name in STRATEGIES
+            for window in (WINDOWS if name == "lookahead" else (None,))]
+    lengths = {mix: np.array(sample_lengths(mix, num_samples, seed=0)) for mix in MIXES}
+    for mix, ranks, name, window in tqdm(runs, desc="packing plans", unit="plan", leave=False):
+        extra = {"window": window} if window else {}
+        plan, seconds = _timed_plan(STRATEGIES[name], lengths[mix], ranks=ranks, **extra)
+        rows.append(_row(mix, ranks, name, window, plan, seconds))
     print_table(f"packing: balance and padding ({num_samples} samples per mix, capacity {CAPACITY}, window "
                 "16 for the lookahead planner)",
                 [r for r in rows if r["window"] in (None, 16)],
