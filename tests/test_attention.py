@@ -197,6 +197,34 @@ def test_plain_cu_seqlens_without_checks_build_the_schedule_on_the_device():
             assert_close(a, b, atol=1e-6, rtol=1e-5, name=name)
 
 
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_tiles_too_wide_for_shared_memory_run_in_parts(deterministic):
+    """fp32 at D = 256: the sync-free schedule's 128-row tiles run as 2 forward and 4 backward programs each
+    (the later parts of a short segment's tile empty); results match the host schedule's 16-row tiles."""
+    lengths = [100, 40, 0, 7]
+    max_seqlen = 512  # a bound, not the longest segment: the sync-free schedule tiles by 128 rows
+    assert attention_op._tile_for_longest(max_seqlen) == 128
+    assert attention_op._fwd_rows(128, 256, 4) == 64 and attention_op._bwd_rows(128, 256, 4) == 32
+    cu = cu_seqlens_of(lengths, DEVICE)
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    q = torch.randn(sum(lengths), 2, 256, device=DEVICE, generator=gen)
+    k, v = (torch.randn(sum(lengths), 1, 256, device=DEVICE, generator=gen) for _ in range(2))
+    grad, grad_lse = torch.randn_like(q), torch.randn(2, q.shape[0], device=DEVICE, generator=gen)
+
+    def run(*inputs):
+        return packdit.varlen_attention(*inputs, cu, max_seqlen, return_lse=True)
+
+    try:
+        packdit.use_deterministic(deterministic)
+        want = _forward_backward(run, q, k, v, grad, grad_lse)
+        with packdit.checks(False):
+            got = _forward_backward(run, q, k, v, grad, grad_lse)
+    finally:
+        packdit.use_deterministic(False)
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, want):
+        assert_close(a, b, atol=1e-6, rtol=1e-5, name=name)
+
+
 # ---------------------------------------------------------------------------------------------- determinism
 def test_deterministic_backward_is_bitwise_reproducible_and_matches_default():
     seqs = PackedSeqs.from_grids([(2, 4, 5), (1, 3, 3), (1, 1, 2)], device=DEVICE)

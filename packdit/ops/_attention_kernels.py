@@ -79,15 +79,18 @@ def attention_fwd_kernel(
     GROUP: tl.constexpr, ROPE: tl.constexpr, AX_T: tl.constexpr, AX_H: tl.constexpr, AX_W: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """One program = one query tile of one segment x one query head: online softmax over the segment's keys."""
+    """One program = BLOCK_M rows (part ``program_id(2)`` of a query tile) of one segment x one query head:
+    online softmax over the segment's keys."""
     tile = tl.program_id(0)
     head = tl.program_id(1)
     kv_head = head // GROUP
     seg = tl.load(QTiles + tile * 2)
     if seg < 0:  # surplus entry of a tile table sized by an upper bound
         return
-    first = tl.load(QTiles + tile * 2 + 1)
+    first = tl.load(QTiles + tile * 2 + 1) + tl.program_id(2) * BLOCK_M
     q_start, k_start, q_len, k_len, row_stride = _segment(Segments, seg)
+    if first >= q_len:  # part of a segment's last query tile past its end
+        return
 
     cols = tl.arange(0, BLOCK_D)
     m_index = first + tl.arange(0, BLOCK_M)
@@ -137,8 +140,8 @@ def attention_bwd_dkdv_kernel(
     GROUP: tl.constexpr, ROPE: tl.constexpr, AX_T: tl.constexpr, AX_H: tl.constexpr, AX_W: tl.constexpr,
     ATOMIC_DQ: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """One program = one key tile of one segment x one kv head, looping over the GROUP query heads that
-    read it and over the segment's query blocks::
+    """One program = BLOCK_N rows (part ``program_id(2)`` of a key tile) of one segment x one kv head, looping
+    over the GROUP query heads that read them and over the segment's query blocks::
 
         P = exp(scale q k^T - lse)   dV += P^T dO   dS = P * (dO v^T - delta)   dK += scale dS^T q
         (ATOMIC_DQ) DQ += scale R^T (dS k)   with fp32 atomics
@@ -150,8 +153,10 @@ def attention_bwd_dkdv_kernel(
     seg = tl.load(KTiles + tile * 2)
     if seg < 0:  # surplus entry of a tile table sized by an upper bound
         return
-    first = tl.load(KTiles + tile * 2 + 1)
+    first = tl.load(KTiles + tile * 2 + 1) + tl.program_id(2) * BLOCK_N
     q_start, k_start, q_len, k_len, row_stride = _segment(Segments, seg)
+    if first >= k_len:  # part of a segment's last key tile past its end
+        return
     qk_scale_log2 = scale * 1.4426950408889634
 
     cols = tl.arange(0, BLOCK_D)
@@ -213,16 +218,19 @@ def attention_bwd_dq_kernel(
     GROUP: tl.constexpr, ROPE: tl.constexpr, AX_T: tl.constexpr, AX_H: tl.constexpr, AX_W: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """One program = one query tile x one query head: ``dQ = scale R^T sum_blocks (P * (dO v^T - delta)) k``,
-    recomputing P from the saved LSE; one writer per dQ element, so bitwise deterministic."""
+    """One program = BLOCK_M rows (part ``program_id(2)`` of a query tile) x one query head:
+    ``dQ = scale R^T sum_blocks (P * (dO v^T - delta)) k``, recomputing P from the saved LSE; one writer per
+    dQ element, so bitwise deterministic."""
     tile = tl.program_id(0)
     head = tl.program_id(1)
     kv_head = head // GROUP
     seg = tl.load(QTiles + tile * 2)
     if seg < 0:  # surplus entry of a tile table sized by an upper bound
         return
-    first = tl.load(QTiles + tile * 2 + 1)
+    first = tl.load(QTiles + tile * 2 + 1) + tl.program_id(2) * BLOCK_M
     q_start, k_start, q_len, k_len, row_stride = _segment(Segments, seg)
+    if first >= q_len:  # part of a segment's last query tile past its end
+        return
     qk_scale_log2 = scale * 1.4426950408889634
 
     cols = tl.arange(0, BLOCK_D)

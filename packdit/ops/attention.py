@@ -23,11 +23,13 @@ Pipeline, one layout at a time:
    one small device->host copy (and the value checks) by default, or, inside ``packdit.checks(False)``,
    from device ops only (no sync, no value checks; tile sizes from the ``max_seqlen`` bucket and tile
    tables padded to the upper bound ``ceil(N / BLOCK) + B``, whose surplus programs exit at once).
-2. ``packdit::varlen_attention_fwd`` runs the forward kernel, grid ``(query tiles, Hq)``.
-3. ``packdit::varlen_attention_bwd``: delta kernel, then the dK/dV kernel, grid ``(key tiles, Hk)``, and
-   dQ either by fp32 atomics inside it (default, fastest) or by a separate dQ kernel, grid
-   ``(query tiles, Hq)``, when ``packdit.use_deterministic(True)`` or
-   ``torch.use_deterministic_algorithms(True)`` is on (two runs give bitwise equal gradients).
+2. ``packdit::varlen_attention_fwd`` runs the forward kernel, grid ``(query tiles, Hq, parts)``.
+3. ``packdit::varlen_attention_bwd``: delta kernel, then the dK/dV kernel, grid ``(key tiles, Hk, parts)``,
+   and dQ either by fp32 atomics inside it (default, fastest) or by a separate dQ kernel, grid
+   ``(query tiles, Hq, parts)``, when ``packdit.use_deterministic(True)`` or
+   ``torch.use_deterministic_algorithms(True)`` is on (two runs give bitwise equal gradients). ``parts``
+   is 1 unless a tile's rows would take more shared memory than fits (wide heads, see _FWD_TILE_BYTES and
+   _BWD_TILE_BYTES).
 
 Query tile size (BLOCK_M) per layout: the largest of 128/64/32/16 whose padded rows
 ``sum_s ceil(L_s / BLOCK_M) * BLOCK_M`` exceed the useful rows ``sum_s L_s`` by at most 1/8. A 144p
@@ -209,6 +211,14 @@ def _kernels():
     return _attention_kernels
 
 
+def _fwd_configs() -> list:
+    """The forward kernel's autotuning configurations (inner key block BLOCK_N, warps, stages)."""
+    import triton
+
+    return [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s)
+            for n, w, s in ((64, 4, 3), (64, 8, 3), (32, 4, 2), (128, 8, 2))]
+
+
 @functools.cache
 def _fwd_kernel():
     """The forward kernel, autotuned on a GPU; the interpreter cannot autotune (no do_bench, no driver),
@@ -218,16 +228,24 @@ def _fwd_kernel():
     kernel = _kernels().attention_fwd_kernel
     if _INTERPRET:
         return kernel
-    configs = [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s)
-               for n, w, s in ((64, 4, 3), (64, 8, 3), (32, 4, 2), (128, 8, 2))]
-    return triton.autotune(configs, key=["HEAD_DIM", "BLOCK_M", "max_len_bucket"])(kernel)
+    return triton.autotune(_fwd_configs(), key=["HEAD_DIM", "BLOCK_M", "max_len_bucket"])(kernel)
 
 
 _FIXED_FWD = {"BLOCK_N": 32, "num_warps": 4} if _INTERPRET else {}
+# The forward program's query rows (rows x BLOCK_D x element size) are capped at 64 KB: an fp32 query tile of
+# 128 x 256 (D = 256) leaves no autotuning configuration within an A100's 163 KiB. A schedule tile with more
+# rows runs as several programs (grid axis 2); bf16 / fp16 tiles are never split.
+_FWD_TILE_BYTES = 64 * 1024
 # Backward inner block: the dK/dV program holds two (BLOCK_KT, BLOCK_D) fp32 accumulators (64 KB at
 # 128 x 64) in registers, so the query blocks it streams stay at 32 rows; the dQ program likewise streams
 # 32-key blocks. 8 warps from BLOCK_D = 128 up keep the accumulators from spilling.
 _BWD_INNER = 32
+# The dK/dV program keeps its key tile's K and V rows, the dQ program its query tile's Q and dO rows, in
+# shared memory next to the pipelined inner blocks. Capping each at 32 KB (rows x BLOCK_D x element size) and
+# pipelining wider rows less deep (_bwd_num_stages) keeps both kernels within an A100's 163 KiB per block: the
+# dK/dV kernel on a bf16 tile of 128 x 256 (D = 256) needs 296 KB at 3 stages, more than an H100's 227 KiB.
+# A schedule tile with more rows runs as several programs (grid axis 2), each taking _bwd_rows of them.
+_BWD_TILE_BYTES = 32 * 1024
 
 
 def _block_d(head_dim: int) -> int:
@@ -239,8 +257,30 @@ def _next_power_of_2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
-def _bwd_warps(head_dim: int) -> dict:
-    return {} if _INTERPRET else {"num_warps": 8 if _block_d(head_dim) >= 128 else 4}
+def _fwd_rows(block: int, head_dim: int, itemsize: int) -> int:
+    """Rows of a ``block``-row schedule tile that one forward program takes (see _FWD_TILE_BYTES)."""
+    return min(block, _FWD_TILE_BYTES // (_block_d(head_dim) * itemsize))
+
+
+def _bwd_rows(block: int, head_dim: int, itemsize: int) -> int:
+    """Rows of a ``block``-row schedule tile that one dK/dV or dQ program takes (see _BWD_TILE_BYTES)."""
+    return min(block, _BWD_TILE_BYTES // (_block_d(head_dim) * itemsize))
+
+
+def _bwd_num_warps(head_dim: int) -> int:
+    """Warps of the backward dK/dV and dQ kernels on a GPU."""
+    return 8 if _block_d(head_dim) >= 128 else 4
+
+
+def _bwd_num_stages(head_dim: int, itemsize: int) -> int:
+    """Pipeline depth of the backward dK/dV and dQ kernels' inner blocks on a GPU: shallower for wider rows."""
+    row_bytes = _block_d(head_dim) * itemsize
+    return 3 if row_bytes <= 256 else 2 if row_bytes <= 512 else 1
+
+
+def _bwd_options(head_dim: int, itemsize: int) -> dict:
+    return {} if _INTERPRET else {"num_warps": _bwd_num_warps(head_dim),
+                                  "num_stages": _bwd_num_stages(head_dim, itemsize)}
 
 
 def _rope_args(rope: Optional[RoPE3D]) -> dict:
@@ -274,12 +314,13 @@ def varlen_attention_fwd(
         return out.zero_(), lse
     rope = _rope_of(rope_theta, rope_axes)
     kernels_args = _rope_args(rope)
-    _fwd_kernel()[(q_tiles.shape[0], num_heads)](
+    query_rows = _fwd_rows(block_m, head_dim, q.element_size())
+    _fwd_kernel()[(q_tiles.shape[0], num_heads, block_m // query_rows)](
         q, k, v, out, lse, positions if positions is not None else segments, segments, q_tiles,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         out.stride(0), out.stride(1), lse.stride(0),
         scale * _LOG2_E, math.log2(rope.theta) if rope else 0.0, _next_power_of_2(max_q_len),
-        HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), BLOCK_M=block_m,
+        HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), BLOCK_M=query_rows,
         GROUP=num_heads // k.shape[1], DOT_PRECISION=_DOT_PRECISION, **kernels_args, **_FIXED_FWD,
     )
     return out, lse
@@ -329,20 +370,22 @@ def varlen_attention_bwd(
         else torch.empty(q.shape, dtype=q.dtype, device=q.device)
     common_strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                       grad_out.stride(0), grad_out.stride(1))
+    options = _bwd_options(head_dim, q.element_size())
     if k_tiles.shape[0]:
-        kernels.attention_bwd_dkdv_kernel[(k_tiles.shape[0], kv_heads)](
+        key_rows = _bwd_rows(block_kt, head_dim, q.element_size())
+        kernels.attention_bwd_dkdv_kernel[(k_tiles.shape[0], kv_heads, block_kt // key_rows)](
             q, k, v, grad_out, lse, delta, dq, dk, dv, pos, segments, k_tiles, *common_strides,
             dq.stride(0), dq.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), lse.stride(0),
-            scale, log2_theta, BLOCK_M=_BWD_INNER, BLOCK_N=block_kt, ATOMIC_DQ=atomic_dq, **shared,
-            **_bwd_warps(head_dim),
+            scale, log2_theta, BLOCK_M=_BWD_INNER, BLOCK_N=key_rows, ATOMIC_DQ=atomic_dq, **shared, **options,
         )
     if atomic_dq:
         return dq.to(q.dtype), dk, dv
     if q_tiles.shape[0]:
-        kernels.attention_bwd_dq_kernel[(q_tiles.shape[0], num_heads)](
+        query_rows = _bwd_rows(block_m, head_dim, q.element_size())
+        kernels.attention_bwd_dq_kernel[(q_tiles.shape[0], num_heads, block_m // query_rows)](
             q, k, v, grad_out, lse, delta, dq, pos, segments, q_tiles, *common_strides,
             dq.stride(0), dq.stride(1), lse.stride(0), scale, log2_theta,
-            BLOCK_M=block_m, BLOCK_N=_BWD_INNER, **shared, **_bwd_warps(head_dim),
+            BLOCK_M=query_rows, BLOCK_N=_BWD_INNER, **shared, **options,
         )
     else:
         dq.zero_()

@@ -61,7 +61,7 @@ _EPILOGUE_GATED = 2
 
 # Tile shapes from the Triton matmul tutorial's tuned list for A100/H100 bf16; the first one
 # (64x64x32) is the only one under the interpreter.
-_GEMM_CONFIGS = tu.autotune_configs([
+_GEMM_TILE_CONFIGS = [
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_stages=4, num_warps=4),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=3, num_warps=8),
     triton.Config({"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=3, num_warps=8),
@@ -69,7 +69,8 @@ _GEMM_CONFIGS = tu.autotune_configs([
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}, num_stages=4, num_warps=4),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 256, "BLOCK_K": 32, "GROUP_M": 8}, num_stages=4, num_warps=4),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_stages=4, num_warps=4),
-])
+]
+_GEMM_CONFIGS = tu.autotune_configs(_GEMM_TILE_CONFIGS)
 
 
 # Tuned per power-of-two bucket of M: packed batches change N tokens every step, and re-tuning
