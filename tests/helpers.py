@@ -67,3 +67,14 @@ def cu_seqlens_of(lengths, device="cpu") -> Tensor:
     for n in lengths:
         cu.append(cu[-1] + n)
     return torch.tensor(cu, dtype=torch.int32, device=device)
+
+
+def randomize_(model: torch.nn.Module, seed: int = 0, std: float = 0.1) -> torch.nn.Module:
+    """Overwrite every trainable parameter with N(0, std^2) drawn from ``seed``, in place; returns the model.
+    DiTs start as the identity (adaLN-Zero), so parity tests need non-zero weights everywhere."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(std * torch.randn(p.shape, generator=g))
+    return model

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from helpers import assert_close
+from helpers import assert_close, randomize_
 
 from packdit import PackedSeqs, pack, pack_like
 from packdit.diffusion import (
@@ -37,11 +37,7 @@ def tiny_dit(learn_sigma: bool, seed: int = 0, randomize: bool = True) -> DiT:
     model = DiT(**TINY, learn_sigma=learn_sigma)
     model.y_embedder.dropout_prob = 0.0
     if randomize:
-        g = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for p in model.parameters():
-                if p.requires_grad:
-                    p.copy_(0.1 * torch.randn(p.shape, generator=g))
+        randomize_(model, seed)
     return model.eval()
 
 

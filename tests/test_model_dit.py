@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from helpers import assert_close
+from helpers import assert_close, randomize_
 
 import packdit
 from packdit import reference
@@ -16,12 +16,7 @@ VIDEO = dict(input_size=8, patch_size=(1, 2, 2), in_channels=4, hidden_size=32, 
 
 def _randomize(model, seed=0):
     """Non-zero weights everywhere (adaLN-Zero init would make every block the identity)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    return model
+    return randomize_(model, seed, std=0.2)
 
 
 @pytest.mark.parametrize("name", list(reference.DiT_models))

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 import torch
-from helpers import assert_close
+from helpers import assert_close, randomize_
 
 import official_dit
 from packdit import PackedSeqs, pack, unpack
@@ -17,13 +17,8 @@ ATOL = RTOL = 1e-5
 
 
 def _randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Overwrite every trainable parameter with N(0, 0.1) so the zero-initialised adaLN/final layers act."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.copy_(0.1 * torch.randn(p.shape, generator=g))
-    return model.eval()
+    """N(0, 0.1) weights so the zero-initialised adaLN/final layers act; eval mode."""
+    return randomize_(model, seed).eval()
 
 
 def _pair(seed: int = 0, **overrides):
