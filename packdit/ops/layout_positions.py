@@ -68,7 +68,7 @@ def implementation(cu_seqlens: Tensor) -> str:
     if ext is None:
         return "torch"
     if cu_seqlens.device.type == "cuda":
-        return "cuda" if getattr(ext, "WITH_CUDA", False) else "torch"
+        return "cuda" if _ext.has_cuda_ext() else "torch"
     return "cpp" if cu_seqlens.device.type == "cpu" else "torch"
 
 
