@@ -63,6 +63,9 @@ def row(case: triton_aot.CompileCase, launches: list[triton_aot.Launch], result:
         "rope": values.get("ROPE"),
         "width": tags.get("width"),
         "gemm_nk": f"{int_args['N']}x{int_args['K']}" if case.name == "_linear_kernel" else None,
+        "block_m": values.get("BLOCK_M"),
+        "block_n": values.get("BLOCK_N"),
+        "epilogue": values.get("EPILOGUE"),
         "warps": case.num_warps,
         "stages": case.num_stages,
         "autotune_configs": autotune[2] if autotune else None,
@@ -90,6 +93,7 @@ def row(case: triton_aot.CompileCase, launches: list[triton_aot.Launch], result:
         "c7515": "C7515" in stats.warnings,
         "ptxas_codes": " ".join(stats.warnings),
         "compile_seconds": round(result.seconds, 2),
+        "compile_cpu_seconds": round(result.cpu_seconds, 2),
     }
 
 
@@ -132,23 +136,47 @@ def run(ctx: Context) -> list[dict]:
 
 
 def plot(rows: list[dict], path) -> None:
-    """issue/MMA of every MMA kernel configuration (bars, left) and spill bytes (right), grouped by kernel."""
+    """Left: attention on 128-row tiles, the best issue/MMA over the autotuning configurations of each kernel x
+    head dim x RoPE (annotated with the largest spill among them). Right: every GEMM configuration (annotated
+    with spills and C7515)."""
     import matplotlib.pyplot as plt
 
-    mma = sorted((r for r in rows if r["issue_per_mma"] is not None), key=lambda r: (r["kernel"], r["config"]))
-    fig, (left, right) = plt.subplots(1, 2, figsize=(16, max(4, 0.13 * len(mma) + 1.5)), sharey=True)
-    labels = [r["config"].removesuffix("-sm90") for r in mma]
-    colors = ["tab:red" if r["issue_per_mma"] > 1 else "tab:orange" if r["issue_per_mma"] > 0.8 else "tab:green"
-              for r in mma]
-    left.barh(range(len(mma)), [r["issue_per_mma"] for r in mma], color=colors)
-    left.axvline(1.0, color="black", lw=0.8)
-    left.set_xscale("log")
-    left.set_xlabel("issue / MMA of the hot loop (<= 1: tensor-core bound; red > 1, orange > 0.8)")
-    left.set_yticks(range(len(mma)), labels, fontsize=5)
-    left.invert_yaxis()
-    right.barh(range(len(mma)), [r["spill_bytes"] for r in mma], color="tab:purple")
-    right.set_xlabel("spill (stack) bytes per thread")
-    fig.suptitle("packdit Triton kernels on sm_90, static SASS estimates (bf16, every autotune configuration)")
+    fig, (left, right) = plt.subplots(1, 2, figsize=(15, 6.5))
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        rows_per_program = r["block_n"] if "dkdv" in r["kernel"] else r["block_m"]
+        if r["kernel"].startswith("attention") and r["issue_per_mma"] is not None and rows_per_program == 128 \
+                and "-g1-" in r["config"]:
+            groups.setdefault((r["kernel"].removeprefix("attention_").removesuffix("_kernel"), r["head_dim"],
+                               r["rope"]), []).append(r)
+    labels, values, spills = [], [], []
+    for (kernel, head_dim, rope), found in sorted(groups.items()):
+        labels.append(f"{kernel} d{head_dim}{' rope' if rope else ''}")
+        values.append(min(r["issue_per_mma"] for r in found))
+        spills.append(max(r["spill_bytes"] for r in found))
+    _bars(left, labels, values, [f"spill <= {s} B" if s else "" for s in spills],
+          "attention, 128-row tiles: best issue/MMA over autotuning configurations")
+    gemm = sorted((r for r in rows if r["kernel"] == "linear_kernel"), key=lambda r: (r["epilogue"], r["config"]))
+    _bars(right, [r["config"].removeprefix("linear-").removesuffix("-sm90") for r in gemm],
+          [r["issue_per_mma"] for r in gemm],
+          [" ".join(filter(None, (f"spill {r['spill_bytes']} B" if r["spill_bytes"] else "",
+                                  "C7515" if r["c7515"] else ""))) for r in gemm],
+          "GEMM (MLP), every autotuning configuration: issue/MMA")
+    fig.suptitle("packdit Triton kernels, sm_90 bf16, static SASS estimates "
+                 "(issue/MMA <= 1: tensor-core bound; red > 1, orange > 0.8)")
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
+
+
+def _bars(ax, labels, values, notes, title) -> None:
+    colors = ["tab:red" if v > 1 else "tab:orange" if v > 0.8 else "tab:green" for v in values]
+    ax.barh(range(len(values)), values, color=colors)
+    for y, (value, note) in enumerate(zip(values, notes)):
+        ax.text(value, y, f" {value:.2f} {note}", va="center", fontsize=6)
+    ax.axvline(1.0, color="black", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_yticks(range(len(values)), labels, fontsize=6)
+    ax.invert_yaxis()
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel("issue / MMA of the hot loop")

@@ -89,7 +89,8 @@ class CompileResult:
     stack: int
     ptxas_log: str = ""
     sass: str = ""
-    seconds: float = 0.0  # wall time of the compilation (and of reading the cubin back)
+    seconds: float = 0.0      # wall time of the compilation (and of reading the cubin back)
+    cpu_seconds: float = 0.0  # CPU time of it, ptxas and cuobjdump included
 
 
 def init_worker(cache_dir: str) -> None:
@@ -120,6 +121,15 @@ def _jit_function(kernel_path: str):
     return kernel
 
 
+def _cpu_seconds() -> float:
+    """CPU time of this process and of its finished child processes (ptxas, cuobjdump)."""
+    import resource
+    import time
+
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
+
+
 def _compile(case: CompileCase) -> CompileResult:
     import time
 
@@ -134,7 +144,7 @@ def _compile(case: CompileCase) -> CompileResult:
     missing = set(kernel.arg_names) ^ set(signature)
     if missing:
         raise ValueError(f"{case.kernel}: arguments {sorted(missing)} do not match the kernel's {kernel.arg_names}")
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), _cpu_seconds()
     index = {name: i for i, name in enumerate(kernel.arg_names)}
     attrs = {(index[name],): [["tt.divisibility", 16]] for name in case.aligned}
     source = ASTSource(kernel, {name: signature[name] for name in kernel.arg_names},
@@ -146,7 +156,8 @@ def _compile(case: CompileCase) -> CompileResult:
     cubin = compiled.asm["cubin"]
     registers, stack = _cubin_resources(cubin)
     log_text, sass = log.text(compiled, case.arch), _sass(cubin)
-    return CompileResult(compiled.metadata.shared, registers, stack, log_text, sass, time.perf_counter() - started)
+    return CompileResult(compiled.metadata.shared, registers, stack, log_text, sass, time.perf_counter() - started,
+                         _cpu_seconds() - cpu_started)
 
 
 class _LogCapture:
@@ -401,10 +412,13 @@ class Workers:
 
 @functools.cache
 def shared_workers(processes: int = 2) -> Workers:
-    """One :class:`Workers` per process (e.g. a test session) with a fresh Triton cache, closed at exit."""
-    cache = tempfile.mkdtemp(prefix="packdit-triton-cache-")
+    """One :class:`Workers` per process (e.g. a test session), closed at exit, with the Triton cache
+    ``TRITON_CACHE_DIR`` (kept across sessions) or else a fresh one."""
+    cache = os.environ.get("TRITON_CACHE_DIR")
+    if not cache:
+        cache = tempfile.mkdtemp(prefix="packdit-triton-cache-")
+        atexit.register(shutil.rmtree, cache, ignore_errors=True)
     workers = Workers(processes, cache)
-    atexit.register(shutil.rmtree, cache, ignore_errors=True)
     atexit.register(workers.close)
     return workers
 
