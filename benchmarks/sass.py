@@ -12,8 +12,9 @@ Columns per kernel x config: registers, ``spill_bytes`` (stack frame per thread;
 ptxas's spill stores, shared memory, MMA instructions in the hot loop (``wgmma`` HGMMA, ``mma_sync`` HMMA),
 ``cp_async`` (16-byte LDGSTS: cp.async tile copies) / ``tma`` (UTMALDG, UBLKCP) anywhere in the kernel and
 ``loop_pipelined`` (either in the hot loop), MUFU in the loop, ``loop_instructions_per_warp``,
-``issue_per_mma`` (<= 1: the tensor cores bound the loop), ``c7515`` (ptxas: wgmma serialised), global load / store widths (``ldg_bits``: "128x12 32x2" = twelve
-128-bit and two 32-bit loads per thread in the kernel). All are estimates from static code.
+``issue_per_mma`` (<= 1: the tensor cores bound the loop), ``c7515`` (ptxas: wgmma serialised), global load /
+store widths (``ldg_bits``: "128x12 32x2" = twelve 128-bit and two 32-bit loads per thread in the kernel),
+compile wall and CPU seconds. All are estimates from static code.
 
 Writes ``<out>/static-sm90/sass.{json,csv,png}`` and ``<out>/static-sm80/sass.{json,csv}``. ``--quick`` compiles
 one configuration of each kernel of one model on sm_90 only.
@@ -52,7 +53,7 @@ def row(case: triton_aot.CompileCase, launches: list[triton_aot.Launch], result:
     stats = sass_parser.kernel_stats(result.sass, result.ptxas_log, case.num_warps)
     loop = stats.loop
     values = dict(case.constexprs)
-    tags = launches[0].tags and dict(launches[0].tags)
+    tags = dict(launches[0].tags)
     int_args = dict(launches[0].int_args)
     autotune = launches[0].autotune
     return {
@@ -97,20 +98,13 @@ def row(case: triton_aot.CompileCase, launches: list[triton_aot.Launch], result:
     }
 
 
-def _first_per_kernel(cases: dict) -> dict:
-    first: dict = {}
-    for case, launches in cases.items():
-        first.setdefault(case.name, (case, launches))
-    return dict(first.values())
-
-
 def measure(workers: triton_aot.Workers, scenarios, arch: int, quick: bool = False) -> list[dict]:
     """Rows of every distinct compile case the ``scenarios`` launch, compiled for ``arch``."""
     from tqdm import tqdm
 
     cases = triton_aot.unique_cases(workers.captured(scenarios), arch)
     if quick:
-        cases = _first_per_kernel(cases)
+        cases = triton_aot.first_per_kernel(cases)
     futures = {case: workers.compile(case) for case in cases}
     return [row(case, cases[case], future.result())
             for case, future in tqdm(futures.items(), desc=f"compiling for sm_{arch}", unit="kernel")]

@@ -56,6 +56,9 @@ def test_mma_flops():
     hgmma, hmma = (sass_parser.parse_sass(SASS)[i] for i in (5, 14))
     assert sass_parser.mma_flops(hgmma) == ("wgmma", 2 * 64 * 128 * 16)
     assert sass_parser.mma_flops(hmma) == ("mma_sync", 2 * 16 * 8 * 16)
+    tf32 = sass_parser.parse_sass("/*0000*/ HGMMA.64x32x8.F32.TF32 R24, gdesc[UR4], R24 ;\n"
+                                  "/*0010*/ HMMA.1688.F32.TF32 R4, R8, R12, R4 ;")
+    assert [sass_parser.mma_flops(inst) for inst in tf32] == [("wgmma", 2 * 64 * 32 * 8), ("mma_sync", 2 * 16 * 8 * 8)]
 
 
 @pytest.mark.parametrize("warps", [4, 8])

@@ -4,380 +4,121 @@ The interpreter tests (``TRITON_INTERPRET=1``) run the kernels' Python semantics
 lower them, so they cannot see what only the GPU compiler checks: ``tl.dot`` shape and dtype rules, bf16 /
 fp16 conversions and layouts, the software pipeline (``num_stages``), ptxas errors, and the shared memory a
 configuration needs. Here each kernel is compiled through Triton's CUDA backend (MLIR passes and the bundled
-ptxas, down to a cubin) with the constexprs, warps and stages its launcher uses: every autotuning
-configuration, tile size the attention schedule can pick (BLOCK_M / BLOCK_KT in 16..128), head dim (64, 72
-and 128, 256: BLOCK_D 64, 128, 256), dtype, RoPE on / off and GQA.
+ptxas, down to a cubin) with exactly the specialisation its launcher produces at run time: the launches are
+captured from the real launchers (``kernel_launches``: DiT models, attention in every mode, tile size, head
+dim 64 / 72 / 128 / 256, RoPE on and off, GQA, the MLP's epilogues, bf16 / fp16 / fp32), so constexprs,
+warps, stages, every autotuning configuration and the integers Triton specialises (equal to 1, e.g. a unit
+stride, or divisible by 16, e.g. not head dim 72's head stride) are those of the run.
 
 Each compiled kernel must fit the target's shared memory per block (227 KiB on H100, 163 KiB on A100). An
 autotuning configuration may exceed it: ``triton.autotune`` benchmarks a configuration whose launch raises
 ``OutOfResources`` as infinitely slow, i.e. skips it, so instead every autotuning key must keep at least one
 configuration that fits. Kernels launched with one fixed configuration have no such fallback.
 
-Pointers and strides are specialised as 16-byte aligned / multiples of 16 (the common launch and the one
-that pipelines loads through shared memory); D = 72 strides are not. The kernels compile in worker
-processes (see ``triton_aot``) into a fresh Triton cache. By default: on sm_90 every autotuning
-configuration of the attention forward (bf16, each head dim and BLOCK_M) and of the GEMM (bf16 and fp32,
-each epilogue), the attention backward on its largest tiles, and one configuration per kernel on sm_90 and
-sm_80. The exhaustive cross product (dtype x head dim x tile x RoPE x GQA x epilogue, both targets) is
-marked slow.
+The kernels compile in worker processes (``triton_aot``) into a Triton cache shared with the SASS budget
+tests. By default: on sm_90 the production scenarios the budgets read (bf16, every autotuning configuration)
+plus head dim 256 and the fp32 GEMM; on sm_80 one configuration of each kernel of two models (DiT-XL/2, and
+DiT-3B with RoPE). Every other captured scenario and target, in every configuration, is marked slow.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
-import dataclasses
-import importlib
-import inspect
-import itertools
-import multiprocessing
-import os
-
 import pytest
-from triton_aot import CompileCase, CompileResult, compile_case, init_worker
-
-from packdit.ops import _triton_utils, attention, gated_residual, mlp
+from kernel_launches import BUDGETED, COVERAGE, PRODUCTION, Scenario
+from triton_aot import CompileCase, CompileResult, Launch, case_label, first_per_kernel, shared_workers, unique_cases
 
 # Shared memory per block (opt-in maximum) by compute capability.
 SHARED_MEMORY_LIMIT = {90: 227 * 1024, 80: 163 * 1024}
-ATTENTION_HEAD_DIMS = (64, 72, 128, 256)
-# RoPE axes (dt, dh, dw) rotating every dimension of each head dim.
-ROPE_AXES = {64: (16, 24, 24), 72: (24, 24, 24), 128: (32, 48, 48), 256: (64, 96, 96)}
-ROW_WIDTHS = (64, 1152, 4096)  # model widths of the row kernels: BLOCK_D 64, 2048 and 4096
-DEFAULT_OPTIONS = {"num_warps": 4, "num_stages": 3}  # Triton's CUDA defaults, for launches that pass neither
-ITEMSIZE = {"bf16": 2, "fp16": 2, "fp32": 4}
+ARCHS = (90, 80)
 
 
-@dataclasses.dataclass(frozen=True)
-class KernelConfig:
-    """A compile case and how its launcher runs it: ``autotune_key`` is None for a fixed configuration, else
-    the autotuner's cache key, shared by the configurations it chooses between."""
-
-    case: CompileCase
-    autotune_key: tuple | None = None
+def _named(*names: str) -> list[Scenario]:
+    found = [s for s in (*PRODUCTION, *COVERAGE) if s.name in names]
+    assert len(found) == len(names), f"unknown scenarios {set(names) - {s.name for s in found}}"
+    return found
 
 
-def _case(kernel: str, arg_names: list[str], types: dict, constexprs: dict, aligned, arch: int,
-          num_warps: int, num_stages: int) -> CompileCase:
-    """``types``: type of each runtime argument by name (every argument not in ``constexprs``)."""
-    runtime = [name for name in arg_names if name not in constexprs]
-    return CompileCase(kernel, tuple((name, types[name]) for name in runtime), tuple(constexprs.items()),
-                       tuple(name for name in runtime if name in aligned), num_warps, num_stages, arch)
+# (scenario, arch, every configuration) by default: sm_90 in full; on sm_80 one configuration per kernel
+FAST = [*((s, 90, True) for s in BUDGETED),
+        *((s, 90, True) for s in _named("attention 2048/8 full long bf16", "attention 2048/8 rope full long bf16",
+                                        "mlp 1152 fp32", "mlp 1152 gated fp32")),
+        *((s, 80, False) for s in _named("DiT-XL/2 long", "DiT-3B rope long"))]
+_FAST_FULL = {(s, arch) for s, arch, every in FAST if every}
+EXHAUSTIVE = [(s, arch, True) for arch in ARCHS for s in (*PRODUCTION, *COVERAGE) if (s, arch) not in _FAST_FULL]
 
 
-def _aligned_args(arg_names: list[str], types: dict, strides_aligned: bool) -> set[str]:
-    """Pointers, plus the strides when they are multiples of 16 elements."""
-    return {name for name in arg_names if types.get(name, "").startswith("*")
-            or (strides_aligned and name.startswith("stride"))}
+def _params(triples):
+    return [pytest.param(scenario, arch, every, id=f"{scenario.name}-sm{arch}{'' if every else '-first'}")
+            for scenario, arch, every in triples]
 
 
-def _jit_arg_names(module: str, kernel: str) -> list[str]:
-    """Argument names from the kernel's source (the kernels are interpreter objects in this process)."""
-    jit = getattr(importlib.import_module(module), kernel)
-    while not inspect.isfunction(jit):
-        jit = jit.fn
-    return list(inspect.signature(jit).parameters)
+def _compiled(scenario: Scenario, arch: int, every: bool) -> tuple[list[Launch], dict[CompileCase, CompileResult]]:
+    """The scenario's launches and the compile result of each distinct case on ``arch`` (all, or the first
+    configuration of each kernel)."""
+    workers = shared_workers()
+    launches = workers.captured([scenario])
+    cases = unique_cases(launches, arch)
+    futures = {case: workers.compile(case) for case in (cases if every else first_per_kernel(cases))}
+    return launches, {case: future.result() for case, future in futures.items()}
 
 
-# ---------------------------------------------------------------------------------------------- attention
-ATTENTION_MODULE = "packdit.ops._attention_kernels"
-
-
-def _attention_types(dtype: str, dq_dtype: str) -> dict:
-    tensor = "*" + dtype
-    types = {name: tensor for name in ("Q", "K", "V", "Out", "DO", "DK", "DV")}
-    types.update(Lse="*fp32", Delta="*fp32", GradLse="*fp32", DQ="*" + dq_dtype, Pos="*i32", Segments="*i32",
-                 QTiles="*i32", KTiles="*i32", qk_scale_log2="fp32", log2_theta="fp32", scale="fp32",
-                 max_len_bucket="i32", num_rows="i32")
-    return types
-
-
-def _shared_constexprs(head_dim: int, group: int, rope: bool) -> dict:
-    """The constexprs the forward and backward launchers share (``shared`` / ``_rope_args`` in attention.py)."""
-    axes = ROPE_AXES[head_dim] if rope else (0, 0, 0)
-    return dict(HEAD_DIM=head_dim, BLOCK_D=attention._block_d(head_dim), GROUP=group, ROPE=rope,
-                AX_T=axes[0], AX_H=axes[1], AX_W=axes[2], DOT_PRECISION=attention._DOT_PRECISION)
-
-
-def _attention_case(kernel: str, dtype: str, head_dim: int, constexprs: dict, arch: int, num_warps: int,
-                    num_stages: int, dq_dtype: str | None = None) -> CompileCase:
-    names = _jit_arg_names(ATTENTION_MODULE, kernel)
-    types = _attention_types(dtype, dq_dtype or dtype)
-    types.update({name: "i32" for name in names if name.startswith("stride")})
-    return _case(f"{ATTENTION_MODULE}:{kernel}", names, types, constexprs,
-                 _aligned_args(names, types, head_dim % 16 == 0), arch, num_warps, num_stages)
-
-
-def attention_fwd_configs(dtype: str, head_dim: int, block_m: int, rope: bool, group: int, arch: int):
-    """Every autotuning configuration of the forward kernel for a schedule with query tiles of ``block_m`` rows
-    (one autotuning key)."""
-    rows = attention._fwd_rows(block_m, head_dim, ITEMSIZE[dtype])
-    key = ("attention_fwd", dtype, head_dim, rows, rope, group, arch)
-    for config in attention._fwd_configs():
-        constexprs = dict(_shared_constexprs(head_dim, group, rope), BLOCK_M=rows, **config.kwargs)
-        case = _attention_case("attention_fwd_kernel", dtype, head_dim, constexprs, arch, config.num_warps,
-                               config.num_stages)
-        yield KernelConfig(case, key)
-
-
-def _bwd_options(dtype: str, head_dim: int) -> dict:
-    return dict(num_warps=attention._bwd_num_warps(head_dim),
-                num_stages=attention._bwd_num_stages(head_dim, ITEMSIZE[dtype]))
-
-
-def attention_dkdv_config(dtype: str, head_dim: int, block_kt: int, rope: bool, group: int, atomic_dq: bool,
-                          arch: int) -> KernelConfig:
-    """The dK/dV kernel for a schedule with key tiles of ``block_kt`` rows."""
-    constexprs = dict(_shared_constexprs(head_dim, group, rope), BLOCK_M=attention._BWD_INNER,
-                      BLOCK_N=attention._bwd_rows(block_kt, head_dim, ITEMSIZE[dtype]), ATOMIC_DQ=atomic_dq)
-    return KernelConfig(_attention_case("attention_bwd_dkdv_kernel", dtype, head_dim, constexprs, arch,
-                                        dq_dtype="fp32" if atomic_dq else dtype, **_bwd_options(dtype, head_dim)))
-
-
-def attention_dq_config(dtype: str, head_dim: int, block_m: int, rope: bool, group: int, arch: int) -> KernelConfig:
-    """The deterministic dQ kernel for a schedule with query tiles of ``block_m`` rows."""
-    constexprs = dict(_shared_constexprs(head_dim, group, rope),
-                      BLOCK_M=attention._bwd_rows(block_m, head_dim, ITEMSIZE[dtype]), BLOCK_N=attention._BWD_INNER)
-    return KernelConfig(_attention_case("attention_bwd_dq_kernel", dtype, head_dim, constexprs, arch,
-                                        **_bwd_options(dtype, head_dim)))
-
-
-def attention_delta_config(dtype: str, head_dim: int, has_grad_lse: bool, arch: int) -> KernelConfig:
-    constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=attention._block_d(head_dim), BLOCK_R=64, HAS_GRAD_LSE=has_grad_lse)
-    return KernelConfig(_attention_case("attention_bwd_delta_kernel", dtype, head_dim, constexprs, arch,
-                                        **DEFAULT_OPTIONS))
-
-
-# ---------------------------------------------------------------------------------------------- other ops
-def _pointer_case(module: str, kernel: str, dtype: str, constexprs: dict, arch: int, pointer_types: dict,
-                  float_args=(), **options) -> KernelConfig:
-    """A kernel whose ``*_ptr`` arguments are ``dtype`` unless named in ``pointer_types`` and whose other
-    runtime arguments are i32 sizes/strides (multiples of 16) or the fp32 scalars ``float_args``."""
-    names = _jit_arg_names(module, kernel)
-    types = {name: pointer_types.get(name, "*" + dtype) if name.endswith("_ptr")
-             else "fp32" if name in float_args else "i32" for name in names}
-    aligned = {name for name in names if types[name] != "fp32"} - {"N", "M", "R", "num_tiles", "numel", "m_bucket"}
-    return KernelConfig(_case(f"{module}:{kernel}", names, types, constexprs, aligned, arch,
-                              **dict(DEFAULT_OPTIONS, **options)))
-
-
-def modulated_norm_configs(dtype: str, width: int, rms: bool, affine: bool, arch: int):
-    blocks = _triton_utils.row_blocks(width)
-    flags = dict(IS_RMS=rms, HAS_WEIGHT=affine, HAS_BIAS=affine, BLOCK_M=blocks.block_m, BLOCK_D=blocks.block_d)
-    absent = {} if affine else dict(weight_ptr=None, bias_ptr=None)
-    stats = dict(mean_ptr="*fp32", rstd_ptr="*fp32", index_ptr="*i32", order_ptr="*i32", tiles_ptr="*i32")
-    yield _pointer_case("packdit.ops.modulate", "_modulated_norm_fwd", dtype, dict(flags, **absent), arch, stats,
-                        float_args=("eps",), num_warps=blocks.num_warps)
-    partials = {name: "*fp32" for name in ("partial_shift_ptr", "partial_scale_ptr", "partial_weight_ptr",
-                                            "partial_bias_ptr")}
-    absent_partials = {} if affine else dict(partial_weight_ptr=None, partial_bias_ptr=None)
-    yield _pointer_case("packdit.ops.modulate", "_modulated_norm_bwd", dtype, dict(flags, **absent, **absent_partials),
-                        arch, dict(stats, **partials), num_warps=blocks.num_warps)
-
-
-def gated_residual_configs(dtype: str, arch: int):
-    blocks = dict(BLOCK_M=gated_residual._BLOCK_M, BLOCK_D=gated_residual._BLOCK_D)
-    rows = dict(index_ptr="*i32", order_ptr="*i32", tiles_ptr="*i32", partial_ptr="*fp32")
-    for kernel in ("_gated_residual_fwd", "_gated_residual_bwd"):
-        yield _pointer_case("packdit.ops.gated_residual", kernel, dtype, blocks, arch, rows)
-
-
-def segment_sum_configs(arch: int):
-    for block_d in (64, 1024):  # min(1024, next_pow2(D)) for D = 64 and D >= 1024
-        yield _pointer_case("packdit.ops._triton_utils", "_segment_sum_kernel", "fp32", dict(BLOCK_D=block_d), arch,
-                            dict(tile_offsets_ptr="*i64"))
-
-
-def gelu_tanh_bwd_config(dtype: str, arch: int) -> KernelConfig:
-    return _pointer_case("packdit.ops.mlp", "_gelu_tanh_bwd", dtype, dict(BLOCK=mlp._ELEMENTWISE_BLOCK), arch, {})
-
-
-def linear_configs(dtype: str, epilogue: int, has_bias: bool, arch: int):
-    """Autotuning configurations of the GEMM for one epilogue (launch arguments of ``mlp._linear``)."""
-    key = ("linear", dtype, epilogue, has_bias, arch)
-    gated = epilogue == mlp._EPILOGUE_GATED
-    absent = {} if gated else dict(res_ptr=None, gate_ptr=None, index_ptr=None)
-    if not has_bias:
-        absent["bias_ptr"] = None
-    flags = dict(EPILOGUE=epilogue, HAS_BIAS=has_bias, IEEE=dtype == "fp32")
-    for config in mlp._GEMM_TILE_CONFIGS:
-        yield dataclasses.replace(
-            _pointer_case("packdit.ops.mlp", "_linear_kernel", dtype, dict(flags, **absent, **config.kwargs), arch,
-                          dict(index_ptr="*i32"), num_warps=config.num_warps, num_stages=config.num_stages),
-            autotune_key=key)
-
-
-# ---------------------------------------------------------------------------------------------- the sweep
-def _config_id(config: KernelConfig) -> str:
-    case = config.case
-    values = dict(case.constexprs)
-    dtype = next((kind[1:] for name, kind in case.signature if name in ("Q", "Out", "a_ptr", "x_ptr", "dout_ptr",
-                                                                          "pre_ptr", "partials_ptr")), "")
-    parts = [case.kernel.split(":")[1].strip("_").removesuffix("_kernel"), dtype]
-    for name, label in (("HEAD_DIM", "d"), ("BLOCK_M", "m"), ("BLOCK_N", "n"), ("BLOCK_K", "k"), ("BLOCK_D", "bd"),
-                        ("BLOCK", "b"), ("GROUP", "g"), ("EPILOGUE", "epi")):
-        if name in values and not (name == "BLOCK_D" and "HEAD_DIM" in values):
-            parts.append(f"{label}{values[name]}")
-    for flag in ("ROPE", "ATOMIC_DQ", "HAS_GRAD_LSE", "IS_RMS", "HAS_WEIGHT", "HAS_BIAS"):
-        if values.get(flag):
-            parts.append(flag.lower().removeprefix("has_").removeprefix("is_"))
-    parts += [f"w{case.num_warps}s{case.num_stages}", f"sm{case.arch}"]
-    return "-".join(parts)
-
-
-def attention_fwd_sweep(arch: int):
-    """Every autotuning configuration of the forward for every head dim and BLOCK_M (bf16)."""
-    for head_dim, block_m in itertools.product(ATTENTION_HEAD_DIMS, attention._TILE_SIZES):
-        yield from attention_fwd_configs("bf16", head_dim, block_m, False, 1, arch)
-
-
-def linear_sweep(arch: int, dtypes=("bf16", "fp32"), epilogues=((0, True), (1, True), (2, True))):
-    """Every GEMM autotuning configuration for each ``(epilogue, has_bias)``."""
-    for dtype, (epilogue, has_bias) in itertools.product(dtypes, epilogues):
-        yield from linear_configs(dtype, epilogue, has_bias, arch)
-
-
-def attention_backward_largest_tiles(arch: int, dtype: str, head_dims):
-    """The backward kernels on the schedule's largest tiles (128 rows), the most shared memory per head dim."""
-    for head_dim in head_dims:
-        yield attention_dkdv_config(dtype, head_dim, 128, True, 2, True, arch)
-        yield attention_dq_config(dtype, head_dim, 128, True, 2, arch)
-
-
-def representative(arch: int, dtype: str):
-    """One configuration per kernel: the attention kernels on 128-row tiles at D = 128 with RoPE and GQA (the
-    forward in its first autotuning configuration), the GEMM's gated epilogue in its first, the launchers'
-    choices for a DiT-XL width (1152) elsewhere."""
-    yield next(attention_fwd_configs(dtype, 128, 128, True, 2, arch))
-    yield attention_dkdv_config(dtype, 128, 128, True, 2, True, arch)
-    yield attention_dq_config(dtype, 128, 128, True, 2, arch)
-    yield attention_delta_config(dtype, 128, True, arch)
-    yield from modulated_norm_configs(dtype, 1152, False, True, arch)
-    yield from gated_residual_configs(dtype, arch)
-    yield gelu_tanh_bwd_config(dtype, arch)
-    yield next(linear_configs(dtype, mlp._EPILOGUE_GATED, True, arch))
-    yield next(segment_sum_configs(arch))
-
-
-def exhaustive(arch: int):
-    """The cross product of the launchers' choices."""
-    dtypes = ("bf16", "fp16", "fp32")
-    for dtype, head_dim, block in itertools.product(dtypes, ATTENTION_HEAD_DIMS, attention._TILE_SIZES):
-        for rope, group in itertools.product((False, True), (1, 2)):
-            yield from attention_fwd_configs(dtype, head_dim, block, rope, group, arch)
-            for atomic_dq in (True, False):
-                yield attention_dkdv_config(dtype, head_dim, block, rope, group, atomic_dq, arch)
-            yield attention_dq_config(dtype, head_dim, block, rope, group, arch)
-    for dtype, head_dim, has_grad_lse in itertools.product(dtypes, ATTENTION_HEAD_DIMS, (False, True)):
-        yield attention_delta_config(dtype, head_dim, has_grad_lse, arch)
-    for dtype in dtypes:
-        for width, rms, affine in itertools.product(ROW_WIDTHS, (False, True), (False, True)):
-            yield from modulated_norm_configs(dtype, width, rms, affine, arch)
-        yield from gated_residual_configs(dtype, arch)
-        yield gelu_tanh_bwd_config(dtype, arch)
-    yield from segment_sum_configs(arch)
-    yield from linear_sweep(arch, dtypes, ((0, False), (0, True), (1, True), (2, True)))
-
-
-def _unique(configs) -> list[KernelConfig]:
-    return list(dict.fromkeys(configs))
-
-
-# Default: the sm_90 sweeps of the autotuned kernels, the backward where shared memory is tightest, one
-# configuration per kernel on each target. Slow: everything else of the cross product, on both targets.
-FAST = _unique([*attention_fwd_sweep(90), *linear_sweep(90),
-                *attention_backward_largest_tiles(90, "bf16", (128, 256)), *representative(90, "bf16"),
-                *representative(80, "bf16")])
-_FAST_SET = set(FAST)
-EXHAUSTIVE = [config for config in _unique([*exhaustive(90), *exhaustive(80)]) if config not in _FAST_SET]
-
-
-def _params(configs):
-    return [pytest.param(config, id=_config_id(config)) for config in configs]
-
-
-def _autotune_groups(fast: bool):
-    """Every autotuning key's configurations (all of them, from both sets), where all of them are in FAST
-    (``fast``) or not."""
-    groups: dict[tuple, list[KernelConfig]] = {}
-    for config in [*FAST, *EXHAUSTIVE]:
-        if config.autotune_key is not None:
-            groups.setdefault(config.autotune_key, []).append(config)
-    return [pytest.param(tuple(group), id="-".join(map(str, key))) for key, group in groups.items()
-            if all(config in _FAST_SET for config in group) == fast]
-
-
-# ---------------------------------------------------------------------------------------------- tests
-def _selected_configs(session, module_path) -> list[KernelConfig]:
-    """The kernel configurations the selected, not skipped tests of this module need, in test order."""
-    configs = []
-    for item in session.items:
-        if item.path != module_path or item.get_closest_marker("skip") or not hasattr(item, "callspec"):
+def _check(scenario: Scenario, arch: int, every: bool) -> None:
+    """Every case compiles; a fixed configuration fits the target's shared memory; with every configuration
+    compiled, every autotuning key keeps one that fits (``triton.autotune`` skips the others)."""
+    launches, results = _compiled(scenario, arch, every)
+    limit = SHARED_MEMORY_LIMIT[arch]
+    problems = [f"{case_label(case)} has no registers" for case, result in results.items() if result.registers <= 0]
+    groups: dict[tuple, dict[CompileCase, int]] = {}
+    for launch in launches:
+        case = launch.case(arch)
+        if case not in results:
             continue
-        for value in item.callspec.params.values():
-            configs.extend(value if isinstance(value, tuple) else [value])
-    return _unique(configs)
+        if launch.autotune is None:
+            if results[case].shared > limit:
+                problems.append(f"{case_label(case)} needs {results[case].shared} B of shared memory, more than the "
+                                f"{limit} B of sm_{arch}")
+        elif every:
+            groups.setdefault(launch.autotune[0], {})[case] = results[case].shared
+    for key, shared in groups.items():
+        if min(shared.values()) > limit:
+            problems.append(f"autotuning key {key}: no configuration fits the {limit} B of shared memory: "
+                            f"{ {case_label(case): size for case, size in shared.items()} }")
+    assert not problems, "\n".join(problems)
 
 
-@pytest.fixture(scope="module")
-def compiled(request, tmp_path_factory):
-    """``compiled(config) -> CompileResult``; all selected configurations are submitted at once to one
-    worker process per CPU (compilation is CPU-bound and single-threaded)."""
-    context = multiprocessing.get_context("spawn")
-    cache_dir = str(tmp_path_factory.mktemp("triton_cache"))
-    with concurrent.futures.ProcessPoolExecutor(os.cpu_count(), mp_context=context, initializer=init_worker,
-                                                initargs=(cache_dir,)) as pool:
-        futures = {config: pool.submit(compile_case, config.case)
-                   for config in _selected_configs(request.session, request.path)}
-
-        def result(config: KernelConfig) -> CompileResult:
-            if config not in futures:
-                futures[config] = pool.submit(compile_case, config.case)
-            return futures[config].result()
-
-        yield result
-        for future in futures.values():
-            future.cancel()
-
-
-def _check_fits(config: KernelConfig, result: CompileResult) -> None:
-    limit = SHARED_MEMORY_LIMIT[config.case.arch]
-    assert result.shared <= limit, (f"{_config_id(config)} needs {result.shared} B of shared memory, more than "
-                                    f"the {limit} B of sm_{config.case.arch}")
-
-
-def _check_compiles(config: KernelConfig, compiled) -> None:
-    result = compiled(config)
-    assert result.registers > 0
-    if config.autotune_key is None:
-        _check_fits(config, result)
-
-
-@pytest.mark.parametrize("config", _params(FAST))
-def test_compiles(config, compiled):
-    """Compiles; a fixed configuration also fits the target's shared memory."""
-    _check_compiles(config, compiled)
+@pytest.mark.parametrize("scenario, arch, every", _params(FAST))
+def test_compiles_and_fits(scenario, arch, every):
+    _check(scenario, arch, every)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("config", _params(EXHAUSTIVE))
-def test_compiles_exhaustive(config, compiled):
-    _check_compiles(config, compiled)
+@pytest.mark.parametrize("scenario, arch, every", _params(EXHAUSTIVE))
+def test_compiles_and_fits_exhaustive(scenario, arch, every):
+    _check(scenario, arch, every)
 
 
-def _check_autotune_group(group: tuple[KernelConfig, ...], compiled) -> None:
-    shared = [compiled(config).shared for config in group]
-    limit = SHARED_MEMORY_LIMIT[group[0].case.arch]
-    assert min(shared) <= limit, (f"no autotuning configuration fits the {limit} B of shared memory: "
-                                  f"{dict(zip(map(_config_id, group), shared))}")
+# ---------------------------------------------------------------------------------------------- the capture
+def test_capture_compiles_what_runs():
+    """The launch's own specialisation: the GEMM's unit K strides are the constant 1 (not integers divisible by
+    16), head dim 72's head stride is not 16-divisible while the fused-qkv row stride (3 x 1152) is."""
+    launches = shared_workers().captured(_named("DiT-XL/2 long"))
+    by_kernel = {}
+    for launch in launches:
+        by_kernel.setdefault(launch.case(90).name, launch.case(90))
+    gemm, attention = by_kernel["_linear_kernel"], by_kernel["attention_fwd_kernel"]
+    assert dict(gemm.constexprs)["stride_ak"] == 1 and dict(gemm.constexprs)["stride_wk"] == 1
+    assert "stride_am" in gemm.aligned and "M" not in gemm.aligned  # 511 tokens
+    assert dict(attention.signature)["stride_qh"] == "i32" and "stride_qh" not in attention.aligned
+    assert "stride_qn" in attention.aligned and {"Q", "K", "V"} <= set(attention.aligned)
 
 
-@pytest.mark.parametrize("group", _autotune_groups(fast=True))
-def test_autotune_key_has_config_that_fits(group, compiled):
-    """``triton.autotune`` skips configurations that run out of shared memory, but needs one that does not."""
-    _check_autotune_group(group, compiled)
+@pytest.mark.parametrize("name", ["DiT-XL/2 long", "STDiT-XL/2 video"])
+def test_captured_token_counts_are_generic(name):
+    """Integer arguments that scale with the pack (tokens, rows, tiles) get, in the captured layouts, the
+    specialisation most token counts give: the majority over 0, 1 and 2 extra one-token samples."""
+    import kernel_launches
 
-
-@pytest.mark.slow
-@pytest.mark.parametrize("group", _autotune_groups(fast=False))
-def test_autotune_key_has_config_that_fits_exhaustive(group, compiled):
-    _check_autotune_group(group, compiled)
+    dependent = shared_workers().pool.submit(kernel_launches.token_count_dependence, *_named(name)).result()
+    for (kernel, argument), kinds in dependent.items():
+        assert kinds.count(kinds[0]) >= 2, f"{name}: {kernel}.{argument} specialises as {kinds[0]!r} with the " \
+                                           f"captured token count but {kinds[1:]} with one or two more tokens"

@@ -432,6 +432,14 @@ def unique_cases(launches: list[Launch], arch: int) -> dict[CompileCase, list[La
     return cases
 
 
+def first_per_kernel(cases: dict[CompileCase, list[Launch]]) -> dict[CompileCase, list[Launch]]:
+    """The first case of each kernel in ``cases`` (from :func:`unique_cases`): one configuration per kernel."""
+    first: dict = {}
+    for case, launches in cases.items():
+        first.setdefault(case.name, (case, launches))
+    return dict(first.values())
+
+
 def case_label(case: CompileCase) -> str:
     """A short id: kernel, dtype, tile constexprs and flags, warps/stages, arch (``attention_fwd-bf16-d72-m128-
     n64-rope-w8s3-sm90``)."""
