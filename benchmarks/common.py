@@ -129,9 +129,10 @@ def measure(fn: Callable[[], object], *, device: torch.device, warmup: int = 3, 
     return Timing(statistics.median(times), q[0], q[3], min(times), max(times), len(times))
 
 
-def write_results(ctx: Context, section: str, rows: list[dict]) -> list[Path]:
-    """``<out>/<slug>/<section>.json`` (env + rows) and ``.csv``; returns the paths written."""
-    folder = ctx.out_dir / device_slug(ctx.env)
+def write_results(ctx: Context, section: str, rows: list[dict], slug: str | None = None) -> list[Path]:
+    """``<out>/<slug>/<section>.json`` (env + rows) and ``.csv``; returns the paths written. ``slug``: the results
+    folder, default the device's (``device_slug``)."""
+    folder = ctx.out_dir / (slug or device_slug(ctx.env))
     folder.mkdir(parents=True, exist_ok=True)
     json_path, csv_path = folder / f"{section}.json", folder / f"{section}.csv"
     json_path.write_text(json.dumps({"section": section, "quick": ctx.quick, "env": ctx.env, "rows": rows}, indent=2))

@@ -10,6 +10,7 @@ performance claims.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import sys
 import time
@@ -21,7 +22,7 @@ import torch  # noqa: E402
 from common import DEFAULT_OUT, Context, device_slug, environment, write_results  # noqa: E402
 
 # section name -> module in benchmarks/ with run(ctx) -> rows and plot(rows, path)
-SECTIONS = ("layout", "packing", "attention", "norm", "mlp", "patchify", "e2e")
+SECTIONS = ("layout", "packing", "attention", "norm", "mlp", "patchify", "e2e", "sass")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -53,11 +54,15 @@ def main(argv=None) -> int:
     written = []
     for name in args.sections:
         module = importlib.import_module(name)
+        # A static section (compiled code, no device: RESULTS_SLUG) has its own results folder and runs in full
+        # unless --quick is given.
+        slug = getattr(module, "RESULTS_SLUG", None)
+        section_ctx = dataclasses.replace(ctx, quick=bool(args.quick)) if slug else ctx
         t0 = time.perf_counter()
-        rows = module.run(ctx)
-        written += write_results(ctx, name, rows)
+        rows = module.run(section_ctx)
+        written += write_results(section_ctx, name, rows, slug)
         if not args.no_plots:
-            png = args.out / device_slug(env) / f"{name}.png"
+            png = args.out / (slug or device_slug(env)) / f"{name}.png"
             module.plot(rows, png)
             written.append(png)
         print(f"[{name}: {time.perf_counter() - t0:.1f} s]")
