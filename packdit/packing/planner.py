@@ -53,8 +53,8 @@ import numpy as np
 from packdit import _ext
 from packdit.packing.cost import resolve_costs
 
-__all__ = ["Plan", "PlanStats", "plan_steps", "prepare_samples", "as_lengths", "positive_int", "tie_keys",
-           "implementation"]
+__all__ = ["Plan", "PlanStats", "plan_steps", "prepare_samples", "as_lengths", "positive_int", "is_integer",
+           "tie_keys", "implementation"]
 
 _GOLDEN = 0x9E3779B97F4A7C15
 
@@ -187,7 +187,7 @@ def implementation() -> str:
     return "cpp" if hasattr(_ext.load(), "plan_lookahead") else "python"
 
 
-def _is_integer(value) -> bool:
+def is_integer(value) -> bool:
     """An int, a numpy integer or an integral float (not a bool, not NaN/inf)."""
     if isinstance(value, (bool, np.bool_)):
         return False
@@ -198,7 +198,7 @@ def _is_integer(value) -> bool:
 
 def positive_int(value, name: str) -> int:
     """``value`` as an int, or ValueError naming ``name`` unless it is an integer >= 1."""
-    if not _is_integer(value) or value < 1:
+    if not is_integer(value) or value < 1:
         raise ValueError(f"{name}: expected a positive int, got {value!r}")
     return int(value)
 
@@ -281,7 +281,7 @@ def plan_steps(
 
     Returns a :class:`Plan`; see the module docstring for the algorithm and guarantees.
     """
-    if not _is_integer(seed):
+    if not is_integer(seed):
         raise ValueError(f"seed: expected an int, got {seed!r}")
     seed = int(seed)
     lengths, costs, planned, too_long = prepare_samples(lengths, capacity=capacity, ranks=ranks, window=window,
