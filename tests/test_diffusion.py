@@ -446,6 +446,66 @@ def test_hybrid_loss_batch_and_packed():
     assert not grad[:, :4].any() and grad[:, 4:].any()
 
 
+BAD_STEPS = [
+    (torch.tensor([-1, 3]), r"t: expected steps in \[0, 10\) of this 10-step process, got t\[0\] = -1"),
+    (torch.tensor([3, 10]), r"t: expected steps in \[0, 10\) of this 10-step process, got t\[1\] = 10"),
+    (torch.tensor([1.0, 3.0]), r"t: expected a \(2,\) integer tensor of steps in \[0, 10\).*got dtype torch.float32"),
+    (torch.tensor([True, False]), r"t: expected a \(2,\) integer tensor.*got dtype torch.bool"),
+    (torch.tensor([1, 2, 3]), r"t: expected a \(2,\) integer tensor.*got shape \(3,\)"),
+    (torch.tensor([[1, 2]]), r"t: expected a \(2,\) integer tensor.*got shape \(1, 2\)"),
+]
+
+
+@pytest.mark.parametrize("t, match", BAD_STEPS)
+def test_ddpm_refuses_steps_out_of_range_float_or_wrong_length(t, match):
+    diffusion = create_diffusion("10", learn_sigma=False)
+    x = randn(2, 4, 4, 4, seed=1)
+
+    def model(x_t, base_t, **kwargs):
+        return torch.zeros_like(x_t)
+
+    calls = {
+        "q_sample": lambda: diffusion.q_sample(x, t, x),
+        "q_posterior_mean_variance": lambda: diffusion.q_posterior_mean_variance(x, x, t),
+        "output_distribution": lambda: diffusion.output_distribution(x, x, t, clip_denoised=True),
+        "p_sample": lambda: diffusion.p_sample(model, x, t),
+        "training_losses": lambda: diffusion.training_losses(model, x, t),
+        "training_losses_packed": lambda: diffusion.training_losses_packed(
+            lambda x_t, seqs, base_t, y: torch.zeros_like(x_t), [x[0], x[1, :, :2]], t, patch_size=PATCH),
+    }
+    for name, call in calls.items():
+        with pytest.raises(ValueError, match=match):
+            call()
+    with pytest.raises(TypeError, match=r"t: expected a \(2,\) integer tensor.*got int"):
+        diffusion.q_sample(x, 3, x)
+
+
+@pytest.mark.parametrize("respacing, match", [
+    ("1", r"timestep_respacing: expected a respacing that keeps at least 2 of the 1000 steps.*got '1', which keeps 1"),
+    ("0", r"timestep_respacing: .*got '0', which keeps 0"),
+    ("ddim1", r"timestep_respacing: section_counts: cannot take exactly 1 of 1000 steps"),
+    ("abc", r"timestep_respacing: section_counts: expected 'ddimN', 'N' or comma-separated counts"),
+    ("250,", r"timestep_respacing: section_counts: expected .*got '250,'"),
+    ("-5", r"timestep_respacing: section_counts: expected .*got '-5'"),
+    ([2.5], r"timestep_respacing: section_counts: expected .*got \[2.5\]"),
+])
+def test_create_diffusion_refuses_respacings_that_cannot_sample(respacing, match):
+    with pytest.raises(ValueError, match=match):
+        create_diffusion(respacing)
+
+
+def test_two_step_process_samples():
+    diffusion = create_diffusion("2", learn_sigma=False)
+    assert diffusion.timestep_map.tolist() == [0, 999]
+    out = diffusion.p_sample_loop(lambda x, t: torch.zeros_like(x), (2, 4, 4, 4), device="cpu",
+                                  generator=torch.Generator().manual_seed(0))
+    assert bool(torch.isfinite(out).all())
+    with pytest.raises(ValueError, match=r"num_diffusion_timesteps: expected an int >= 2.*got 1"):
+        create_diffusion("", diffusion_steps=1)
+    with pytest.raises(ValueError, match=r"use_timesteps: expected at least 2 steps in \[0, 100\).*got 1"):
+        GaussianDiffusion(get_named_beta_schedule("linear", 100), use_timesteps=[3])
+
+
 def test_gaussian_diffusion_rejects_bad_arguments():
     with pytest.raises(ValueError, match="loss_type"):
         GaussianDiffusion(get_named_beta_schedule("linear", 10), loss_type="l1")
