@@ -329,6 +329,90 @@ def test_flow_schedule_rows():
     assert_close(schedule[1], torch.linspace(1, 0, 6, dtype=torch.float64), atol=1e-15, rtol=0, name="identity at 256")
 
 
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(max_shift=0), r"max_shift .*: expected a finite number >= 1, got 0"),
+    (dict(max_shift=-2.0), r"max_shift .*: expected a finite number >= 1, got -2.0"),
+    (dict(max_shift=0.5), r"max_shift .*: expected a finite number >= 1, got 0.5"),
+    (dict(max_shift=NAN), r"max_shift .*: expected a finite number >= 1, got nan"),
+    (dict(max_shift=INF), r"max_shift .*: expected a finite number >= 1, got inf"),
+    (dict(base_tokens=0), r"base_tokens: expected a finite number > 0, got 0"),
+    (dict(base_tokens=NAN), r"base_tokens: expected a finite number > 0, got nan"),
+    (dict(steps=2.5), r"steps: expected an int >= 1, got 2.5"),
+    (dict(steps="10"), r"steps: expected an int >= 1, got '10'"),
+    (dict(steps=True), r"steps: expected an int >= 1, got True"),
+    (dict(steps=0), r"steps: expected an int >= 1, got 0"),
+    (dict(num_tokens=torch.tensor([64, -1])), r"num_tokens: expected counts >= 0, got -1 for sample 1"),
+    (dict(num_tokens=torch.tensor([NAN])), r"num_tokens: expected counts >= 0, got nan for sample 0"),
+    (dict(num_tokens=torch.tensor([[64]])),
+     r"num_tokens: expected a \(B,\) tensor of token counts, got shape \(1, 1\)"),
+    (dict(num_tokens=[64, 256]), r"num_tokens: expected a \(B,\) tensor of token counts, got list"),
+])
+def test_flow_schedule_refuses_invalid_settings(kwargs, match):
+    kwargs = dict(num_tokens=torch.tensor([64, 4096]), steps=4) | kwargs
+    with pytest.raises(ValueError, match=match):
+        flow_schedule(kwargs.pop("num_tokens"), kwargs.pop("steps"), **kwargs)
+
+
+def test_flow_settings_are_checked_where_they_enter():
+    with pytest.raises(ValueError, match=r"max_shift .*: expected a finite number >= 1, got 0"):
+        FlowMatching(max_shift=0)
+    with pytest.raises(ValueError, match=r"logit_std: expected a finite number >= 0, got nan"):
+        FlowMatching(logit_std=NAN)
+    with pytest.raises(ValueError, match=r"max_shift .*: expected a finite number >= 1, got 0"):
+        shift_timesteps(torch.tensor([0.5]), torch.tensor([64]), max_shift=0)
+    with pytest.raises(ValueError, match=r"mean: expected a finite number, got nan"):
+        sample_timesteps(3, mean=NAN)
+    with pytest.raises(ValueError, match=r"steps: expected an int >= 1, got 2.5"):
+        sample(lambda x, seqs, t, y: x, [(4, 4, 4)], patch_size=PATCH, steps=2.5)
+
+
+@pytest.mark.parametrize("scale", [NAN, INF, -INF])
+def test_non_finite_guidance_scale_raises(scale):
+    model_fn = dit_adapter(tiny_dit(learn_sigma=False))
+    with pytest.raises(ValueError, match=r"cfg_scale: expected a finite number, got"):
+        sample(model_fn, [(4, 4, 4)], patch_size=PATCH, y=torch.tensor([1]), steps=2, cfg_scale=scale,
+               null_label=NULL)
+    with pytest.raises(ValueError, match=r"cfg_scale: expected a finite number, got"):
+        create_diffusion("2").p_sample_loop_packed(dit_adapter(tiny_dit(learn_sigma=True), time_scale=1.0,
+                                                               keep_variance=True), [(4, 4, 4)], patch_size=PATCH,
+                                                   y=torch.tensor([1]), cfg_scale=scale, null_label=NULL)
+    with pytest.raises(ValueError, match=r"time_scale: expected a finite number > 0, got"):
+        dit_adapter(tiny_dit(learn_sigma=False), time_scale=scale)
+
+
+@pytest.mark.parametrize("null_label, match", [
+    (NULL + 1, r"null_label: expected an int >= 0 < 5 \(the model's label table\), got 5"),
+    (-1, r"null_label: expected an int >= 0 < 5 .*got -1"),
+    (float(NULL), r"null_label: expected an int >= 0 < 5 .*got 4.0"),
+])
+def test_null_label_outside_the_label_table_raises(null_label, match):
+    model_fn = dit_adapter(tiny_dit(learn_sigma=False))
+    assert model_fn.num_labels == NULL + 1  # the classes and the null class
+    with pytest.raises(ValueError, match=match):
+        sample(model_fn, [(4, 4, 4)], patch_size=PATCH, y=torch.tensor([1]), steps=2, cfg_scale=2.0,
+               null_label=null_label)
+    with pytest.raises(ValueError, match=match):
+        FlowMatching().training_loss(model_fn, [randn(4, 4, 4, seed=0)], patch_size=PATCH, y=torch.tensor([1]),
+                                     cfg_dropout=0.5, null_label=null_label)
+    with pytest.raises(ValueError, match=r"null_label: expected an int >= 0, got -1"):  # no table declared
+        classifier_free_guidance(lambda x, seqs, t, y: x, cfg_scale=2.0, null_label=-1)
+
+
+def test_training_loss_refuses_python_float_t_and_bad_cfg_dropout():
+    model_fn = dit_adapter(tiny_dit(learn_sigma=False))
+    latents, y = [randn(4, 4, 4, seed=0), randn(4, 4, 6, seed=1)], torch.tensor([1, 2])
+    with pytest.raises(ValueError, match=r"t: expected a floating \(2,\) or \(10,\) tensor of times.*got float"):
+        FlowMatching().training_loss(model_fn, latents, patch_size=PATCH, t=0.5)
+    with pytest.raises(ValueError, match=r"t: expected a floating .*got dtype torch.int64"):
+        FlowMatching().training_loss(model_fn, latents, patch_size=PATCH, t=torch.tensor([0, 1]))
+    for bad in (NAN, 1.5, -0.1):
+        with pytest.raises(ValueError, match=r"cfg_dropout: expected"):
+            FlowMatching().training_loss(model_fn, latents, patch_size=PATCH, y=y, cfg_dropout=bad, null_label=NULL)
+
+
 # ====================================================================== gaussian (official DDPM)
 def test_linear_schedule_matches_official_formulas():
     betas = get_named_beta_schedule("linear", 1000)
