@@ -413,6 +413,25 @@ def test_training_loss_refuses_python_float_t_and_bad_cfg_dropout():
             FlowMatching().training_loss(model_fn, latents, patch_size=PATCH, y=y, cfg_dropout=bad, null_label=NULL)
 
 
+def test_labels_and_noise_of_the_wrong_shape_raise_on_every_path():
+    flow_fn = dit_adapter(tiny_dit(learn_sigma=False))
+    ddpm_fn = dit_adapter(tiny_dit(learn_sigma=True), time_scale=1.0, keep_variance=True)
+    diffusion, shapes, latents = create_diffusion("2"), [(4, 4, 4), (4, 4, 6)], [randn(4, 4, 4, seed=0)] * 2
+    for y, got in [(torch.tensor([1]), r"shape \(1,\)"), (torch.tensor([[1, 2]]), r"shape \(1, 2\)"), ([1, 2], "list")]:
+        match = rf"y: expected \(2,\) labels, one per sample, got {got}"
+        with pytest.raises(ValueError, match=match):
+            sample(flow_fn, shapes, patch_size=PATCH, y=y, steps=1)
+        with pytest.raises(ValueError, match=match):
+            diffusion.p_sample_loop_packed(ddpm_fn, shapes, patch_size=PATCH, y=y)
+        with pytest.raises(ValueError, match=match):
+            FlowMatching().training_loss(flow_fn, latents, patch_size=PATCH, y=y)
+        with pytest.raises(ValueError, match=match):
+            diffusion.training_losses_packed(ddpm_fn, latents, torch.tensor([0, 1]), patch_size=PATCH, y=y)
+    with pytest.raises(ValueError, match=r"noise: expected shapes \[\(4, 4, 4\), \(4, 4, 6\)\], got"):
+        diffusion.p_sample_loop_packed(ddpm_fn, shapes, patch_size=PATCH, y=torch.tensor([1, 2]),
+                                       noise=[randn(4, 4, 4, seed=0)] * 2)
+
+
 # ====================================================================== gaussian (official DDPM)
 def test_linear_schedule_matches_official_formulas():
     betas = get_named_beta_schedule("linear", 1000)

@@ -30,7 +30,8 @@ from typing import Union
 import torch
 from torch import Tensor
 
-from packdit.diffusion.packed import ModelFn, check_finite, check_int, check_null_label, draw_noise, segment_mean
+from packdit.diffusion.packed import (ModelFn, check_finite, check_int, check_labels, check_null_label, draw_noise,
+                                      segment_mean)
 from packdit.layout import DropRate, PackedSeqs, PatchSize, pack, pack_like
 
 __all__ = [
@@ -184,6 +185,7 @@ class FlowMatching:
         details: ``per_sample`` (B,) losses (detached), ``t``, ``y`` (labels after dropout), ``seqs``.
         """
         x0, seqs = pack(latents, patch_size, drop_rate=drop_rate, generator=generator)
+        check_labels(y, len(seqs))
         if noise is None:
             noise = draw_noise([x.shape for x in latents], generator, device=x0.device, dtype=x0.dtype)
         noise = pack_like(noise, seqs, patch_size)

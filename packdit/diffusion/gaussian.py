@@ -38,7 +38,8 @@ import torch
 from torch import Tensor
 
 from packdit._validate import checks_enabled
-from packdit.diffusion.packed import Generators, ModelFn, classifier_free_guidance, draw_noise, segment_mean
+from packdit.diffusion.packed import (Generators, ModelFn, check_labels, classifier_free_guidance, draw_noise,
+                                      segment_mean, starting_noise)
 from packdit.layout import DropRate, PatchSize, normalize_patch_size, pack, pack_like, unpack
 
 __all__ = ["GaussianDiffusion", "create_diffusion", "get_named_beta_schedule", "space_timesteps"]
@@ -432,8 +433,8 @@ class GaussianDiffusion:
         the variance from the conditional half.
         """
         patch_size = normalize_patch_size(patch_size)
-        start = draw_noise(shapes, generator, device=device) if noise is None else [n.to(device) for n in noise]
-        x, seqs = pack(start, patch_size)
+        x, seqs = pack(starting_noise(shapes, noise, generator, device), patch_size)
+        check_labels(y, len(seqs))
         if cfg_scale != 1.0:
             if null_label is None:
                 raise ValueError("cfg_scale != 1 needs the null_label of the unconditional model")
@@ -469,6 +470,7 @@ class GaussianDiffusion:
         returns ``seqs``.
         """
         self._check_steps(t, len(latents), "latent")
+        check_labels(y, len(latents))
         x_start, seqs = pack(latents, patch_size, drop_rate=drop_rate, generator=generator)
         if noise is None:
             noise = draw_noise([x.shape for x in latents], generator, device=x_start.device, dtype=x_start.dtype)

@@ -26,7 +26,8 @@ from torch import Tensor
 from packdit.layout import PackedSeqs, normalize_patch_size
 from packdit.nn.pool import segment_pool
 
-__all__ = ["ModelFn", "Generators", "dit_adapter", "classifier_free_guidance", "draw_noise", "segment_mean"]
+__all__ = ["ModelFn", "Generators", "dit_adapter", "classifier_free_guidance", "draw_noise", "starting_noise",
+           "segment_mean"]
 
 ModelFn = Callable[[Tensor, PackedSeqs, Tensor, Union[Tensor, None]], Tensor]
 """``(x_tokens (N, D_in), seqs, t (B,) or (N,), y (B,) or None) -> (N, D_out)`` in pack order."""
@@ -163,6 +164,24 @@ def draw_noise(
         draw_device = g.device if g is not None else device
         noise.append(torch.randn(tuple(shape), generator=g, device=draw_device).to(device=device, dtype=dtype))
     return noise
+
+
+def starting_noise(shapes: Sequence[Sequence[int]], noise: Sequence[Tensor] | None, generator: Generators,
+                   device) -> list[Tensor]:
+    """Where sampling starts: ``noise`` on ``device`` after checking it has ``shapes``, else :func:`draw_noise`."""
+    if noise is None:
+        return draw_noise(shapes, generator, device=device)
+    noise = [n.to(device) for n in noise]
+    if [tuple(n.shape) for n in noise] != [tuple(s) for s in shapes]:
+        raise ValueError(f"noise: expected shapes {[tuple(s) for s in shapes]}, got {[tuple(n.shape) for n in noise]}")
+    return noise
+
+
+def check_labels(y: Tensor | None, num_samples: int) -> None:
+    """ValueError unless ``y`` is None or a ``(num_samples,)`` tensor (one label per sample)."""
+    if y is not None and (not isinstance(y, Tensor) or y.shape != (num_samples,)):
+        got = f"shape {tuple(y.shape)}" if isinstance(y, Tensor) else type(y).__name__
+        raise ValueError(f"y: expected ({num_samples},) labels, one per sample, got {got}")
 
 
 def segment_mean(values: Tensor, seqs: PackedSeqs) -> Tensor:

@@ -15,7 +15,8 @@ from torch import Tensor
 
 from packdit._validate import checks_enabled
 from packdit.diffusion.flow import BASE_TOKENS, MAX_SHIFT, check_shift_settings, full_token_counts, shift_timesteps
-from packdit.diffusion.packed import Generators, ModelFn, check_int, classifier_free_guidance, draw_noise
+from packdit.diffusion.packed import (Generators, ModelFn, check_int, check_labels, classifier_free_guidance,
+                                      starting_noise)
 from packdit.layout import PatchSize, normalize_patch_size, pack, unpack
 
 __all__ = ["flow_schedule", "sample"]
@@ -90,17 +91,8 @@ def sample(
     if method not in ("euler", "heun"):
         raise ValueError(f"method: expected 'euler' or 'heun', got {method!r}")
     patch_size = normalize_patch_size(patch_size)
-    if noise is None:
-        noise = draw_noise(shapes, generator, device=device)
-    else:
-        noise = [n.to(device) for n in noise]
-        if [tuple(n.shape) for n in noise] != [tuple(s) for s in shapes]:
-            raise ValueError(
-                f"noise: expected shapes {[tuple(s) for s in shapes]}, got {[tuple(n.shape) for n in noise]}"
-            )
-    x, seqs = pack(noise, patch_size)
-    if y is not None and y.shape != (len(seqs),):
-        raise ValueError(f"y: expected ({len(seqs)},) labels, got {tuple(y.shape)}")
+    x, seqs = pack(starting_noise(shapes, noise, generator, device), patch_size)
+    check_labels(y, len(seqs))
     velocity = model_fn
     if cfg_scale != 1.0:
         if null_label is None:
