@@ -1,7 +1,12 @@
-"""Shared benchmark plumbing: environment record, timing, results files, console tables.
+"""Shared benchmark plumbing: environment record, output verification, timing, results files, tables.
 
 Every section returns a list of flat dict rows; ``write_results`` stores them as
 ``<out>/<device-slug>/<section>.json`` (rows + environment) and ``.csv`` (rows).
+
+Before a section times an implementation it checks that it computes what its reference computes
+(:func:`verify_outputs`, with :func:`forward_and_grads` for the gradients of a timed backward). An
+implementation that disagrees is not timed: the section records a row with a ``refused`` field (the
+mismatch message) instead, and ``run.py`` exits non-zero when any row was refused.
 """
 
 from __future__ import annotations
@@ -10,16 +15,18 @@ import csv
 import dataclasses
 import datetime
 import json
+import math
 import os
 import platform
 import re
 import statistics
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "benchmarks" / "results"
@@ -91,6 +98,89 @@ def device_slug(env: dict) -> str:
     """``nvidia-h100-80gb-hbm3`` for a GPU, ``cpu-x86_64`` for the CPU: the results folder name."""
     name = env.get("gpu") or f"cpu-{platform.machine()}"
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+class OutputMismatch(AssertionError):
+    """An implementation's outputs (or gradients) differ from its reference: it must not be timed."""
+
+
+def _relative_error(actual: Tensor, expected: Tensor) -> float:
+    """``||actual - expected|| / ||expected||`` (Frobenius, fp32 accumulation; absolute when expected is 0);
+    inf when actual holds a NaN/inf where expected is finite."""
+    a, e = actual.detach().float(), expected.detach().float()
+    if not bool(torch.isfinite(a[torch.isfinite(e)]).all()):
+        return math.inf
+    diff = torch.linalg.vector_norm(torch.nan_to_num(a - e)).item()
+    scale = torch.linalg.vector_norm(torch.nan_to_num(e)).item()
+    return diff / scale if scale > 0 else diff
+
+
+def verify_outputs(label: str, actual: Tensor | Sequence[Tensor | None], expected: Tensor | Sequence[Tensor | None],
+                   *, tol: float, peer: Tensor | Sequence[Tensor | None] | None = None,
+                   names: Sequence[str] | None = None) -> float:
+    """Refuse to time ``label`` unless it computes what ``expected`` holds; returns the largest relative error.
+
+    ``actual``, ``expected`` and ``peer`` are one tensor or equally long sequences of tensors in the same order
+    (e.g. ``[out, dq, dk, dv]`` from :func:`forward_and_grads`); ``None`` entries must be ``None`` in both.
+    ``expected`` is the reference, ideally in higher precision (fp32/fp64 on upcast inputs). For every tensor
+    i the relative error ``err_i = ||actual_i - expected_i|| / ||expected_i||`` (Frobenius norm; absolute when
+    ``expected_i`` is all zeros, inf for a NaN/inf where the reference is finite) must satisfy
+
+        err_i <= tol                              (no peer)
+        err_i <= 2 * err(peer_i) + tol            (peer: the same outputs from a trusted implementation in the
+                                                    precision under test -- the flash-attention 2x rule)
+
+    Raises :class:`OutputMismatch` naming the label, the tensor (``names[i]`` or its index), both errors, the
+    shapes, and the largest elementwise difference. Typical ``tol``: 1e-4 for fp32 kernels against an fp64
+    reference, 2e-2 for bf16 without a peer, 2e-3 with one.
+    """
+    single = isinstance(actual, Tensor)
+    actual, expected = ([actual], [expected]) if single else (list(actual), list(expected))
+    peers = [None] * len(expected) if peer is None else ([peer] if isinstance(peer, Tensor) else list(peer))
+    names = list(names) if names is not None else [f"output {i}" for i in range(len(expected))]
+    if not len(actual) == len(expected) == len(peers) == len(names):
+        raise ValueError(f"{label}: {len(actual)} outputs, {len(expected)} references, {len(peers)} peer outputs "
+                         f"and {len(names)} names; expected equal counts")
+    worst = 0.0
+    for name, got, want, ref_peer in zip(names, actual, expected, peers):
+        if got is None or want is None:
+            if got is not want:
+                raise OutputMismatch(f"{label}: {name} is {'missing' if got is None else 'unexpected'}; not timed")
+            continue
+        if got.shape != want.shape:
+            raise OutputMismatch(f"{label}: {name} has shape {tuple(got.shape)}, the reference {tuple(want.shape)}; "
+                                 "not timed")
+        err = _relative_error(got, want)
+        allowed = tol + (2 * _relative_error(ref_peer, want) if ref_peer is not None else 0.0)
+        if not err <= allowed:
+            max_diff = (got.detach().float() - want.detach().float()).abs().nan_to_num(math.inf).max().item() \
+                if got.numel() else 0.0
+            raise OutputMismatch(f"{label}: {name} differs from the reference: relative error {err:.3g} > allowed "
+                                 f"{allowed:.3g} (max |diff| {max_diff:.3g}, shape {tuple(got.shape)}); not timed")
+        worst = max(worst, err)
+    return worst
+
+
+def forward_and_grads(fn: Callable[..., Tensor], inputs: Sequence[Tensor], grad_out: Tensor, *args,
+                      dtype: torch.dtype | None = None) -> list[Tensor]:
+    """``[out, d inputs[0], d inputs[1], ...]`` of ``out = fn(*inputs, *args)`` and ``out.backward(grad_out)``.
+
+    The inputs are copied to fresh leaves (cast to ``dtype`` first when given, e.g. ``torch.float64`` for a
+    reference); the floating-point ones get gradients, the others get ``None``. The results are detached.
+    """
+    leaves = []
+    for x in inputs:
+        x = x.detach().to(dtype) if dtype is not None and x.is_floating_point() else x.detach()
+        leaves.append(x.clone().requires_grad_(x.is_floating_point()))
+    out = fn(*leaves, *args)
+    out.backward(grad_out.to(out.dtype))
+    return [out.detach()] + [x.grad if x.is_floating_point() else None for x in leaves]
+
+
+def refused_row(base: dict, error: OutputMismatch) -> dict:
+    """The row a section records instead of timings when :func:`verify_outputs` refused an implementation."""
+    print(f"  REFUSED {error}")
+    return {**base, "refused": str(error)}
 
 
 @dataclasses.dataclass(frozen=True)

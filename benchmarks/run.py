@@ -50,11 +50,12 @@ def main(argv=None) -> int:
     ctx = Context(device=device, quick=quick, env=env, out_dir=args.out)
     print(f"packdit {env['packdit']} ({env['commit']}) on {env.get('gpu', env['cpu'])}, torch {env['torch']}, "
           f"triton {env['triton']}, native extension: {env['native_extension']}, {'quick' if quick else 'full'} run")
-    written = []
+    written, refused = [], []
     for name in args.sections:
         module = importlib.import_module(name)
         t0 = time.perf_counter()
         rows = module.run(ctx)
+        refused += [f"{name}: {r['refused']}" for r in rows if r.get("refused")]
         written += write_results(ctx, name, rows)
         if not args.no_plots:
             png = args.out / device_slug(env) / f"{name}.png"
@@ -64,7 +65,11 @@ def main(argv=None) -> int:
     print("\nresults written:")
     for path in written:
         print(f"  {path}")
-    return 0
+    if refused:
+        print(f"\n{len(refused)} implementation(s) refused (outputs differ from the reference; not timed):")
+        for line in refused:
+            print(f"  {line}")
+    return 1 if refused else 0
 
 
 if __name__ == "__main__":

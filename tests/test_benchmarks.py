@@ -11,6 +11,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
 import run as bench_run  # noqa: E402
 import workloads  # noqa: E402
+from common import OutputMismatch, forward_and_grads, verify_outputs  # noqa: E402
 
 import packdit  # noqa: E402
 
@@ -43,3 +44,32 @@ def test_pack_benchmark(benchmark):
     latents = [torch.randn(s) for s in workloads.take_tokens("video-mix", 2048, seed=0)]
     tokens, seqs = benchmark(packdit.pack, latents, (1, 2, 2))
     assert tokens.shape[0] == seqs.num_tokens
+
+
+def test_verify_outputs_accepts_equal_and_refuses_wrong():
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(64, 8, generator=g), torch.randn(8, 8, generator=g)
+    grad = torch.randn(64, 8, generator=g)
+    want = forward_and_grads(lambda x, w: torch.tanh(x @ w), [x, w], grad, dtype=torch.float64)
+    got = forward_and_grads(lambda x, w: torch.tanh(x @ w), [x, w], grad)
+    assert verify_outputs("tanh", got, want, tol=1e-5) < 1e-5
+    wrong = forward_and_grads(lambda x, w: torch.tanh(x @ w.t()), [x, w], grad)  # a transposed weight
+    with pytest.raises(OutputMismatch, match=r"tanh/wrong: output differs.*relative error"):
+        verify_outputs("tanh/wrong", wrong, want, tol=1e-2, names=["output", "dx", "dw"])
+    bad_grad = got[:2] + [-got[2]]  # right output, gradient of the wrong sign
+    with pytest.raises(OutputMismatch, match="dw differs"):
+        verify_outputs("tanh", bad_grad, want, tol=1e-2, names=["output", "dx", "dw"])
+    nan = got[0].clone()
+    nan[3, 1] = float("nan")
+    with pytest.raises(OutputMismatch, match="relative error inf"):
+        verify_outputs("tanh", nan, want[0], tol=1.0)
+    with pytest.raises(OutputMismatch, match="shape"):
+        verify_outputs("tanh", got[0][:-1], want[0], tol=1.0)
+
+
+def test_verify_outputs_two_x_rule_with_a_peer():
+    want = torch.ones(100)
+    peer = want + 1e-3  # relative error 1e-3
+    assert verify_outputs("x", want + 2e-3, want, tol=0.0, peer=peer) == pytest.approx(2e-3, rel=1e-3)
+    with pytest.raises(OutputMismatch, match=r"allowed 0.002"):
+        verify_outputs("x", want + 2.5e-3, want, tol=0.0, peer=peer)
