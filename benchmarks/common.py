@@ -34,21 +34,31 @@ DEFAULT_OUT = ROOT / "benchmarks" / "results"
 
 @dataclasses.dataclass(frozen=True)
 class Context:
-    """What a section needs to know about the run."""
+    """What a section needs to know about the run; ``deadline`` (``time.monotonic()``) ends its soft budget."""
 
     device: torch.device
     quick: bool
     env: dict
     out_dir: Path
+    deadline: float | None = None
 
     @property
     def is_gpu(self) -> bool:
         return self.device.type == "cuda"
 
+    def time_left(self) -> float:
+        """Seconds left of the section's budget (inf without one)."""
+        return math.inf if self.deadline is None else self.deadline - time.monotonic()
+
+    def out_of_time(self, reserve: float = 0.0) -> bool:
+        """True once fewer than ``reserve`` seconds of the budget are left: start no new case."""
+        return self.time_left() < reserve
+
 
 def _git_commit() -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=5)
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                             timeout=5)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
                                capture_output=True, text=True, timeout=5).stdout.strip()
         return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
@@ -219,9 +229,14 @@ def measure(fn: Callable[[], object], *, device: torch.device, warmup: int = 3, 
     return Timing(statistics.median(times), q[0], q[3], min(times), max(times), len(times))
 
 
+def results_dir(ctx: Context) -> Path:
+    """``<out>/<slug>`` for a full run, ``<out>/<slug>-quick`` for a quick one (git ignores those)."""
+    return ctx.out_dir / (device_slug(ctx.env) + ("-quick" if ctx.quick else ""))
+
+
 def write_results(ctx: Context, section: str, rows: list[dict]) -> list[Path]:
-    """``<out>/<slug>/<section>.json`` (env + rows) and ``.csv``; returns the paths written."""
-    folder = ctx.out_dir / device_slug(ctx.env)
+    """``<results_dir>/<section>.json`` (env + rows) and ``.csv``; returns the paths written."""
+    folder = results_dir(ctx)
     folder.mkdir(parents=True, exist_ok=True)
     json_path, csv_path = folder / f"{section}.json", folder / f"{section}.csv"
     json_path.write_text(json.dumps({"section": section, "quick": ctx.quick, "env": ctx.env, "rows": rows}, indent=2))

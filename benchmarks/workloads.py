@@ -31,6 +31,7 @@ are all 1 here, which changes the fewest samples.
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 
@@ -90,6 +91,7 @@ def _bucket_areas() -> tuple[int, ...]:
     return tuple(sorted((short * _snap16(short * 16 / 9) for short in RESOLUTIONS), reverse=True))
 
 
+@functools.cache
 def bucket_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
     """The latent shape a sample of latent ``shape`` is trained at under the bucket table (module docstring):
     ``(C, H, W)`` stays an image, ``(C, T, H, W)`` a video of the bucket's frames."""
