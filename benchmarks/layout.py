@@ -26,6 +26,9 @@ def run(ctx: Context) -> list[dict]:
     repeats = 5 if ctx.quick else 20
     rows = []
     for mix in MIXES:
+        if ctx.out_of_time():
+            rows.append({"mix": mix, "note": "skipped: time budget spent"})
+            continue
         shapes = take_tokens(mix, budget, seed=1)
         latents = [torch.randn(s, device=ctx.device) for s in shapes]
         tokens, seqs = packdit.pack(latents, PATCH)

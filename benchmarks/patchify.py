@@ -47,6 +47,9 @@ def run(ctx: Context) -> list[dict]:
     peak = hbm_peak_gbps(ctx.env)
     rows = []
     for mix in mixes:
+        if ctx.out_of_time():
+            rows.append({"mix": mix, "note": "skipped: time budget spent"})
+            continue
         shapes = latent_shapes(mix, SAMPLES, seed=0)
         if not ctx.is_gpu:  # tiny: a 16x16 crop of each latent
             shapes = [(*s[:-2], min(s[-2], 16), min(s[-1], 16)) for s in shapes]
