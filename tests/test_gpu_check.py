@@ -19,8 +19,7 @@ def test_gpu_check_script_parses():
 
 
 def test_gpu_check_dry_run(tmp_path):
-    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable,
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable}
     done = subprocess.run(["bash", str(SCRIPT), "--dry-run"], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=900)
     log = (tmp_path / "gpu_check.log").read_text() if (tmp_path / "gpu_check.log").exists() else ""
