@@ -128,7 +128,8 @@ def plot(rows: list[dict], path) -> None:
         ax1.plot([r["window"] for r in look], [r["E"] for r in look], "o-", color=color, label=f"packed, {ranks} ranks")
         for name, style in zip(BUCKET_STRATEGIES, (":", "--")):
             bucket = next(r for r in quality if r["ranks"] == ranks and r["strategy"] == name)
-            ax1.axhline(bucket["E"], color=color, ls=style, lw=1, label=f"{name} (window 16), {ranks} ranks")
+            window = " (window 16)" if name.endswith("lookahead") else ""
+            ax1.axhline(bucket["E"], color=color, ls=style, lw=1, label=f"{name}{window}, {ranks} ranks")
     ax1.set_xscale("log", base=2)
     ax1.set_xlabel("lookahead window (steps)")
     ax1.set_ylabel("balance efficiency E")
