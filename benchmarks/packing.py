@@ -17,7 +17,9 @@ cost) (useful: the cost of the samples as trained, i.e. after bucket resizing), 
 tokens the ranks compute that are padding), padding if packs were padded to the capacity, steps, max
 reorder distance (steps), the fraction of samples -- and of the stream's tokens -- whose resolution or
 duration the strategy changes, the tokens trained over the stream's tokens, and the planning time.
-CPU only: planning runs on the host.
+Every plan is checked before it is reported (each sample exactly once, or split off as too long; every
+rank's samples within the capacity; ``ranks`` bins per step), and the C++ planner's plan against the
+Python fallback's on the stream it times; a plan that fails is refused. CPU only: planning runs on the host.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import time
 
 import numpy as np
 import torch
-from common import Context, measure, print_table
+from common import Context, OutputMismatch, measure, print_table, refused_row, verify_outputs
 from tqdm import tqdm
 from workloads import MIXES, bucket_shape, latent_shapes, num_patches
 
@@ -72,6 +74,19 @@ def _row(mix, ranks, strategy, window, plan, seconds, stream: Stream) -> dict:
             "tokens_trained": float(plan.lengths[planned].sum() / own.sum()), "plan_ms": seconds * 1e3}
 
 
+def check_plan(label: str, plan, capacity: int) -> None:
+    """Raise :class:`OutputMismatch` unless every sample is planned exactly once (or listed as too long) and every
+    rank's samples fit ``capacity`` tokens, ``plan.ranks`` bins per step."""
+    seen = np.sort(np.concatenate([plan.order, np.asarray(plan.long_samples, dtype=np.int64)]))
+    if not np.array_equal(seen, np.arange(len(plan.lengths))):
+        raise OutputMismatch(f"{label}: the plan does not hold every sample exactly once; not reported")
+    bin_tokens = np.add.reduceat(np.append(plan.lengths[plan.order], 0), plan.bin_offsets[:-1]) \
+        * (np.diff(plan.bin_offsets) > 0)
+    if (bin_tokens > capacity).any() or (len(plan.bin_offsets) - 1) % plan.ranks:
+        raise OutputMismatch(f"{label}: a rank's samples exceed the capacity of {capacity} tokens, or a step does "
+                             f"not have {plan.ranks} bins; not reported")
+
+
 def _plan(name: str, stream: Stream, ranks: int, window: int | None):
     kwargs = dict(capacity=CAPACITY, ranks=ranks, hidden_size=HIDDEN, split_long=True)
     lengths = stream.lengths
@@ -92,9 +107,15 @@ def run(ctx: Context) -> list[dict]:
     rows = []
     for mix, ranks, name, window in tqdm(runs, desc="packing plans", unit="plan", leave=False):
         plan, seconds = _plan(name, streams[mix], ranks, window)
+        try:
+            check_plan(f"packing/{mix}/{ranks}/{name}/{window}", plan, CAPACITY)
+        except OutputMismatch as e:
+            rows.append(refused_row({"mix": mix, "ranks": ranks, "strategy": name, "window": window}, e))
+            continue
         rows.append(_row(mix, ranks, name, window, plan, seconds, streams[mix]))
     print_table(f"packing: balance, padding and changed samples ({num_samples} samples per mix, capacity "
-                f"{CAPACITY}, lookahead window 16)", [r for r in rows if r["window"] in (None, 16)], COLUMNS)
+                f"{CAPACITY}, lookahead window 16)", [r for r in rows if r["window"] in (None, 16) and "E" in r],
+                COLUMNS)
     print_table("packing: lookahead planner vs window (video-mix)",
                 [r for r in rows if r["mix"] == DEFAULT_MIX and r["strategy"] == "lookahead"],
                 ["ranks", "window", "E", "padding_to_capacity", "max_reorder_distance"])
@@ -106,6 +127,15 @@ def _planning_time(ctx: Context) -> list[dict]:
     sizes = {"cpp": 100_000 if ctx.quick else 1_000_000, "python": 20_000 if ctx.quick else 100_000}
     backends = ["cpp", "python"] if implementation() == "cpp" else ["python"]
     rows = []
+    if backends == ["cpp", "python"]:  # the two implementations must give the same plan before both are timed
+        lengths = np.array([num_patches(s) for s in latent_shapes(DEFAULT_MIX, sizes["python"], seed=1)])
+        plans = [plan_steps(lengths, capacity=CAPACITY, ranks=64, hidden_size=HIDDEN, split_long=True, backend=b)
+                 for b in backends]
+        cpp, python = ([torch.from_numpy(p.order), torch.from_numpy(p.bin_offsets)] for p in plans)
+        try:
+            verify_outputs("packing/planner C++ vs Python", cpp, python, tol=0.0, names=["order", "bin offsets"])
+        except OutputMismatch as e:
+            return [refused_row({"mix": DEFAULT_MIX, "ranks": 64, "strategy": "planning-time", "window": 16}, e)]
     for backend in backends:
         lengths = np.array([num_patches(s) for s in latent_shapes(DEFAULT_MIX, sizes[backend], seed=1)])
         t = measure(lambda: plan_steps(lengths, capacity=CAPACITY, ranks=64, hidden_size=HIDDEN, split_long=True,

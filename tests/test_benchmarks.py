@@ -188,3 +188,18 @@ def test_verify_outputs_two_x_rule_with_a_peer():
     assert verify_outputs("x", want + 2e-3, want, tol=0.0, peer=peer) == pytest.approx(2e-3, rel=1e-3)
     with pytest.raises(OutputMismatch, match=r"allowed 0.002"):
         verify_outputs("x", want + 2.5e-3, want, tol=0.0, peer=peer)
+
+
+def test_packing_section_refuses_a_broken_plan():
+    import packing
+
+    from packdit.packing import CostModel, Plan
+    from packdit.packing.baselines import STRATEGIES
+
+    plan = STRATEGIES["navit-greedy"]([6, 6, 5, 3, 8], capacity=10, ranks=2, cost=CostModel(0.0, 1.0))
+    packing.check_plan("navit", plan, 10)
+    kwargs = dict(ranks=2, capacity=10, lengths=plan.lengths, costs=plan.costs)
+    with pytest.raises(OutputMismatch, match="every sample exactly once"):
+        packing.check_plan("lost", Plan.from_bins([0, 1, 2, 4], [0, 1, 2, 3, 4], **kwargs), 10)
+    with pytest.raises(OutputMismatch, match="exceed the capacity"):
+        packing.check_plan("full", Plan.from_bins([0, 1, 2, 3, 4], [0, 2, 3, 5, 5], **kwargs), 10)
