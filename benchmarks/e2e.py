@@ -223,11 +223,6 @@ def _step_inputs(latents: list[torch.Tensor], padded: bool, seed: int) -> StepIn
     return StepInputs(tokens, layout, t, y, layout.key_index)
 
 
-def _fresh(inputs: StepInputs) -> StepInputs:
-    """The same batch with an empty layout cache, as the data loader hands a new batch to every step."""
-    return dataclasses.replace(inputs, seqs=dataclasses.replace(inputs.seqs, _cache={}))
-
-
 def _loss(model: nn.Module, inputs: StepInputs, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, output at the real tokens): mean square of the real tokens' predictions (padding excluded)."""
     device_type = inputs.tokens.device.type
@@ -308,7 +303,9 @@ def _measure_strategy(ctx: Context, cfg: dict, strategy: str, stream: Stream, bu
     except OutputMismatch as e:
         return refused_row(row, e), []
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    inputs = [_step_inputs([latents[i] for i in b], padded, seed=k) for k, b in enumerate(batches)]
+
+    def batch(k: int) -> StepInputs:  # packed anew for every step, as the data loader hands each step a new batch
+        return _step_inputs([latents[i] for i in batches[k]], padded, seed=k)
 
     def step(batch_inputs):
         loss, _ = _loss(model, batch_inputs, dtype)
@@ -316,14 +313,14 @@ def _measure_strategy(ctx: Context, cfg: dict, strategy: str, stream: Stream, bu
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    for batch_inputs in (inputs if ctx.is_gpu else inputs[:1]):  # compiles and autotunes, untimed
-        step(_fresh(batch_inputs))
+    for k in range(len(batches) if ctx.is_gpu else 1):  # compiles and autotunes, untimed
+        step(batch(k))
     if ctx.is_gpu:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    step_ms = [_time_once(ctx, step, _fresh(batch_inputs)) for batch_inputs in inputs]
+    step_ms = [_time_once(ctx, step, batch(k)) for k in range(len(batches))]
     steps = [(_features(lengths[b], padded), ms) for b, ms in zip(batches, step_ms)]
-    computed = sum(int(x.tokens.shape[0]) for x in inputs)
+    computed = int(sum(_features(lengths[b], padded)[1] for b in batches))
     useful = int(sum(lengths))
     total_ms = sum(step_ms)
     row.update(time_ms=total_ms, samples_per_s=1e3 * len(shapes) / total_ms,
