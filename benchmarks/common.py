@@ -117,10 +117,13 @@ class OutputMismatch(AssertionError):
 def _relative_error(actual: Tensor, expected: Tensor) -> float:
     """``||actual - expected|| / ||expected||`` (Frobenius, fp32 accumulation; absolute when expected is 0);
     inf when actual holds a NaN/inf where expected is finite."""
-    a, e = actual.detach().float(), expected.detach().float()
-    if not bool(torch.isfinite(a[torch.isfinite(e)]).all()):
+    a, e = actual.detach(), expected.detach()
+    if torch.equal(a, e):
+        return 0.0
+    if a.is_floating_point() and bool((torch.isfinite(e) & ~torch.isfinite(a)).any()):
         return math.inf
-    diff = torch.linalg.vector_norm(torch.nan_to_num(a - e)).item()
+    e = e.float()
+    diff = torch.linalg.vector_norm(torch.nan_to_num(a.float() - e)).item()
     scale = torch.linalg.vector_norm(torch.nan_to_num(e)).item()
     return diff / scale if scale > 0 else diff
 

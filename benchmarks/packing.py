@@ -100,7 +100,7 @@ def _plan(name: str, stream: Stream, ranks: int, window: int | None):
 
 
 def run(ctx: Context) -> list[dict]:
-    num_samples = 50_000 if ctx.quick else 500_000
+    num_samples = 20_000 if ctx.quick else 500_000
     runs = [(mix, ranks, name, window) for mix in MIXES for ranks in RANKS for name in STRATEGIES
             for window in (WINDOWS if name == "lookahead" else (None,))]
     streams = {mix: Stream(mix, num_samples) for mix in MIXES}
