@@ -32,7 +32,7 @@ def test_gpu_check_dry_run(tmp_path):
     assert steps.index("GPU tests (gpu and cuda_ext markers)") > last_benchmark
     assert "done (status 0, 6 files in $OUT)" in steps[-1]
     with tarfile.open(tmp_path / "results.tar.gz") as tar:
-        names = set(tar.getnames())
+        names = {name.partition("/")[2] for name in tar.getnames() if name.partition("/")[0].endswith("-quick")}
     for section in SECTIONS:
-        assert {f"cpu-x86-64-quick/{section}.{ext}" for ext in ("json", "csv", "png")} <= names, section
+        assert {f"{section}.{ext}" for ext in ("json", "csv", "png")} <= names, section
     assert "memcheck exit 0" in log and "racecheck exit 0" in log
