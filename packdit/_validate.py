@@ -18,12 +18,12 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["checks", "checks_enabled", "validate_cu_seqlens", "validate_seqs"]
+__all__ = ["checks", "checks_enabled", "validate_cu_seqlens", "validate_offsets", "validate_seqs"]
 
 _state = threading.local()
 
@@ -63,15 +63,30 @@ def validate_cu_seqlens(cu_seqlens: Tensor, num_tokens: int, name: str = "cu_seq
     if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 1:
         raise ValueError(f"{name}: expected shape (B+1,) with B >= 0, got {tuple(cu_seqlens.shape)}")
     host = cu_seqlens.tolist()
-    if host[0] != 0:
-        raise ValueError(f"{name}: expected {name}[0] = 0, got {host[0]}")
-    for b in range(len(host) - 1):
-        if host[b + 1] < host[b]:
-            raise ValueError(f"{name}: segment {b} has negative length: {name}[{b}] = {host[b]} > "
-                             f"{name}[{b + 1}] = {host[b + 1]} (expected non-decreasing)")
-    if host[-1] != num_tokens:
-        raise ValueError(f"{name}: expected {name}[-1] = {num_tokens} (the number of tokens), got {host[-1]}")
+    validate_offsets(host, num_tokens, name)
     return host
+
+
+def validate_offsets(offsets: Sequence[int], num_tokens: int, name: str = "cu_seqlens",
+                     max_seqlen: int | None = None) -> None:
+    """Check host segment offsets (a list or a 1-D numpy array, e.g. ``cu_seqlens`` copied to the host):
+    ``offsets[0] == 0``, non-decreasing, ``offsets[-1] == num_tokens`` and, when given, no segment longer
+    than ``max_seqlen``. The one check of ``cu_seqlens`` values, whoever holds them."""
+    offsets = offsets.tolist() if hasattr(offsets, "tolist") else list(offsets)
+    if offsets[0] != 0:
+        raise ValueError(f"{name}: expected non-decreasing offsets starting at {name}[0] = 0, got {offsets[0]}")
+    longest = 0
+    for b in range(len(offsets) - 1):
+        length = offsets[b + 1] - offsets[b]
+        if length < 0:
+            raise ValueError(f"{name}: expected non-decreasing offsets, but segment {b} has negative length: "
+                             f"{name}[{b}] = {offsets[b]} > {name}[{b + 1}] = {offsets[b + 1]}")
+        longest = max(longest, length)
+    if offsets[-1] != num_tokens:
+        raise ValueError(f"{name}: last entry must be the number of tokens: expected {name}[-1] = {num_tokens}, "
+                         f"got {offsets[-1]}")
+    if max_seqlen is not None and longest > max_seqlen:
+        raise ValueError(f"{name}: a segment has {longest} tokens, more than max_seqlen={max_seqlen}")
 
 
 def validate_seqs(seqs, name: str = "seqs") -> None:
