@@ -12,7 +12,7 @@ from common import Context, measure, print_table
 from workloads import MIXES, take_tokens
 
 import packdit
-from packdit.ops import layout_positions as lp
+from packdit import layout_positions as lp
 
 PATCH = (1, 2, 2)
 

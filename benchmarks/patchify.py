@@ -17,7 +17,7 @@ from norm import hbm_peak_gbps
 from workloads import MIXES, latent_shapes
 
 import packdit
-from packdit.ops import patchify as patchify_op
+from packdit.nn import functional as PF
 
 PATCH = (1, 2, 2)
 SAMPLES = 64
@@ -51,7 +51,7 @@ def run(ctx: Context) -> list[dict]:
         tokens, seqs = packdit.pack(latents, PATCH)
         moved = 2 * tokens.numel() * tokens.element_size()
         paths = {"torch-loop": torch_path}
-        if patchify_op.implementation(tokens) == "cuda":
+        if PF.use_kernel("patchify", tokens.device, None):
             paths = {"packdit-cuda": contextlib.nullcontext, **paths}
         for impl, path in paths.items():
             with path():

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
 from helpers import assert_close
+
 from packdit.data import PackedSampler
 from packdit.reference.dit import DiT
 from packdit.train import packed_loss_sum, train

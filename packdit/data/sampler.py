@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
-from packdit.layout import pack
 from packdit.packing import Plan, plan_steps
+from packdit.patches import pack
 
 __all__ = ["PackedSampler", "collate_packed"]
 

@@ -31,7 +31,8 @@ import torch
 from torch import Tensor
 
 from packdit.diffusion.packed import ModelFn, draw_noise, segment_mean
-from packdit.layout import DropRate, PackedSeqs, PatchSize, pack, pack_like
+from packdit.layout import DropRate, PackedSeqs, PatchSize
+from packdit.patches import pack, pack_like
 
 __all__ = [
     "BASE_TOKENS", "MAX_SHIFT", "FlowMatching", "sample_timesteps", "timestep_shift_factor", "shift_timesteps",

@@ -37,7 +37,8 @@ import torch
 from torch import Tensor
 
 from packdit.diffusion.packed import Generators, ModelFn, classifier_free_guidance, draw_noise, segment_mean
-from packdit.layout import DropRate, PatchSize, normalize_patch_size, pack, pack_like, unpack
+from packdit.layout import DropRate, PatchSize, normalize_patch_size
+from packdit.patches import pack, pack_like, unpack
 
 __all__ = ["GaussianDiffusion", "create_diffusion", "get_named_beta_schedule", "space_timesteps"]
 

@@ -15,7 +15,8 @@ from torch import Tensor
 
 from packdit.diffusion.flow import BASE_TOKENS, MAX_SHIFT, full_token_counts, shift_timesteps
 from packdit.diffusion.packed import Generators, ModelFn, classifier_free_guidance, draw_noise
-from packdit.layout import PatchSize, normalize_patch_size, pack, unpack
+from packdit.layout import PatchSize, normalize_patch_size
+from packdit.patches import pack, unpack
 
 __all__ = ["flow_schedule", "sample"]
 

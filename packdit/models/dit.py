@@ -28,8 +28,9 @@ Video and NaViT options (keyword-only; the defaults keep official compatibility)
   (``R`` rows, not ``N``) and gathered by ``mod_index`` inside the fused kernels.
 * ``qk_norm``: RMSNorm on queries and keys per head.
 * ``checkpoint_activations``: recompute each block in backward.
-* ``backend``: ``"torch"`` (reference ops) or ``"triton"`` (fused kernels); ``None`` picks the fastest
-  available for the device.
+* ``backend``: ``"torch"`` (reference ops) or ``"triton"`` (fused kernels); ``None`` chooses per call from
+  the tensors' device (:mod:`packdit.nn.functional`), so the same model runs the kernels on a GPU and the
+  reference on CPU tensors.
 
 The timestep/label embedders and the adaLN projections stay in plain PyTorch: they are O(R D^2) with R
 the number of samples or frames, not O(N).
@@ -42,19 +43,33 @@ from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from packdit._validate import checks_enabled
-from packdit.layout import PackedSeqs, normalize_patch_size, pack, unpack
+from packdit.layout import PackedSeqs, normalize_patch_size
+from packdit.nn import (
+    AdaLNModulation,
+    FusedMLP,
+    GatedResidual,
+    ModulatedNorm,
+    PackedAttention,
+    PackedCrossAttention,
+    segment_pool,
+)
 from packdit.nn import functional as PF
-from packdit.nn.attention import PackedAttention, PackedCrossAttention
-from packdit.nn.mlp import FusedMLP
-from packdit.nn.pool import segment_pool
-from packdit.reference.dit import (LabelEmbedder, TimestepEmbedder, get_1d_sincos_pos_embed, get_2d_sincos_pos_embed,
-                                   guide_first_channels, official_init)
-from packdit.reference.rope import RoPE3D
+from packdit.official import (
+    OFFICIAL_CONFIGS,
+    LabelEmbedder,
+    PatchEmbed,
+    TimestepEmbedder,
+    get_1d_sincos_pos_embed,
+    get_2d_sincos_pos_embed,
+    guide_first_channels,
+    official_init,
+)
+from packdit.patches import pack, unpack
+from packdit.rope import RoPE3D
 
 __all__ = ["DiT", "DiT_models"]
 
@@ -75,25 +90,23 @@ class DiTBlock(nn.Module):
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, *, qk_norm: bool, cross: bool,
                  mode: str, rope: RoPE3D | None, backend: str | None):
         super().__init__()
-        self.backend = backend
-        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.norm1 = ModulatedNorm(hidden_size, backend=backend)
         self.attn = PackedAttention(hidden_size, num_heads, qk_norm=qk_norm, rope=rope, mode=mode, backend=backend)
-        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.norm2 = ModulatedNorm(hidden_size, backend=backend)
         self.mlp = FusedMLP(hidden_size, int(hidden_size * mlp_ratio), backend=backend)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
+        self.adaLN_modulation = AdaLNModulation(hidden_size, 6)
         self.cross_attn = (PackedCrossAttention(hidden_size, num_heads, qk_norm=qk_norm, backend=backend)
                            if cross else None)
+        self.residual = GatedResidual(backend=backend)
 
     def forward(self, x: Tensor, c: Tensor, mod_index: Tensor, seqs: PackedSeqs,
                 context: Tensor | None = None, context_seqs: PackedSeqs | None = None) -> Tensor:
         """x (N, D), c (R, D), mod_index (N,) -> (N, D)."""
-        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=-1)
-        h = PF.norm_modulate(x, shift1, scale1, mod_index, eps=self.norm1.eps, backend=self.backend)
-        x = PF.gated_residual(x, self.attn(h, seqs), gate1, mod_index, backend=self.backend)
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c)
+        x = self.residual(x, self.attn(self.norm1(x, shift1, scale1, mod_index), seqs), gate1, mod_index)
         if self.cross_attn is not None:
             x = x + self.cross_attn(x, seqs, context, context_seqs.cu_seqlens, context_seqs.max_seqlen)
-        h = PF.norm_modulate(x, shift2, scale2, mod_index, eps=self.norm2.eps, backend=self.backend)
-        return self.mlp(h, x, gate2, mod_index)
+        return self.mlp(self.norm2(x, shift2, scale2, mod_index), x, gate2, mod_index)
 
 
 class FinalLayer(nn.Module):
@@ -101,35 +114,13 @@ class FinalLayer(nn.Module):
 
     def __init__(self, hidden_size: int, patch_volume: int, out_channels: int, backend: str | None):
         super().__init__()
-        self.backend = backend
-        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.norm_final = ModulatedNorm(hidden_size, backend=backend)
         self.linear = nn.Linear(hidden_size, patch_volume * out_channels, bias=True)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
+        self.adaLN_modulation = AdaLNModulation(hidden_size, 2)
 
     def forward(self, x: Tensor, c: Tensor, mod_index: Tensor) -> Tensor:
-        shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
-        h = PF.norm_modulate(x, shift, scale, mod_index, eps=self.norm_final.eps, backend=self.backend)
-        return self.linear(h)
-
-
-class PatchEmbed(nn.Module):
-    """Patch embedding as a strided conv named ``proj`` (``Conv2d`` for 2-D patches, official; ``Conv3d``
-    for spacetime patches), applied to packed tokens as a Linear with the flattened conv weight."""
-
-    def __init__(self, input_size: int, patch_size: tuple[int, int, int], in_channels: int, hidden_size: int,
-                 image_only: bool):
-        super().__init__()
-        pt, ph, pw = patch_size
-        self.grid_size = (input_size // ph, input_size // pw)
-        self.num_patches = self.grid_size[0] * self.grid_size[1]
-        if image_only:
-            self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=(ph, pw), stride=(ph, pw))
-        else:
-            self.proj = nn.Conv3d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
-
-    def forward(self, tokens: Tensor) -> Tensor:
-        """(N, C*pt*ph*pw) in conv-weight order -> (N, D)."""
-        return F.linear(tokens, self.proj.weight.flatten(1), self.proj.bias)
+        shift, scale = self.adaLN_modulation(c)
+        return self.linear(self.norm_final(x, shift, scale, mod_index))
 
 
 class DiT(nn.Module):
@@ -170,7 +161,7 @@ class DiT(nn.Module):
             raise ValueError(f"cond: expected one of {CONDS}, got {cond!r}")
         if cond == "text" and not text_dim:
             raise ValueError("text_dim: cond='text' needs the width of the text embeddings")
-        self.backend = PF.resolve_backend(backend)
+        self.backend = PF.check_backend(backend)
         self.image_only = isinstance(patch_size, int) or len(patch_size) == 2
         self.patch_size = normalize_patch_size(patch_size)
         self.in_channels = in_channels
@@ -186,7 +177,7 @@ class DiT(nn.Module):
             raise ValueError(f"rope: given, but pos_embed={pos_embed!r}; use pos_embed='rope3d'")
 
         # construction order follows the official model (same seed -> same initial weights)
-        self.x_embedder = PatchEmbed(input_size, self.patch_size, in_channels, hidden_size, self.image_only)
+        self.x_embedder = PatchEmbed(in_channels, hidden_size, patch_size, input_size=input_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
         if cond == "class":
             self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
@@ -318,9 +309,6 @@ class DiT(nn.Module):
 
 
 # ---------------------------------------------------------------------- registry
-_SIZES = {"XL": (28, 1152, 16), "L": (24, 1024, 16), "B": (12, 768, 12), "S": (12, 384, 6)}
-
-
 def _entry(defaults: dict) -> Callable[..., DiT]:
     def build(**kwargs) -> DiT:
         return DiT(**{**defaults, **kwargs})
@@ -329,10 +317,7 @@ def _entry(defaults: dict) -> Callable[..., DiT]:
     return build
 
 
-DiT_models: dict[str, Callable[..., DiT]] = {
-    f"DiT-{size}/{p}": _entry(dict(depth=d, hidden_size=h, num_heads=nh, patch_size=p))
-    for size, (d, h, nh) in _SIZES.items() for p in (2, 4, 8)
-}
+DiT_models: dict[str, Callable[..., DiT]] = {name: _entry(config) for name, config in OFFICIAL_CONFIGS.items()}
 # Video configs for benchmarks: STDiT-XL/2-like (28 x 1152, head dim 72, spacetime patches) and a 3B-class
 # model (hidden 3072, head dim 128). Both use 3-D patches, so their patch embedding is a Conv3d.
 DiT_models["STDiT-XL/2"] = _entry(dict(depth=28, hidden_size=1152, num_heads=16, patch_size=(1, 2, 2), qk_norm=True,
