@@ -133,7 +133,7 @@ def run(ctx: Context) -> list[dict]:
             total_ms += step_ms[-1]
         useful = sum(lengths)
         flops = _useful_flops(lengths, cfg["model"]["hidden_size"], cfg["model"]["depth"])
-        row = {"strategy": strategy, "backend": model.backend, "steps": len(batches), "samples": len(lengths),
+        row = {"strategy": strategy, "backend": model.backend or "auto", "steps": len(batches), "samples": len(lengths),
                "time_ms": total_ms, "samples_per_s": 1e3 * len(lengths) / total_ms,
                "useful_tokens_per_s": 1e3 * useful / total_ms, "padding_fraction": 1 - useful / padded_tokens,
                "useful_TFLOPs": flops / total_ms / 1e9}

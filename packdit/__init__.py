@@ -6,7 +6,8 @@ Public API:
     varlen_attention, RoPE3D               -- packed (full / spatial / temporal) attention with 3-D RoPE
     modulated_norm, gated_residual,        -- fused adaLN kernels: norm + per-segment modulate, gated
     fused_mlp                                 residual, MLP with GEMM epilogues (modules in packdit.nn)
-    DiT, DiT_models                        -- the packed DiT (official-checkpoint compatible, video options)
+    DiT, DiTConfig, DiT_models             -- the packed DiT (official-checkpoint compatible, video options),
+    DIT_CONFIGS                               its checked configuration and the named configurations
     packdit.packing, packdit.data          -- load-balancing planner, per-rank sampler
     packdit.diffusion, packdit.train       -- flow matching / DDPM objectives and samplers, DDP training
     packdit.reference                      -- pure-PyTorch oracles every kernel is tested against
@@ -18,7 +19,7 @@ it can and its PyTorch reference elsewhere (``backend=`` forces one). docs/archi
 from packdit._validate import checks
 from packdit.determinism import use_deterministic
 from packdit.layout import PackedSeqs
-from packdit.models import DiT, DiT_models
+from packdit.models import DIT_CONFIGS, DiT, DiT_models, DiTConfig
 from packdit.nn.functional import fused_mlp, gated_residual, modulated_norm, varlen_attention
 from packdit.patches import pack, pack_like, unpack
 from packdit.rope import RoPE3D
@@ -26,4 +27,5 @@ from packdit.rope import RoPE3D
 __version__ = "0.1.0"
 
 __all__ = ["PackedSeqs", "pack", "pack_like", "unpack", "checks", "use_deterministic", "varlen_attention", "RoPE3D",
-           "modulated_norm", "gated_residual", "fused_mlp", "DiT", "DiT_models", "__version__"]
+           "modulated_norm", "gated_residual", "fused_mlp", "DiT", "DiTConfig", "DiT_models", "DIT_CONFIGS",
+           "__version__"]
