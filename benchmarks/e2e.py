@@ -189,7 +189,8 @@ def plot(rows: list[dict], path) -> None:
     rows = [r for r in rows if "backend" in r]
     fig, ax = plt.subplots(figsize=(6, 3.5))
     labels = [f"{r['strategy']}\n({r['backend']})" for r in rows]
-    ax.bar(labels, [r["speedup_vs_pad"] for r in rows], color=["tab:gray", "tab:orange", "tab:green", "tab:blue"][:len(rows)])
+    ax.bar(labels, [r["speedup_vs_pad"] for r in rows],
+           color=["tab:gray", "tab:orange", "tab:green", "tab:blue"][:len(rows)])
     ax.axhline(1.0, color="k", lw=0.8)
     ax.set_ylabel("training-step speedup vs pad-to-max")
     fig.tight_layout()

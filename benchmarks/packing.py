@@ -88,7 +88,8 @@ def plot(rows: list[dict], path) -> None:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.8))
     for ranks, color in zip(RANKS, ("tab:blue", "tab:orange")):
         look = [r for r in quality if r["ranks"] == ranks and r["strategy"] == "lookahead"]
-        ax1.plot([r["window"] for r in look], [r["E"] for r in look], "o-", color=color, label=f"lookahead, {ranks} ranks")
+        ax1.plot([r["window"] for r in look], [r["E"] for r in look], "o-", color=color,
+                 label=f"lookahead, {ranks} ranks")
         buckets = next(r for r in quality if r["ranks"] == ranks and r["strategy"] == "shape-buckets")
         ax1.axhline(buckets["E"], color=color, ls=":", label=f"shape buckets, {ranks} ranks")
     ax1.set_xscale("log", base=2)

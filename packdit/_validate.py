@@ -104,7 +104,8 @@ def validate_seqs(seqs, name: str = "seqs") -> None:
         if t.dtype != torch.int32:
             raise ValueError(f"{name}.{field}: expected dtype int32, got {t.dtype}")
         if t.device != seqs.cu_seqlens.device:
-            raise ValueError(f"{name}.{field}: expected device {seqs.cu_seqlens.device} like cu_seqlens, got {t.device}")
+            raise ValueError(f"{name}.{field}: expected device {seqs.cu_seqlens.device} like cu_seqlens, "
+                             f"got {t.device}")
     cu = validate_cu_seqlens(seqs.cu_seqlens, n, f"{name}.cu_seqlens")
     num_segments = len(cu) - 1
     if seqs.grid.shape != (num_segments, 3):
@@ -113,7 +114,8 @@ def validate_seqs(seqs, name: str = "seqs") -> None:
         raise ValueError(f"{name}.positions: expected shape ({n}, 3), got {tuple(seqs.positions.shape)}")
     lengths = [cu[b + 1] - cu[b] for b in range(num_segments)]
     if seqs.max_seqlen != max(lengths, default=0):
-        raise ValueError(f"{name}.max_seqlen: expected {max(lengths, default=0)} (the longest segment), got {seqs.max_seqlen}")
+        raise ValueError(f"{name}.max_seqlen: expected {max(lengths, default=0)} (the longest segment), "
+                         f"got {seqs.max_seqlen}")
     for b, ((t, h, w), length) in enumerate(zip(seqs.grid.tolist(), lengths)):
         full = t * h * w
         if min(t, h, w) < 0 or length > full or (length < full and not seqs.dropped):
@@ -134,5 +136,6 @@ def validate_seqs(seqs, name: str = "seqs") -> None:
         if bool(bad.any()):
             i = _first_bad(bad)
             raise ValueError(f"{name}.positions: token {i} of segment {int(expected_ids[i])} is at (t, h, w) = "
-                             f"{tuple(seqs.positions[i].tolist())}, outside its grid {tuple(grid_of_token[i].tolist())}")
+                             f"{tuple(seqs.positions[i].tolist())}, outside its grid "
+                             f"{tuple(grid_of_token[i].tolist())}")
     seqs._cache["validated"] = True

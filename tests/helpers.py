@@ -33,11 +33,13 @@ def assert_close(actual: Tensor, expected: Tensor, *, atol: float = 1e-5, rtol: 
 
 
 def assert_within_2x(out: Tensor, pt: Tensor, ref: Tensor, *, floor: float = 1e-5, name: str = "") -> None:
-    """The flash-attention rule: kernel error vs the fp32/fp64 oracle <= 2x the error of same-precision torch + floor."""
+    """The flash-attention rule: kernel error vs the fp32/fp64 oracle <= 2x the error of same-precision torch
+    + floor."""
     err_out = (out.double() - ref.double()).abs().max().item() if out.numel() else 0.0
     err_pt = (pt.double() - ref.double()).abs().max().item() if pt.numel() else 0.0
     print(f"{name}: kernel err {err_out:.3e}, torch err {err_pt:.3e}")
-    assert err_out <= 2 * err_pt + floor, f"{name}: {err_out:.3e} > 2*{err_pt:.3e} + {floor:.1e}; {error_report(out, ref)}"
+    assert err_out <= 2 * err_pt + floor, \
+        f"{name}: {err_out:.3e} > 2*{err_pt:.3e} + {floor:.1e}; {error_report(out, ref)}"
 
 
 EDGE_LENGTHS = (0, 1, 7, 37, 100)

@@ -8,9 +8,9 @@ from helpers import assert_close, randomize_
 
 import packdit
 from packdit import reference
-from packdit.rope import RoPE3D
 from packdit.models.config import DIT_CONFIGS, DiTConfig, default_rope
 from packdit.models.dit import DiT, DiT_models
+from packdit.rope import RoPE3D
 
 TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2, num_classes=10)
 # no label dropout: train-mode calls compared with each other must see the same labels
@@ -183,7 +183,7 @@ def test_triton_backend_matches_torch_backend(options):
     out_ref, out = ref(latents, t, **kwargs), fast(latents, t, **kwargs)
     for a, b in zip(out, out_ref):
         assert_close(a, b, atol=2e-4, rtol=2e-4, name="output")
-    for (name, p), a, b in zip([(n, p) for n, p in ref.named_parameters() if p.requires_grad],
+    for name, a, b in zip([n for n, p in ref.named_parameters() if p.requires_grad],
                                _grads(fast, out), _grads(ref, out_ref)):
         if b is None:
             continue

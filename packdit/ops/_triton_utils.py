@@ -75,9 +75,9 @@ def check_index(name: str, index: Tensor, num_tokens: int, num_rows: int, device
                 values: bool = True) -> None:
     """``index`` (N,) int32: the modulation row of each token, in ``[0, num_rows)``.
 
-    With ``values`` (False in fake implementations), the value range is checked on CPU tensors while :func:`packdit.checks` is on; it is not checked on
-    a GPU (a device->host sync per layer is too costly): there the kernels read nothing outside the
-    table and give NaN outputs for tokens whose row is out of range.
+    With ``values`` (False in fake implementations), the value range is checked on CPU tensors while
+    :func:`packdit.checks` is on; it is not checked on a GPU (a device->host sync per layer is too costly):
+    there the kernels read nothing outside the table and give NaN outputs for tokens whose row is out of range.
     """
     if not isinstance(index, Tensor) or index.dtype != torch.int32:
         raise ValueError(f"{name}: expected an int32 tensor, got {getattr(index, 'dtype', type(index).__name__)}")

@@ -97,9 +97,9 @@ def patchify(latents: list[Tensor], cu_seqlens: Tensor, segment_ids: Tensor, ras
              patch_size: list[int], channels_last: bool) -> Tensor:
     """Samples -> packed tokens ``(N, C*pt*ph*pw)``, N = ``segment_ids.shape[0]``; see the module docstring.
 
-    ``channels_last`` orders each token (pt, ph, pw, C). ``segment_ids`` (N,) int32 and ``cu_seqlens`` (B+1,) int32 come from the layout
-    (:class:`packdit.PackedSeqs`); ``raster_index`` (N,) int64 (``seqs.raster_index()``) is required
-    when tokens were dropped and must be None otherwise.
+    ``channels_last`` orders each token (pt, ph, pw, C). ``segment_ids`` (N,) int32 and ``cu_seqlens`` (B+1,)
+    int32 come from the layout (:class:`packdit.PackedSeqs`); ``raster_index`` (N,) int64
+    (``seqs.raster_index()``) is required when tokens were dropped and must be None otherwise.
     """
     patch = _check_patch_size(patch_size)
     grids = check_latents(latents, patch)
