@@ -20,7 +20,11 @@ import torch
 
 from packdit import _ext
 
-__all__ = ["triton_installed", "triton_interpreting", "triton_unsupported", "cuda_ext_unsupported"]
+__all__ = ["triton_installed", "triton_interpreting", "triton_unsupported", "cuda_ext_unsupported", "EXT_MISSING"]
+
+EXT_MISSING = "the native extension packdit._C is not available (missing, stale, or PACKDIT_DISABLE_EXT=1)"
+"""The reason :mod:`packdit._ext` reports itself: it warns once when it cannot load the extension (and not at
+all when ``PACKDIT_DISABLE_EXT=1`` asked for that)."""
 
 
 # find_spec locates the package without importing it; a constant, so torch.compile traces the checks below.
@@ -53,7 +57,7 @@ def cuda_ext_unsupported(device: torch.device) -> str | None:
     if device.type != "cuda":
         return f"the tensors are on {device.type}, and packdit._C's kernels need CUDA tensors"
     if _ext.load() is None:
-        return "the native extension packdit._C is not available (missing, stale, or PACKDIT_DISABLE_EXT=1)"
+        return EXT_MISSING
     if not _ext.has_cuda_ext():
         return "packdit._C was built without CUDA kernels"
     return None

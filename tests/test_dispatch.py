@@ -94,19 +94,24 @@ def test_modules_refuse_an_unavailable_kernel_alike(monkeypatch):
 def test_fallback_on_cuda_tensors_warns_once_per_reason(monkeypatch):
     monkeypatch.setattr(PF, "_warned", set())
     monkeypatch.setattr(_backends, "_TRITON_INSTALLED", False)
-    monkeypatch.setattr(_ext, "load", lambda: None)
+    monkeypatch.setattr(_ext, "load", lambda: object())  # an extension built without CUDA kernels
+    monkeypatch.setattr(_ext, "has_cuda_ext", lambda: False)
     cuda = torch.device("cuda")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for op in ("modulated_norm", "fused_mlp", "varlen_attention", "modulated_norm", "patchify", "unpatchify"):
             assert not PF.use_kernel(op, cuda, None)
         assert not PF.use_kernel("modulated_norm", torch.device("cpu"), None)
+        monkeypatch.setattr(_ext, "load", lambda: None)  # no extension: packdit._ext has warned once itself
+        assert not PF.use_kernel("patchify", cuda, None)
     messages = [str(w.message) for w in caught]
     assert len(messages) == 2, messages
     assert "triton kernels are not supported because the triton package is not installed" in messages[0]
-    assert "cuda kernels are not supported because the native extension packdit._C is not available" in messages[1]
+    assert "cuda kernels are not supported because packdit._C was built without CUDA kernels" in messages[1]
     with pytest.raises(PF.BackendUnavailableError, match="the triton package is not installed"):
         PF.use_kernel("fused_mlp", cuda, "triton")
+    with pytest.raises(PF.BackendUnavailableError, match="packdit._C is not available"):
+        PF.use_kernel("patchify", cuda, "cuda")
 
 
 def test_a_model_built_for_a_gpu_runs_cpu_tensors_on_the_reference(monkeypatch):

@@ -17,7 +17,8 @@ The contract, the same for every op:
 * ``backend=None`` (automatic): the kernel when it can run on the tensors' device with what is installed
   (:mod:`packdit._backends`), else the reference. On CUDA tensors a kernel is expected, so falling back
   there (triton not installed, packdit._C missing or built without CUDA) warns once per process and
-  reason. CPU tensors run the reference without a warning: it is the designed CPU path, not a fallback.
+  reason (a missing extension is reported by its loader, :mod:`packdit._ext`, not twice). CPU tensors run
+  the reference without a warning: it is the designed CPU path, not a fallback.
   ``TRITON_INTERPRET=1`` does not change the automatic choice; the interpreter is opted into explicitly.
 * ``backend="triton"`` / ``"cuda"`` (the op's kernel): runs it, or raises :class:`BackendUnavailableError`
   saying why it is not supported (e.g. CPU tensors without ``TRITON_INTERPRET=1``); this is how the tests
@@ -37,7 +38,7 @@ import torch
 from torch import Tensor
 
 from packdit import reference
-from packdit._backends import cuda_ext_unsupported, triton_unsupported
+from packdit._backends import EXT_MISSING, cuda_ext_unsupported, triton_unsupported
 from packdit.layout import PackedSeqs
 from packdit.ops.attention import MODES as ATTENTION_MODES
 from packdit.reference.rope import apply_rope_3d
@@ -81,7 +82,7 @@ def use_kernel(op: str, device: torch.device, backend: str | None) -> bool:
         return True
     if backend is not None:
         raise BackendUnavailableError(f"{op}: backend={kernel!r} is not supported because {reason}")
-    if (kernel, reason) not in _warned:
+    if (kernel, reason) not in _warned and reason != EXT_MISSING:  # packdit._ext reports that one itself
         _warned.add((kernel, reason))
         warnings.warn(f"packdit: {kernel} kernels are not supported because {reason}; running the PyTorch "
                       "reference ops on CUDA tensors instead", RuntimeWarning, stacklevel=3)
