@@ -184,7 +184,7 @@ class Trainer:
 
     def load(self, path: str | os.PathLike) -> None:
         """Continue the run saved at ``path`` (every rank reads it)."""
-        self.load_state_dict(ckpt.load(path, map_location="cpu", weights_only=False))
+        self.load_state_dict(ckpt.load(path, map_location="cpu"))
 
     # ------------------------------------------------------------------ the loop
     def train_step(self, indices: list[int]) -> StepInfo:
