@@ -65,7 +65,7 @@ class PackedAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int, *, num_kv_heads: int | None = None, qkv_bias: bool = True,
                  qk_norm: bool = False, rope: RoPE3D | None = None, mode: str = "full", backend: str | None = None):
         super().__init__()
-        self.backend = PF.check_backend(backend)
+        self.backend = PF.check_backend(backend, "varlen_attention")
         self.head_dim, self.num_kv_heads = _head_sizes(dim, num_heads, num_kv_heads)
         if mode not in PF.ATTENTION_MODES:
             raise ValueError(f"mode: expected one of {PF.ATTENTION_MODES}, got {mode!r}")
@@ -94,7 +94,7 @@ class PackedCrossAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int, *, context_dim: int | None = None, num_kv_heads: int | None = None,
                  qkv_bias: bool = True, qk_norm: bool = False, backend: str | None = None):
         super().__init__()
-        self.backend = PF.check_backend(backend)
+        self.backend = PF.check_backend(backend, "varlen_attention")
         self.head_dim, self.num_kv_heads = _head_sizes(dim, num_heads, num_kv_heads)
         self.num_heads = num_heads
         self.q = nn.Linear(dim, dim, bias=qkv_bias)

@@ -44,11 +44,8 @@ from packdit.ops.attention import MODES as ATTENTION_MODES
 from packdit.reference.rope import apply_rope_3d
 from packdit.rope import RoPE3D
 
-__all__ = ["BACKENDS", "ATTENTION_MODES", "BackendUnavailableError", "check_backend", "use_kernel",
+__all__ = ["ATTENTION_MODES", "BackendUnavailableError", "check_backend", "use_kernel",
            "varlen_attention", "modulated_norm", "gated_residual", "fused_mlp", "patchify", "unpatchify"]
-
-BACKENDS = ("triton", "cuda", "torch")
-"""Backend names; ``None`` is the automatic choice."""
 
 _KERNEL_BACKEND = {"varlen_attention": "triton", "modulated_norm": "triton", "gated_residual": "triton",
                    "fused_mlp": "triton", "patchify": "cuda", "unpatchify": "cuda"}
@@ -60,21 +57,21 @@ class BackendUnavailableError(ValueError):
     """An explicitly requested kernel backend cannot run here; the message says why."""
 
 
-def check_backend(backend: str | None) -> str | None:
-    """``backend`` if it is a backend name or None (automatic), else ``ValueError``."""
-    if backend is not None and backend not in BACKENDS:
-        raise ValueError(f"backend: expected one of {BACKENDS} or None (automatic), got {backend!r}")
+def check_backend(backend: str | None, op: str) -> str | None:
+    """``backend`` if ``op`` has it (its kernel's, ``"torch"``, or None: automatic), else ``ValueError``; for
+    modules, which check the name they are given when they are built."""
+    allowed = (_KERNEL_BACKEND[op], "torch")
+    if backend is not None and backend not in allowed:
+        raise ValueError(f"backend: {op} runs on {allowed[0]!r} or 'torch' (None: automatic), got {backend!r}")
     return backend
 
 
 def use_kernel(op: str, device: torch.device, backend: str | None) -> bool:
     """Whether ``op`` runs its kernel on ``device`` tensors for ``backend`` (see the module docstring); one
     warning per process and reason for an automatic fallback on CUDA tensors."""
-    kernel = _KERNEL_BACKEND[op]
-    if backend == "torch":
+    if check_backend(backend, op) == "torch":
         return False
-    if backend not in (None, kernel):
-        raise ValueError(f"backend: {op} runs on {kernel!r} or 'torch' (None: automatic), got {backend!r}")
+    kernel = _KERNEL_BACKEND[op]
     if backend is None and device.type != "cuda":
         return False  # the reference is the designed path off CUDA devices (the interpreter is opt-in)
     reason = _UNSUPPORTED[kernel](device)

@@ -21,7 +21,7 @@ class FusedMLP(nn.Module):
     def __init__(self, in_features: int, hidden_features: int, out_features: int | None = None, bias: bool = True,
                  *, backend: str | None = None):
         super().__init__()
-        self.backend = PF.check_backend(backend)
+        self.backend = PF.check_backend(backend, "fused_mlp")
         self.fc1 = nn.Linear(in_features, hidden_features, bias=bias)
         self.fc2 = nn.Linear(hidden_features, out_features or in_features, bias=bias)
 

@@ -26,7 +26,7 @@ class ModulatedNorm(nn.Module):
         if norm_type not in ("layer", "rms"):
             raise ValueError(f"norm_type: expected 'layer' or 'rms', got {norm_type!r}")
         self.hidden_size, self.norm_type, self.eps = hidden_size, norm_type, eps
-        self.backend = PF.check_backend(backend)
+        self.backend = PF.check_backend(backend, "modulated_norm")
         self.weight = nn.Parameter(torch.ones(hidden_size)) if elementwise_affine else None
         self.bias = nn.Parameter(torch.zeros(hidden_size)) if elementwise_affine and norm_type == "layer" else None
 
@@ -44,7 +44,7 @@ class GatedResidual(nn.Module):
 
     def __init__(self, *, backend: str | None = None):
         super().__init__()
-        self.backend = PF.check_backend(backend)
+        self.backend = PF.check_backend(backend, "gated_residual")
 
     def forward(self, x: Tensor, f: Tensor, gate: Tensor, index: Tensor) -> Tensor:
         """x, f (N, D), gate (R, D), index (N,) int32 -> (N, D)."""

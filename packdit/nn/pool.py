@@ -41,7 +41,7 @@ class AttentionPool(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, *, backend: str | None = None):
         super().__init__()
-        self.backend = PF.check_backend(backend)
+        self.backend = PF.check_backend(backend, "varlen_attention")
         if dim % num_heads:
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
