@@ -14,12 +14,11 @@ never ``packdit.ops`` or ``packdit.reference`` directly. This is the only runtim
 
 The contract, the same for every op:
 
-* ``backend=None`` (automatic): the kernel when it can run on the tensors' device with what is installed
-  (:mod:`packdit._backends`), else the reference. On CUDA tensors a kernel is expected, so falling back
-  there (triton not installed, packdit._C missing or built without CUDA) warns once per process and
-  reason (a missing extension is reported by its loader, :mod:`packdit._ext`, not twice). CPU tensors run
-  the reference without a warning: it is the designed CPU path, not a fallback.
-  ``TRITON_INTERPRET=1`` does not change the automatic choice; the interpreter is opted into explicitly.
+* ``backend=None`` (automatic): on CUDA tensors, where a kernel is expected, the kernel when it can run with
+  what is installed (:mod:`packdit._backends`), else the reference with one warning per process and reason
+  (triton not installed, packdit._C built without CUDA; a missing extension is reported once by its loader,
+  :mod:`packdit._ext`). On CPU tensors the reference, without a warning: it is the designed CPU path, not a
+  fallback. ``TRITON_INTERPRET=1`` does not change the automatic choice; the interpreter is opted into.
 * ``backend="triton"`` / ``"cuda"`` (the op's kernel): runs it, or raises :class:`BackendUnavailableError`
   saying why it is not supported (e.g. CPU tensors without ``TRITON_INTERPRET=1``); this is how the tests
   run the Triton kernels on the CPU.
