@@ -1,12 +1,11 @@
 """Keeps benchmarks/ alive in CI: the runner on tiny CPU shapes, the output checks that refuse wrong
 implementations, the step-model fit guard, and a pytest-benchmark of pack."""
 
+import dataclasses
 import json
 import subprocess
 import sys
 from pathlib import Path
-
-import dataclasses
 
 import numpy as np
 import pytest
@@ -19,7 +18,6 @@ import workloads  # noqa: E402
 from common import OutputMismatch, forward_and_grads, verify_outputs  # noqa: E402
 
 import packdit  # noqa: E402
-
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -19,10 +19,10 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
-from packdit.layout import pack
 from packdit.packing import Plan, plan_steps
 from packdit.packing.cost import resolve_costs
-from packdit.packing.planner import is_integer, as_lengths, positive_int, prepare_samples
+from packdit.packing.planner import as_lengths, is_integer, positive_int, prepare_samples
+from packdit.patches import pack
 
 __all__ = ["PackedSampler", "collate_packed"]
 

@@ -30,9 +30,17 @@ from typing import Union
 import torch
 from torch import Tensor
 
-from packdit.diffusion.packed import (ModelFn, check_finite, check_int, check_labels, check_null_label, draw_noise,
-                                      segment_mean)
-from packdit.layout import DropRate, PackedSeqs, PatchSize, pack, pack_like
+from packdit.diffusion.packed import (
+    ModelFn,
+    check_finite,
+    check_int,
+    check_labels,
+    check_null_label,
+    draw_noise,
+    segment_mean,
+)
+from packdit.layout import DropRate, PackedSeqs, PatchSize
+from packdit.patches import pack, pack_like
 
 __all__ = [
     "BASE_TOKENS", "MAX_SHIFT", "FlowMatching", "sample_timesteps", "timestep_shift_factor", "shift_timesteps",
