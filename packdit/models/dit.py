@@ -125,8 +125,9 @@ class DiTBlock(nn.Module):
         """x (N, D), c (R, D), mod_index (N,) -> (N, D). With ``shard`` (sequence parallelism) x, mod_index and
         seqs are the shard's tokens and layout; self-attention runs over the whole batch ``shard.seqs``."""
         shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c)
-        attn_seqs = seqs if shard is None else shard.seqs
-        x = self.residual(x, self.attn(self.norm1(x, shift1, scale1, mod_index), attn_seqs, shard), gate1, mod_index)
+        h = self.norm1(x, shift1, scale1, mod_index)
+        h = self.attn(h, seqs) if shard is None else self.attn(h, shard.seqs, shard)
+        x = self.residual(x, h, gate1, mod_index)
         if self.cross_attn is not None:
             x = x + self.cross_attn(x, seqs, context, context_seqs.cu_seqlens, context_seqs.max_seqlen)
         return self.mlp(self.norm2(x, shift2, scale2, mod_index), x, gate2, mod_index)
