@@ -267,8 +267,9 @@ class DiT(nn.Module):
             idx = [pos[:, a] for a in range(3)]
             # one device->host read per forward, skipped with packdit.checks(False) and under torch.compile; on
             # the whole batch, so that every rank of a sequence-parallel group raises, not only the shard's
-            top = seqs.positions.amax(0).tolist() if seqs.num_tokens else [0, 0, 0]
-            for a, name in enumerate("thw" if checks_enabled() and not torch.compiler.is_compiling() else ""):
+            check = checks_enabled() and not torch.compiler.is_compiling() and seqs.num_tokens > 0
+            top = seqs.positions.amax(0).tolist() if check else []
+            for a, name in enumerate("thw" if check else ""):
                 if top[a] >= len(tables[a]):
                     raise ValueError(f"seqs: a {name} position of {top[a]} exceeds max_grid "
                                      f"{self.max_grid}; raise max_grid or use fractional_positions=True")
