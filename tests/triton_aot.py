@@ -40,7 +40,7 @@ import traceback
 # The launchers' checks that a device can run Triton kernels (CUDA, or the CPU under the interpreter). The
 # capture replaces them so that CPU tensors reach the (recorded, not executed) launch.
 _RUNNABLE_CHECKS = (
-    ("packdit.ops._triton_utils", "use_triton", lambda tensor: True),
+    ("packdit.ops._triton_utils", "require_triton", lambda op, tensor: None),
     ("packdit.ops.attention", "_check_runnable", lambda tensor: None),
 )
 # Compile options a launch may pass besides num_warps / num_stages (``triton.Config.all_kwargs``), and defaults.
