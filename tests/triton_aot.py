@@ -42,6 +42,9 @@ import traceback
 _RUNNABLE_CHECKS = (
     ("packdit.ops._triton_utils", "require_triton", lambda op, tensor: None),
     ("packdit.ops.attention", "_check_runnable", lambda tensor: None),
+    # the dispatcher's availability table: explicit backend="triton" requests reach the launchers
+    ("packdit.nn.functional", "_UNSUPPORTED",
+     {"triton": lambda device: None, "cuda": lambda device: "the capture records Triton launches only"}),
 )
 # Compile options a launch may pass besides num_warps / num_stages (``triton.Config.all_kwargs``), and defaults.
 _OTHER_OPTION_DEFAULTS = {"num_ctas": 1, "maxnreg": None}
