@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import workloads  # noqa: E402
 
 needs_ext = pytest.mark.skipif(implementation() != "cpp", reason="packdit._C with plan_lookahead not built")
+BACKENDS = [pytest.param("cpp", marks=needs_ext), "python"]
 
 
 def assert_valid(plan: Plan, lengths, capacity: int, ranks: int, sp_sizes=(1,)):
@@ -133,7 +134,8 @@ def test_long_sample_raises_or_is_split_off():
     assert plan.stats.num_long_samples == 1 and plan.stats.num_samples == 3
 
 
-def test_sequence_parallel_plan_by_hand():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sequence_parallel_plan_by_hand(backend):
     # capacity 10, 4 ranks, groups of 1, 2 or 4, cost L**2, no all-to-all cost. Sizes: 30 tokens -> 4 ranks,
     # 12 -> 2, 8, 8, 5 -> 1. Footprints 40, 8, 8, 20, 5; window 1 = 40 tokens.
     # window 1: [0] (40); its 4-rank bin is the whole step.
@@ -142,7 +144,7 @@ def test_sequence_parallel_plan_by_hand():
     #   5 (25) on a third (25 < 72 + 12.5). Merge: units (64, 64 | 25, 0 | 0, 0) in pairs; with the group
     #   (72) sorted 72, 64, 25, 0, in pairs -> step [group 3 | 64 | 64], step [25 | 0 | 0 | 0].
     plan = plan_steps([30, 8, 8, 12, 5], capacity=10, ranks=4, window=1, cost=CostModel(0.0, 1.0),
-                      sp_sizes=(1, 2, 4))
+                      sp_sizes=(1, 2, 4), backend=backend)
     assert plan.groups[0] == [Group(0, 4, [0])]
     assert plan.groups[1][0] == Group(0, 2, [3])
     assert [(g.first_rank, g.size) for g in plan.groups[1][1:]] == [(2, 1), (3, 1)]
@@ -161,12 +163,14 @@ def test_sequence_parallel_plan_by_hand():
     assert_valid(plan, [30, 8, 8, 12, 5], 10, 4, (1, 2, 4))
 
 
-def test_short_samples_fill_a_group_when_it_balances_and_the_alltoall_cost_counts():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_short_samples_fill_a_group_when_it_balances_and_the_alltoall_cost_counts(backend):
     # capacity 10, 2 ranks, cost L: an 11-token sample needs both ranks (load 11/2 = 5.5, 9 tokens of room);
     # footprint 20 + 5 * 3 = 35 -> 2 steps: the group and 2 unit bins. Five 3-token samples (cost 3) go on
     # the units (3, 3, 6, 6) until a unit would reach 9 while the group reaches 5.5 + 3/2 = 7.
     lengths = [11, 3, 3, 3, 3, 3]
-    plan = plan_steps(lengths, capacity=10, ranks=2, window=1, cost=CostModel(1.0, 0.0), sp_sizes=(1, 2))
+    plan = plan_steps(lengths, capacity=10, ranks=2, window=1, cost=CostModel(1.0, 0.0), sp_sizes=(1, 2),
+                      backend=backend)
     (group,), units = plan.groups
     assert group.size == 2 and group.indices[0] == 0 and len(group.indices) == 2
     assert [(u.first_rank, u.size, len(u.indices)) for u in units] == [(0, 1, 2), (1, 1, 2)]
@@ -175,7 +179,7 @@ def test_short_samples_fill_a_group_when_it_balances_and_the_alltoall_cost_count
     # an all-to-all cost of 1 per token: the group carries (11 + 11) / 2 = 11, a 3-token sample on it
     # (3 + 3) / 2 more, so every short sample stays on a unit bin (3, 3, 6, 6, 9)
     plan = plan_steps(lengths, capacity=10, ranks=2, window=1, cost=CostModel(1.0, 0.0, alltoall=1.0),
-                      sp_sizes=(1, 2))
+                      sp_sizes=(1, 2), backend=backend)
     assert plan.groups[0] == [Group(0, 2, [0])]
     assert sorted(len(u.indices) for u in plan.groups[1]) == [2, 3]
     s = plan.stats
@@ -183,8 +187,9 @@ def test_short_samples_fill_a_group_when_it_balances_and_the_alltoall_cost_count
     assert s.alltoall_fraction == pytest.approx(11 / (22 + 15))
 
 
-def test_sample_too_long_for_every_group_raises_or_is_left_out():
-    kwargs = dict(capacity=10, ranks=4, hidden_size=8, sp_sizes=(1, 2, 4))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sample_too_long_for_every_group_raises_or_is_left_out(backend):
+    kwargs = dict(capacity=10, ranks=4, hidden_size=8, sp_sizes=(1, 2, 4), backend=backend)
     with pytest.raises(ValueError, match=r"sample 2 has 45 tokens, more than the largest sequence-parallel group "
                                          r"holds \(4 ranks x capacity=10 = 40 tokens\) \(1 such samples\): it "
                                          r"needs a group of at least 5 ranks"):
@@ -195,10 +200,11 @@ def test_sample_too_long_for_every_group_raises_or_is_left_out():
     assert [g.size for step in plan.groups for g in step if 1 in g.indices] == [4]
 
 
-def test_drop_long_samples_or_run_them_with_groups():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_drop_long_samples_or_run_them_with_groups(backend):
     lengths = [5, 25, 7, 13, 2] * 4
-    dropped = plan_steps(lengths, capacity=10, ranks=4, hidden_size=8, split_long=True)
-    grouped = plan_steps(lengths, capacity=10, ranks=4, hidden_size=8, split_long=True, sp_sizes=(1, 2, 4))
+    kwargs = dict(capacity=10, ranks=4, hidden_size=8, split_long=True, backend=backend)
+    dropped, grouped = plan_steps(lengths, **kwargs), plan_steps(lengths, sp_sizes=(1, 2, 4), **kwargs)
     assert dropped.long_samples == (1, 3, 6, 8, 11, 13, 16, 18) and grouped.long_samples == ()
     assert grouped.stats.num_sp_long_samples == 8 and grouped.stats.sp_tokens >= 4 * (25 + 13)
     assert_valid(grouped, lengths, 10, 4, (1, 2, 4))
