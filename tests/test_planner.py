@@ -291,6 +291,7 @@ def test_long_video_mix_runs_every_sample_with_groups(ranks, min_efficiency):
     (dict(ranks="2"), r"ranks: expected a positive int, got '2'"),
     (dict(window=True), r"window: expected a positive int, got True"),
     (dict(seed=0.5), r"seed: expected an int, got 0.5"),
+    (dict(lengths=[2**60] * 4, capacity=2**60, ranks=1, window=1), r"lengths: the samples claim 2\*\*62 tokens"),
 ])
 def test_invalid_arguments(bad, match):
     kwargs = dict(lengths=[3, 4], capacity=8, ranks=2, window=2, hidden_size=8) | bad

@@ -424,9 +424,11 @@ def prepare_samples(lengths, *, capacity, ranks, window=1, cost=None, hidden_siz
             f"at least {-(-length // capacity)} ranks: pass sp_sizes with such a size (sequence parallelism), raise "
             "capacity, or pass split_long=True to list such samples in Plan.long_samples"
         )
-    if float(np.minimum(lengths, held).sum(dtype=np.float64)) + float(too_long.size) * held >= 2**62:
-        raise ValueError("lengths: the samples hold 2**62 tokens or more; the planner counts tokens in int64")
-    return lengths, costs, np.flatnonzero(lengths <= held), too_long
+    planned = np.flatnonzero(lengths <= held)
+    footprint = np.where(lengths <= capacity, lengths, held)[planned]  # no less than the room each claims
+    if float(footprint.sum(dtype=np.float64)) >= 2**62:
+        raise ValueError("lengths: the samples claim 2**62 tokens or more; the planner counts tokens in int64")
+    return lengths, costs, planned, too_long
 
 
 def plan_steps(
