@@ -5,8 +5,9 @@ differentiable exchanges (values and backward), Ulysses attention against the on
 mode, RoPE and GQA layout, and the DiT contract -- the same outputs on every rank, and after backward()
 the one-process gradients -- for images and videos of uneven lengths, with checkpointing, per-frame and
 per-token t, text cross-attention, token dropping and label dropout, on groups of 2 and 4 and on two groups of
-2 at once. It also measures the activation memory each rank saves for backward. A stalled rank makes the
-others fail with the process group's timeout instead of hanging.
+2 at once. It also measures the activation memory each rank saves for backward. Four ranks train a plan that
+mixes groups of 1, 2 and 4 (DDP and FSDP2, and a resumed run) exactly like one process training on each step's
+samples. A stalled rank makes the others fail with the process group's timeout instead of hanging.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import copy
 import json
 import socket
+import sys
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -25,6 +27,7 @@ import torch.multiprocessing as mp
 from helpers import assert_close, randomize_
 
 from packdit import pack
+from packdit.data import PackedSampler
 from packdit.distributed import (
     SequenceParallel,
     exchange_rows,
@@ -39,6 +42,7 @@ from packdit.layout import PackedSeqs
 from packdit.models.dit import DiT
 from packdit.nn import PackedAttention
 from packdit.rope import RoPE3D
+from packdit.train import Trainer, packed_loss_sum
 
 GROUP_TIMEOUT = timedelta(seconds=60)  # a collective that waits longer fails: no test hangs on a lost rank
 SPAWN_TIMEOUT = 420.0                   # seconds for one spawned group, start-up included (2 shared CPU cores)
@@ -313,6 +317,79 @@ def _measure_memory(rank, world, group, out_dir):
             json.dump({"ranks": world, "alone": alone, "per_rank": shared}, f)
 
 
+# ---------------------------------------------------------------------- DP x SP training
+_CLIP_SHAPES = ((2, 2, 4, 4), (2, 4, 4, 6), (2, 6, 4), (2, 2, 4, 8), (2, 2, 2), (2, 3, 4, 4))  # 8 24 6 16 1 12 tokens
+TRAIN = dict(capacity=8, patch_size=(1, 2, 2), hidden_size=16, window=2, seed=3, sp_sizes=(1, 2, 4), cfg_dropout=0.3,
+             null_label=3)
+TRAIN_STEPS, TRAIN_LR = 4, 0.2
+
+
+class Clips:
+    """14 latents of 1 to 24 tokens at patch (1, 2, 2), labels in [0, 3): with capacity 8 the 12-24-token ones need
+    groups of 2 or 4 ranks. A function of the index only."""
+
+    def __len__(self):
+        return 14
+
+    def __getitem__(self, i):
+        return torch.randn(_CLIP_SHAPES[i % 6], generator=torch.Generator().manual_seed(i)), i % 3
+
+    def lengths(self):
+        shapes = [_CLIP_SHAPES[i % 6] for i in range(len(self))]
+        return [(s[1] if len(s) == 4 else 1) * (s[-2] // 2) * (s[-1] // 2) for s in shapes]
+
+
+def _train_model():
+    model = DiT(input_size=8, patch_size=(1, 2, 2), in_channels=2, hidden_size=16, depth=1, num_heads=4,
+                num_classes=4, learn_sigma=False, class_dropout_prob=0.0, backend="torch")
+    return randomize_(model, seed=6, std=0.2)
+
+
+def _trainer(fsdp: bool = False) -> Trainer:
+    data = Clips()
+    return Trainer(_train_model(), data, lengths=data.lengths(), lr=TRAIN_LR, optimizer=torch.optim.SGD, fsdp=fsdp,
+                   group_timeout=GROUP_TIMEOUT, **TRAIN)
+
+
+def _train(rank, world, out_dir):
+    """DDP and FSDP2 runs of the mixed plan, and a DDP run stopped after 2 steps and resumed; rank 0 saves them."""
+    runs = {}
+    for mode in ("ddp", "fsdp2"):
+        runs[mode] = _trainer(fsdp=mode == "fsdp2")
+        runs[mode].run(TRAIN_STEPS)
+    _trainer().run(2, checkpoint=f"{out_dir}/checkpoint.pt")
+    runs["resumed"] = _trainer()
+    runs["resumed"].load(f"{out_dir}/checkpoint.pt")
+    runs["resumed"].run(TRAIN_STEPS)
+    results = {mode: {"losses": trainer.losses,
+                      "params": {k: v.full_tensor() if hasattr(v, "full_tensor") else v  # FSDP2: a collective
+                                 for k, v in trainer.model.state_dict().items()}}
+               for mode, trainer in runs.items()}
+    if rank == 0:
+        torch.save(results, f"{out_dir}/train.pt")
+
+
+def _train_one_process():
+    """SGD on each step's samples (every group's pack once), loss = mean of the per-sample losses."""
+    data, model = Clips(), _train_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=TRAIN_LR)
+    options = {k: TRAIN[k] for k in ("capacity", "hidden_size", "window", "seed", "sp_sizes")}
+    samplers = [PackedSampler(data.lengths(), ranks=4, rank=r, **options) for r in range(4)]
+    losses, sizes = [], []
+    for _, groups in zip(range(TRAIN_STEPS), zip(*(s.groups() for s in samplers))):
+        packs = {(g.first_rank, g.size): g.indices for g in groups}
+        sizes.append(sorted(size for _, size in packs))
+        union = [i for pack in packs.values() for i in pack]
+        loss = packed_loss_sum(model, data, union, patch_size=TRAIN["patch_size"], seed=TRAIN["seed"], epoch=0,
+                               device="cpu", cfg_dropout=TRAIN["cfg_dropout"], null_label=TRAIN["null_label"])
+        loss = loss / len(union)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses, model.state_dict(), sizes
+
+
 def _group_of_two_worker(rank, world, out_dir):
     group = dist.new_group(list(range(world)), timeout=GROUP_TIMEOUT)
     _check_exchanges(rank, world, group)
@@ -333,16 +410,30 @@ def _group_of_four_worker(rank, world, out_dir):
     with pytest.raises(ValueError, match="2 attention heads cannot be split over a group of 4"):
         DiT(**{**VIDEO, "num_heads": 2}, sequence_parallel=groups[4])
     _measure_memory(rank, world, groups[4], out_dir)
+    _train(rank, world, out_dir)
 
 
-@pytest.mark.parametrize("world", [2, 4])
-def test_sequence_parallel_equals_one_process(world, tmp_path):
-    seconds = spawn(_group_of_two_worker if world == 2 else _group_of_four_worker, world, str(tmp_path))
-    memory = json.loads((tmp_path / f"memory_{world}.json").read_text())
+def _check_memory(out_dir, world: int, seconds: float) -> None:
+    memory = json.loads((out_dir / f"memory_{world}.json").read_text())
     ratio = memory["per_rank"] / memory["alone"]
     print(f"{world} ranks: {seconds:.1f} s; saved activations per rank {memory['per_rank'] / 2**20:.2f} MiB vs "
           f"{memory['alone'] / 2**20:.2f} MiB alone (ratio {ratio:.3f})")
     assert ratio < 1.15 / world, memory   # ~1/P: only the layout, conditioning rows and outputs are replicated
+
+
+def test_two_ranks_equal_one_process(tmp_path):
+    _check_memory(tmp_path, 2, spawn(_group_of_two_worker, 2, str(tmp_path)))
+
+
+def test_four_ranks_equal_one_process_and_train_a_mixed_plan(tmp_path):
+    _check_memory(tmp_path, 4, spawn(_group_of_four_worker, 4, str(tmp_path)))
+    losses, params, sizes = _train_one_process()
+    assert [1, 1, 2] in sizes and [4] in sizes and [2, 2] in sizes, sizes  # groups of every size, mixed in a step
+    assert max((params[k] - v).abs().max().item() for k, v in _train_model().state_dict().items()) > 1e-2
+    for mode, run in torch.load(tmp_path / "train.pt").items():
+        assert run["losses"] == pytest.approx(losses, rel=1e-5), mode
+        for name, value in params.items():
+            assert_close(run["params"][name], value, atol=1e-5, rtol=1e-4, name=f"{mode} {name}")
 
 
 # ---------------------------------------------------------------------- failures
@@ -370,3 +461,20 @@ def test_a_stalled_rank_fails_the_group_instead_of_hanging(tmp_path):
     result = json.loads((tmp_path / "error.json").read_text())
     print(result)
     assert "Timed out" in result["error"] and result["seconds"] < 10, result  # the group's 3 s timeout
+
+
+# ---------------------------------------------------------------------- the e2e benchmark's rows
+def test_e2e_sequence_parallel_rows_run_on_two_cpu_processes():
+    """The e2e section's >= 2-GPU rows, run with gloo on the CPU: every group size verified, then timed."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import e2e
+    from common import Context
+
+    ctx = Context(device=torch.device("cpu"), quick=True, env={}, out_dir=Path("."))
+    cfg = e2e._config(ctx)
+    assert e2e.sequence_parallel_rows(ctx, cfg, torch.float32) == [
+        {"kind": "sequence-parallel", "note": "not measured: needs >= 2 GPUs, this machine has 0"}]
+    rows = e2e.measure_sequence_parallel((1, 2), "gloo", cfg, (4, 2, 8, 8), 2, torch.float32)
+    print(rows)
+    assert [r["gpus"] for r in rows] == [1, 2] and all(r["tokens"] == 32 for r in rows)
+    assert all(r["rel_err"] < 1e-4 and r["time_ms"] > 0 for r in rows) and rows[1]["speedup"] > 0, rows

@@ -194,10 +194,13 @@ def sequence_parallel_groups(sizes: Iterable[int], *, timeout: timedelta | None 
     """This rank's process group of each size ``P > 1`` in ``sizes``: the aligned block of ranks
     ``[P * (rank // P), P * (rank // P) + P)``, the groups a sequence-parallel plan runs on (a group of size P
     starts at a multiple of P). Every group of every size is created here, once: every rank of the default group
-    must call this with the same sizes (``torch.distributed.new_subgroups``). ``timeout``: the groups' collective
-    timeout (None: torch's default for the backend, 30 min for gloo)."""
-    world = dist.get_world_size()
+    must call this with the same sizes (``torch.distributed.new_subgroups``; sizes of 1 alone need no process
+    group and no initialized ``torch.distributed``). ``timeout``: the groups' collective timeout (None: torch's
+    default for the backend, 30 min for gloo)."""
     sizes = sorted(set(int(p) for p in sizes))
+    if sizes[-1:] in ([], [1]):  # nothing to create: no process group needed
+        return {}
+    world = dist.get_world_size()
     bad = [p for p in sizes if p < 1 or world % p]
     if bad:
         raise ValueError(f"sp_sizes: expected group sizes that divide the world size {world}, got {bad}")
