@@ -16,6 +16,7 @@ the data pipeline). Every error names the argument, the segment and the expected
 from __future__ import annotations
 
 import contextlib
+import operator
 import os
 import threading
 from collections.abc import Iterator, Sequence
@@ -23,7 +24,11 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["checks", "checks_enabled", "validate_cu_seqlens", "validate_offsets", "validate_seqs"]
+__all__ = ["checks", "checks_enabled", "validate_cu_seqlens", "validate_offsets", "validate_seqs", "check_grid",
+           "MAX_TOKENS"]
+
+MAX_TOKENS = 2**31 - 1
+"""Tokens of one packed batch, and cells of one patch grid: every index into either is int32."""
 
 _state = threading.local()
 
@@ -45,6 +50,24 @@ def checks(enabled: bool) -> Iterator[None]:
         yield
     finally:
         _state.enabled = previous
+
+
+def check_grid(grid: Sequence[int], name: str) -> tuple[int, int, int]:
+    """One sample's patch grid as three Python ints ``(T, H, W)``, or ValueError naming ``name``.
+
+    Refuses what the int32 layout cannot hold: raster indices ``t*H*W + h*W + w`` (and ``H*W``, each side)
+    must fit int32, or positions come out negative, so a grid spans at most ``MAX_TOKENS`` cells."""
+    try:
+        entry = tuple(operator.index(s) for s in grid)
+    except TypeError:
+        entry = None
+    if entry is None or len(entry) != 3 or min(entry) < 0:
+        raise ValueError(f"{name}: expected (T, H, W) of non-negative ints, got {grid}")
+    cells = max(entry[0] * entry[1] * entry[2], entry[1] * entry[2], *entry)
+    if cells > MAX_TOKENS:
+        raise ValueError(f"{name}: (T, H, W) = {entry} spans {cells} cells; raster indices are int32, so a grid "
+                         f"(and each frame and side of it) spans at most {MAX_TOKENS}")
+    return entry
 
 
 def _first_bad(mask: Tensor) -> int:
@@ -116,9 +139,10 @@ def validate_seqs(seqs, name: str = "seqs") -> None:
     if seqs.max_seqlen != max(lengths, default=0):
         raise ValueError(f"{name}.max_seqlen: expected {max(lengths, default=0)} (the longest segment), "
                          f"got {seqs.max_seqlen}")
-    for b, ((t, h, w), length) in enumerate(zip(seqs.grid.tolist(), lengths)):
+    grids = [check_grid(g, f"{name}.grid[{b}]") for b, g in enumerate(seqs.grid.tolist())]
+    for b, ((t, h, w), length) in enumerate(zip(grids, lengths)):
         full = t * h * w
-        if min(t, h, w) < 0 or length > full or (length < full and not seqs.dropped):
+        if length > full or (length < full and not seqs.dropped):
             want = f"<= {full}" if seqs.dropped else f"= {full}"
             raise ValueError(f"{name}: segment {b} has {length} tokens but its grid (T, H, W) = ({t}, {h}, {w}) "
                              f"needs length {want}")

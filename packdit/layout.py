@@ -28,12 +28,10 @@ import torch
 import torch.utils._pytree as pytree
 from torch import Tensor
 
+from packdit._validate import MAX_TOKENS, check_grid
 from packdit.layout_positions import layout_positions
 
 __all__ = ["PackedSeqs", "PatchSize", "DropRate", "normalize_patch_size", "check_latents", "MAX_TOKENS"]
-
-MAX_TOKENS = 2**31 - 1
-"""Tokens of one packed batch: every index into it is int32."""
 
 PatchSize = Union[int, Sequence[int]]
 DropRate = Union[float, Callable[[tuple[int, int, int]], float], None]
@@ -91,10 +89,7 @@ class PackedSeqs:
         ``kept[b]``, when given and not None, is a 1-D integer tensor of the raster indices
         (``t*H*W + h*W + w``, strictly increasing) of the tokens of sample b that survive dropping.
         """
-        grids = [tuple(int(s) for s in g) for g in grids]
-        for b, g in enumerate(grids):
-            if len(g) != 3 or min(g) < 0:
-                raise ValueError(f"grids[{b}]: expected (T, H, W) of non-negative ints, got {g}")
+        grids = [check_grid(g, f"grids[{b}]") for b, g in enumerate(grids)]
         full = [g[0] * g[1] * g[2] for g in grids]
         if kept is None:
             kept = [None] * len(grids)

@@ -158,6 +158,19 @@ def test_from_grids_rejects_bad_kept_indices():
         PackedSeqs.from_grids([(1, 2, 2), (1, 2, 2)], kept=[None, torch.tensor([0, 4])])
 
 
+def test_from_grids_refuses_grids_whose_raster_index_overflows_int32():
+    """A grid of >= 2^31 cells keeping two tokens: the raster index of the last one does not fit int32 (the
+    positions came out negative, and the layout was marked valid). Nothing of grid size is allocated."""
+    with pytest.raises(ValueError, match=r"grids\[1\]: .* 2147483648 cells"):
+        PackedSeqs.from_grids([(1, 1, 1), (2, 2**15, 2**15)], kept=[None, torch.tensor([0, 2**31 - 1])])
+    with pytest.raises(ValueError, match=r"grids\[0\]: .* 4294967296 cells"):
+        PackedSeqs.from_grids([(0, 2**32, 1)])
+    largest = PackedSeqs.from_grids([(1, 2**15, 2**16 - 1)], kept=[torch.tensor([0, 2**31 - 2**15 - 1])])
+    assert largest.positions.tolist() == [[0, 0, 0], [0, 2**15 - 1, 2**16 - 2]]
+    with pytest.raises(ValueError, match=r"grids\[0\]: expected \(T, H, W\) of non-negative ints"):
+        PackedSeqs.from_grids([(1, 2.5, 2)])  # was truncated to (1, 2, 2)
+
+
 # ---------------------------------------------------------------------- bad input
 @pytest.mark.parametrize(
     "latents, patch, exc, match",

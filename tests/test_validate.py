@@ -149,3 +149,14 @@ def test_use_deterministic_flag():
         assert deterministic_enabled()
     finally:
         torch.use_deterministic_algorithms(False)
+
+
+def test_a_grid_whose_raster_index_overflows_int32_is_refused():
+    """Two kept tokens of a (2, 2^15, 2^15) grid: 2^31 cells, so raster indices overflow int32."""
+    seqs = packdit.PackedSeqs(
+        cu_seqlens=torch.tensor([0, 2], dtype=torch.int32), max_seqlen=2,
+        grid=torch.tensor([[2, 2**15, 2**15]], dtype=torch.int32),
+        positions=torch.tensor([[0, 0, 0], [1, 2**15 - 1, 2**15 - 1]], dtype=torch.int32),
+        segment_ids=torch.zeros(2, dtype=torch.int32), dropped=True)
+    with pytest.raises(ValueError, match=r"seqs.grid\[0\]: .* 2147483648 cells"):
+        validate_seqs(seqs)
