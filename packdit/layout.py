@@ -28,7 +28,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch import Tensor
 
-from packdit._validate import MAX_TOKENS, check_grid
+from packdit._validate import MAX_TOKENS, check_grid, is_validated, mark_validated, validate_seqs
 from packdit.layout_positions import layout_positions
 
 __all__ = ["PackedSeqs", "PatchSize", "DropRate", "normalize_patch_size", "check_latents", "MAX_TOKENS"]
@@ -51,10 +51,12 @@ class PackedSeqs:
         sample_ndims: host tuple, 3 for a sample packed from an image ``(C, H, W)``, 4 for a video;
             ``unpack`` uses it to give back the input shapes.
 
-    ``len(seqs)`` is B. The object is immutable; ops may memoize layout-derived metadata (block
+    ``len(seqs)`` is B. The object is frozen; ops may memoize layout-derived metadata (block
     schedules, host copies of lengths) with :meth:`cached`, so it is computed once per batch, not once
-    per layer. It is a registered pytree node: the tensors and ``max_seqlen`` are leaves (``max_seqlen``
-    becomes a SymInt under ``torch.compile(dynamic=True)``), ``dropped`` and ``sample_ndims`` are static.
+    per layer. A layout entering the public API is validated once (``packdit._validate.validate_seqs``);
+    one whose tensors are written in place afterwards is validated again, its memo dropped. It is a
+    registered pytree node: the tensors and ``max_seqlen`` are leaves (``max_seqlen`` becomes a SymInt
+    under ``torch.compile(dynamic=True)``), ``dropped`` and ``sample_ndims`` are static.
     """
 
     cu_seqlens: Tensor
@@ -64,7 +66,9 @@ class PackedSeqs:
     segment_ids: Tensor
     dropped: bool = False
     sample_ndims: tuple[int, ...] = ()
-    _cache: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
+    # not an init field: dataclasses.replace(seqs, segment_ids=...) gets an empty cache, so it is validated
+    # on first use instead of inheriting "validated" and metadata memoized from the old values
+    _cache: dict = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         # The 3 of (N, 3) / (B, 3) is a constant: marking it static keeps torch.compile(dynamic=True)
@@ -138,7 +142,7 @@ class PackedSeqs:
         )
         seqs._cache["seqlens"] = tuple(lengths)
         seqs._cache["grids"] = tuple(grids)
-        seqs._cache["validated"] = True  # consistent by construction: no device->host check needed later
+        mark_validated(seqs)  # consistent by construction: no device->host check needed later
         return seqs
 
     # ------------------------------------------------------------------ sizes
@@ -182,13 +186,19 @@ class PackedSeqs:
         return self._cache[key]
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> PackedSeqs:
-        """The same layout on ``device``. Host metadata (lengths, grids) is carried over, device caches are not."""
+        """The same layout on ``device``. Host metadata (lengths, grids) and the validation of a layout not
+        written in place since are carried over, device caches are not."""
         moved = dataclasses.replace(
-            self,
-            **{f: getattr(self, f).to(device, non_blocking=non_blocking) for f in _TENSOR_FIELDS},
-            _cache={k: self._cache[k] for k in _HOST_CACHE_KEYS if k in self._cache},
-        )
+            self, **{f: getattr(self, f).to(device, non_blocking=non_blocking) for f in _TENSOR_FIELDS})
+        if is_validated(self):
+            moved._cache.update({k: self._cache[k] for k in _HOST_CACHE_KEYS if k in self._cache})
+            mark_validated(moved)
         return moved
+
+    def validate(self, name: str = "seqs") -> None:
+        """Check the layout's consistency now, whatever ``packdit.checks`` says (memoized): see
+        :func:`packdit._validate.validate_seqs`; for code (the oracles) that checks every layout it gets."""
+        validate_seqs(self, name, always=True)
 
 
 _TENSOR_FIELDS = ("cu_seqlens", "grid", "positions", "segment_ids")

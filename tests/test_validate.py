@@ -15,11 +15,11 @@ from packdit._validate import validate_cu_seqlens, validate_seqs
 
 def _seqs():
     _, seqs = packdit.pack([torch.zeros(2, 2, 4, 4), torch.zeros(2, 2, 2), torch.zeros(2, 1, 2, 6)], (1, 2, 2))
-    return dataclasses.replace(seqs, _cache={})  # forget "valid by construction"
+    return dataclasses.replace(seqs)  # a copy with an empty cache: not "valid by construction"
 
 
 def _broken(**fields):
-    return dataclasses.replace(_seqs(), _cache={}, **fields)
+    return dataclasses.replace(_seqs(), **fields)
 
 
 @pytest.mark.parametrize(
@@ -31,7 +31,9 @@ def _broken(**fields):
         (dict(cu_seqlens=torch.tensor([0, 8, 9, 12])), r"seqs.cu_seqlens: expected dtype int32"),
         (dict(cu_seqlens=torch.tensor([0, 7, 9, 12], dtype=torch.int32), max_seqlen=7),
          r"segment 0 has 7 tokens but its grid"),
-        (dict(max_seqlen=5), r"max_seqlen: expected 8"),
+        (dict(max_seqlen=5), r"max_seqlen: expected the int 8"),
+        (dict(max_seqlen=8.0), r"max_seqlen: expected the int 8 \(the longest segment\), got 8.0"),
+        (dict(sample_ndims=(4, 3)), r"sample_ndims: expected \(\) or 3 entries"),
         (dict(grid=torch.tensor([[2, 2, 2], [1, 1, 1]], dtype=torch.int32)), r"grid: expected shape \(3, 3\)"),
         (dict(segment_ids=torch.tensor([0] * 9 + [2] * 3, dtype=torch.int32)), r"token 8 says segment 0"),
     ],
@@ -39,6 +41,11 @@ def _broken(**fields):
 def test_bad_layouts_are_named(fields, match):
     with pytest.raises(ValueError, match=match):
         validate_seqs(_broken(**fields))
+
+
+def test_a_layout_field_that_is_not_a_tensor():
+    with pytest.raises(TypeError, match=r"seqs.segment_ids: expected an int32 tensor, got list"):
+        validate_seqs(_broken(segment_ids=[0] * 12))
 
 
 def test_positions_outside_grid():
@@ -52,7 +59,7 @@ def test_positions_outside_grid():
 
 def test_unpack_refuses_a_layout_that_would_mix_samples():
     tokens, seqs = packdit.pack([torch.randn(2, 4, 4), torch.randn(2, 2, 2)], 2)
-    shifted = dataclasses.replace(seqs, cu_seqlens=torch.tensor([0, 3, 5], dtype=torch.int32), max_seqlen=3, _cache={})
+    shifted = dataclasses.replace(seqs, cu_seqlens=torch.tensor([0, 3, 5], dtype=torch.int32), max_seqlen=3)
     with pytest.raises(ValueError, match="segment"):
         packdit.unpack(tokens, shifted, 2)
 

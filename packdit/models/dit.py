@@ -51,7 +51,7 @@ import torch.nn as nn
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from packdit._validate import checks_enabled
+from packdit._validate import checks_enabled, validate_seqs
 from packdit.layout import PackedSeqs, normalize_patch_size
 from packdit.models.config import DIT_CONFIGS, DiTConfig
 from packdit.nn import (
@@ -232,6 +232,7 @@ class DiT(nn.Module):
             raise ValueError("context: cond='text' needs a list of (L_b, text_dim) text embeddings")
         if isinstance(context, tuple):  # already packed: (tokens (M, text_dim), PackedSeqs)
             ctx, ctx_seqs = context
+            validate_seqs(ctx_seqs, "context[1]")
         else:
             ctx = torch.cat(list(context))
             ctx_seqs = PackedSeqs.from_grids([(1, 1, c.shape[0]) for c in context], device=ctx.device)
@@ -243,6 +244,7 @@ class DiT(nn.Module):
         """tokens (N, C*pt*ph*pw) from ``packdit.pack(latents, patch_size)``, t (B,) | (sum T_b,) | (N,),
         y (B,) labels or ``context`` (list of (L_b, text_dim), or packed ``(tokens, seqs)``)
         -> (N, pt*ph*pw*C_out), each token channels-last (``unpack(..., channels_last=True)``)."""
+        validate_seqs(seqs)
         width = self.in_channels * math.prod(self.patch_size)
         if tokens.dim() != 2 or tokens.shape != (seqs.num_tokens, width):
             raise ValueError(f"tokens: expected ({seqs.num_tokens}, {width}) packed patches of seqs, "

@@ -262,8 +262,10 @@ class DiT(nn.Module):
         ``tokens, seqs = packdit.pack(latents, patch_size=(1, p, p))``; the output token of each patch is
         ordered (p, p, C_out), so ``unpack(out, seqs, (1, p, p), channels_last=True)`` gives the images.
         Token positions come from ``seqs.positions`` (so dropped-token layouts work too: every kept token
-        keeps its true (h, w)); attention stays inside each sample.
+        keeps its true (h, w)); attention stays inside each sample. The layout is checked whatever
+        ``packdit.checks`` says (``seqs.validate()``, once per layout object), as an oracle should.
         """
+        seqs.validate()
         p = self.patch_size
         width = self.in_channels * p * p
         if tokens.dim() != 2 or tokens.shape[1] != width:
