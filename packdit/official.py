@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = ["MODEL_SIZES", "OFFICIAL_CONFIGS", "get_1d_sincos_pos_embed", "get_2d_sincos_pos_embed",
-           "grid_pos_embed", "PatchEmbed", "TimestepEmbedder", "LabelEmbedder", "official_init",
-           "guide_first_channels"]
+           "grid_pos_embed", "check_loaded_pos_embed", "PatchEmbed", "TimestepEmbedder", "LabelEmbedder",
+           "official_init", "guide_first_channels"]
 
 MODEL_SIZES = {"XL": (28, 1152, 16), "L": (24, 1024, 16), "B": (12, 768, 12), "S": (12, 384, 6)}
 """Official model sizes: name -> (depth, hidden_size, num_heads)."""
@@ -67,6 +67,28 @@ def grid_pos_embed(embed_dim: int, grid_h: int, grid_w: int, device: torch.devic
     h = torch.arange(grid_h, device=device).repeat_interleave(grid_w)
     w = torch.arange(grid_w, device=device).repeat(grid_h)
     return get_2d_sincos_pos_embed(embed_dim, h, w)
+
+
+def check_loaded_pos_embed(module: nn.Module, state_dict: dict, prefix: str, local_metadata, strict, missing_keys,
+                           unexpected_keys, error_msgs: list[str]) -> None:
+    """``load_state_dict`` pre-hook of models that store the fixed ``pos_embed`` table for checkpoint
+    compatibility but embed each token's (h, w) with :func:`get_2d_sincos_pos_embed`: a loaded table must
+    be that fixed table (up to 2 ulp of its dtype; official checkpoints hold it in float32), or loading
+    fails, strict or not -- a learned or interpolated table would otherwise be silently ignored.
+    Register with ``module.register_load_state_dict_pre_hook(check_loaded_pos_embed)``."""
+    loaded = state_dict.get(prefix + "pos_embed")
+    if (not isinstance(loaded, Tensor) or loaded.shape != module.pos_embed.shape or loaded.is_meta
+            or not loaded.is_floating_point()):
+        return  # absent, or a shape/dtype load_state_dict itself reports
+    fixed = grid_pos_embed(loaded.shape[-1], *module.x_embedder.grid_size, loaded.device)
+    error = (loaded[0].double() - fixed).abs().max().item() if loaded.numel() else 0.0
+    tolerance = 2 * torch.finfo(loaded.dtype).eps  # |table| <= 1, so rounding to the dtype moves it <= 1 ulp
+    if error > tolerance:
+        error_msgs.append(
+            f"pos_embed: the loaded table differs from the fixed 2-D sin-cos table of the "
+            f"{module.x_embedder.grid_size} patch grid by up to {error:.3g} (more than the {tolerance:.1g} rounding "
+            f"of {loaded.dtype}); this model computes the sin-cos embedding from each token's (h, w), so a learned "
+            f"or interpolated table cannot be used")
 
 
 # ---------------------------------------------------------------------- layers

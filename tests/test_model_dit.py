@@ -2,6 +2,7 @@
 
 import dataclasses
 
+import official_dit
 import pytest
 import torch
 from helpers import assert_close, randomize_
@@ -257,6 +258,8 @@ def test_named_configs_are_the_registry():
     (dict(hidden_size=33), "not divisible"),
     (dict(patch_size=(1, 2, 2, 2)), "patch_size"),
     (dict(attention="diagonal"), "attention: expected one of"),
+    (dict(hidden_size=34), r"hidden_size: pos_embed='sincos2d' needs a multiple of 4 .*, got 34"),
+    (dict(attention="spatial_temporal", patch_size=2), r"attention: 'spatial_temporal' .* 2-D patch_size 2"),
 ], ids=lambda x: x if isinstance(x, str) else "")
 def test_config_refuses_options_it_would_ignore(options, match):
     with pytest.raises(ValueError, match=match):
@@ -266,3 +269,44 @@ def test_config_refuses_options_it_would_ignore(options, match):
 def test_only_sincos2d_stores_a_pos_embed_table():
     for pos_embed, stored in (("sincos2d", True), ("factorized", False), ("rope3d", False)):
         assert ("pos_embed" in DiT(**VIDEO, pos_embed=pos_embed).state_dict()) == stored, pos_embed
+
+
+# ---------------------------------------------------------------------- what the configuration cannot honour
+def test_an_image_model_refuses_videos():
+    """2-D patches embed no time: a video's frames would silently share every position embedding."""
+    model = DiT(**TINY, backend="torch").eval()
+    t, y = torch.tensor([1.0, 2.0]), torch.tensor([1, 2])
+    with pytest.raises(ValueError, match=r"seqs: sample 1 has T=2 patch frames, but this DiT has the 2-D "
+                                         r"patch_size 2 of an image model"):
+        model([torch.randn(4, 4, 4), torch.randn(4, 2, 4, 4)], t, y)
+    with pytest.raises(ValueError, match="T=3 patch frames"):
+        model(torch.randn(2, 4, 3, 4, 4), t, y)
+    single_frame = model([torch.randn(4, 1, 4, 4)], t[:1], y[:1])  # one frame is an image
+    assert single_frame[0].shape == (8, 1, 4, 4)
+
+
+def test_conditioning_the_configuration_has_no_use_for_is_refused():
+    latents, t = [torch.randn(4, 2, 4)], torch.tensor([3.0])
+    by_class = DiT(**VIDEO, backend="torch")
+    with pytest.raises(ValueError, match=r"context: given, but this DiT is class-conditioned \(cond='class'\)"):
+        by_class(latents, t, torch.tensor([1]), context=[torch.randn(3, 12)])
+    by_text = DiT(**VIDEO, cond="text", text_dim=12, backend="torch")
+    with pytest.raises(ValueError, match=r"y: given, but this DiT is text-conditioned \(cond='text'\)"):
+        by_text(latents, t, torch.tensor([1]), context=[torch.randn(3, 12)])
+
+
+@pytest.mark.parametrize("model_class", [DiT, reference.DiT])
+def test_a_loaded_pos_embed_must_be_the_fixed_table_the_model_computes(model_class):
+    """The position embedding is computed from token positions, so a learned or interpolated table in a
+    checkpoint would be ignored: loading refuses it, strict or not. Official checkpoints (the numpy table),
+    and the table rounded to half precision, load."""
+    model = model_class(**TINY)
+    official = official_dit.DiT(**TINY).state_dict()
+    model.load_state_dict(official, strict=True)
+    for dtype in (torch.float16, torch.bfloat16):
+        model.load_state_dict({**official, "pos_embed": official["pos_embed"].to(dtype)})
+    altered = {**official, "pos_embed": official["pos_embed"] * 1.01}
+    for strict in (True, False):
+        with pytest.raises(RuntimeError, match=r"pos_embed: the loaded table differs from the fixed 2-D sin-cos "
+                                               r"table .* by up to 0.01"):
+            model.load_state_dict(altered, strict=strict)

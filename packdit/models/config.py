@@ -5,8 +5,10 @@ The first ten fields are the official DiT constructor's, in its positional order
 ``DiT(32, 2, 4, 1152, 28, 16, 4.0, 0.1, 1000, True)`` still works; the rest are keyword-only video and
 NaViT options whose defaults keep official compatibility. ``__post_init__`` refuses a combination in
 which an option would be silently ignored (``max_grid`` or ``fractional_positions`` without
-``pos_embed="factorized"``, ``rope`` without ``"rope3d"``, ``text_dim`` with class conditioning) instead
-of building a model that does not do what was asked.
+``pos_embed="factorized"``, ``rope`` without ``"rope3d"``, ``text_dim`` with class conditioning,
+spatial-temporal attention in an image model) or could not be built, instead of building a model that
+does not do what was asked. What a call gives that the configuration cannot honour (a video for an image
+model, labels for a text model, a context for a class model) is refused by the forward.
 """
 
 from __future__ import annotations
@@ -98,6 +100,13 @@ class DiTConfig:
                                      f"got pos_embed={self.pos_embed!r}")
         if self.max_grid is not None and (len(self.max_grid) != 3 or min(self.max_grid) < 1):
             raise ValueError(f"max_grid: expected three positive ints (T, H, W), got {self.max_grid}")
+        if self.pos_embed == "sincos2d" and self.hidden_size % 4:
+            raise ValueError(f"hidden_size: pos_embed='sincos2d' needs a multiple of 4 (sin and cos of h and w), "
+                             f"got {self.hidden_size}")
+        if self.attention == "spatial_temporal" and self.image_only:
+            raise ValueError(f"attention: 'spatial_temporal' attends across frames, but the 2-D patch_size "
+                             f"{self.patch_size} makes an image model, which takes no videos; use "
+                             f"patch_size=(pt, ph, pw)")
         if self.pos_embed == "rope3d":
             self.resolved_rope.check_head_dim(self.head_dim)
 

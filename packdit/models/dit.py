@@ -67,6 +67,7 @@ from packdit.official import (
     LabelEmbedder,
     PatchEmbed,
     TimestepEmbedder,
+    check_loaded_pos_embed,
     get_1d_sincos_pos_embed,
     get_2d_sincos_pos_embed,
     guide_first_channels,
@@ -155,6 +156,7 @@ class DiT(nn.Module):
             self.pooled_context = nn.Linear(hidden, hidden)
         if config.pos_embed == "sincos2d":  # a fixed table kept only because official checkpoints hold it
             self.pos_embed = nn.Parameter(torch.zeros(1, self.x_embedder.num_patches, hidden), requires_grad=False)
+            self.register_load_state_dict_pre_hook(check_loaded_pos_embed)
         elif config.pos_embed == "factorized":
             self.max_grid = config.resolved_max_grid
             self.pos_embed_t, self.pos_embed_h, self.pos_embed_w = (
@@ -238,6 +240,22 @@ class DiT(nn.Module):
             ctx_seqs = PackedSeqs.from_grids([(1, 1, c.shape[0]) for c in context], device=ctx.device)
         return self.context_embedder(ctx), ctx_seqs
 
+    def _check_honoured(self, seqs: PackedSeqs, y, context) -> None:
+        """Refuse inputs this configuration would silently ignore: conditioning of the other kind, and
+        (with checks on; the frame counts are host metadata of layouts built by ``pack``) videos given to
+        an image model."""
+        if self.cond == "class" and context is not None:
+            raise ValueError("context: given, but this DiT is class-conditioned (cond='class'); pass labels y, "
+                             "or build it with cond='text' and text_dim")
+        if self.cond == "text" and y is not None:
+            raise ValueError("y: given, but this DiT is text-conditioned (cond='text'); pass the text as context")
+        if self.image_only and checks_enabled() and not torch.compiler.is_compiling():
+            for b, (frames, _, _) in enumerate(seqs.grids):
+                if frames > 1:
+                    raise ValueError(f"seqs: sample {b} has T={frames} patch frames, but this DiT has the 2-D "
+                                     f"patch_size {self.config.patch_size} of an image model, which embeds no "
+                                     f"time; build it with patch_size=(pt, ph, pw) for videos")
+
     # ------------------------------------------------------------------ forwards
     def forward_packed(self, tokens: Tensor, seqs: PackedSeqs, t: Tensor, y: Tensor | None = None,
                        context=None) -> Tensor:
@@ -245,6 +263,7 @@ class DiT(nn.Module):
         y (B,) labels or ``context`` (list of (L_b, text_dim), or packed ``(tokens, seqs)``)
         -> (N, pt*ph*pw*C_out), each token channels-last (``unpack(..., channels_last=True)``)."""
         validate_seqs(seqs)
+        self._check_honoured(seqs, y, context)
         width = self.in_channels * math.prod(self.patch_size)
         if tokens.dim() != 2 or tokens.shape != (seqs.num_tokens, width):
             raise ValueError(f"tokens: expected ({seqs.num_tokens}, {width}) packed patches of seqs, "

@@ -51,6 +51,7 @@ from packdit.official import (
     LabelEmbedder,
     PatchEmbed,
     TimestepEmbedder,
+    check_loaded_pos_embed,
     get_2d_sincos_pos_embed,
     grid_pos_embed,
     guide_first_channels,
@@ -185,6 +186,7 @@ class DiT(nn.Module):
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
         self.pos_embed = nn.Parameter(torch.zeros(1, self.x_embedder.num_patches, hidden_size), requires_grad=False)
+        self.register_load_state_dict_pre_hook(check_loaded_pos_embed)
         self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio=mlp_ratio) for _ in range(depth)])
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self.initialize_weights()
