@@ -202,9 +202,10 @@ def official_init(model: nn.Module) -> None:
     """The official DiT init, for any model with the official submodule names (``packdit.DiT`` too).
 
     Xavier-uniform Linears (zero bias), the sin-cos ``pos_embed`` table (models that store one), the patch
-    conv xavier-uniform as the (D, C*prod(patch)) matrix, N(0, 0.02) label table (if any) and timestep MLP
-    weights, and zeros for every adaLN modulation Linear and the final Linear (adaLN-Zero). Same order of
-    random draws as upstream, so the same seed gives the same weights.
+    conv xavier-uniform as the (D, C*prod(patch)) matrix with a zero bias (upstream since its "Fix patchify
+    bias init"), N(0, 0.02) label table (if any) and timestep MLP weights, and zeros for every adaLN
+    modulation Linear and the final Linear (adaLN-Zero). Same order of random draws as upstream, so the
+    same seed gives the same weights.
     """
 
     def xavier_linear(module: nn.Module) -> None:
@@ -219,6 +220,8 @@ def official_init(model: nn.Module) -> None:
         model.pos_embed.data.copy_(table.float().unsqueeze(0))
     conv_weight = model.x_embedder.proj.weight.data
     nn.init.xavier_uniform_(conv_weight.view(conv_weight.shape[0], -1))
+    if model.x_embedder.proj.bias is not None:
+        nn.init.zeros_(model.x_embedder.proj.bias)
     if hasattr(model, "y_embedder"):
         nn.init.normal_(model.y_embedder.embedding_table.weight, std=0.02)
     nn.init.normal_(model.t_embedder.mlp[0].weight, std=0.02)
