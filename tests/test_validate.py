@@ -167,3 +167,22 @@ def test_a_grid_whose_raster_index_overflows_int32_is_refused():
         segment_ids=torch.zeros(2, dtype=torch.int32), dropped=True)
     with pytest.raises(ValueError, match=r"seqs.grid\[0\]: .* 2147483648 cells"):
         validate_seqs(seqs)
+
+
+@pytest.mark.parametrize("theta", [float("inf"), float("nan"), 1.0, 0.5, -2.0, "10000", True])
+def test_rope_refuses_a_base_whose_frequencies_are_not_finite_and_decreasing(theta):
+    """theta = inf passed and made the kernel's angles NaN (log(inf) * 0) while the reference stayed finite."""
+    with pytest.raises(ValueError, match=r"theta: expected a finite base > 1"):
+        packdit.RoPE3D(theta=theta)
+
+
+@pytest.mark.parametrize("axes_dims, match", [
+    ((16, 24.5, 24), r"axes_dims: expected three non-negative even ints"),  # was truncated to 24
+    ((16, 24), r"axes_dims: expected three"),
+    (24, r"axes_dims: expected three"),
+    ((2, 3, 4), r"axes_dims: expected three non-negative even ints"),
+])
+def test_rope_refuses_axes_it_would_truncate_or_cannot_rotate(axes_dims, match):
+    with pytest.raises(ValueError, match=match):
+        packdit.RoPE3D(axes_dims=axes_dims)
+    assert packdit.RoPE3D(theta=500, axes_dims=(2, 4, 4)).axes_dims == (2, 4, 4)
