@@ -105,7 +105,12 @@ class PackedSeqs:
                 lengths.append(n)
                 token_index.append(torch.arange(n, dtype=torch.int32))
                 continue
-            k = torch.as_tensor(k).to("cpu", torch.int64).reshape(-1)
+            k = torch.as_tensor(k)
+            fractional = k.is_floating_point() or k.is_complex() or k.dtype == torch.bool
+            if k.dim() != 1 or (fractional and k.numel()):  # (torch.as_tensor([]) is float32)
+                raise ValueError(f"kept[{b}]: expected a 1-D integer tensor of raster indices, got {k.dtype} of "
+                                 f"shape {tuple(k.shape)}")
+            k = k.to("cpu", torch.int64)
             if k.numel() and (int(k[0]) < 0 or int(k[-1]) >= n or bool((k[1:] <= k[:-1]).any())):
                 raise ValueError(
                     f"kept[{b}]: expected strictly increasing raster indices in [0, {n}) for grid "

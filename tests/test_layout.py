@@ -201,8 +201,24 @@ def test_more_than_int32_tokens_is_refused_before_allocating():
 
 
 def test_drop_rate_out_of_range():
-    with pytest.raises(ValueError, match="drop_rate"):
+    with pytest.raises(ValueError, match=r"drop_rate: expected a number in \[0, 1\], got 1.5"):
         pack([torch.zeros(1, 4, 4)], 1, drop_rate=1.5)
+    with pytest.raises(ValueError, match=r"drop_rate: expected a number in \[0, 1\], got '0.5'"):
+        pack([torch.zeros(1, 4, 4)], 1, drop_rate="0.5")  # was read as 0.5
+    with pytest.raises(ValueError, match=r"drop_rate\(\(1, 4, 4\)\): expected a number in \[0, 1\], got None"):
+        pack([torch.zeros(1, 4, 4)], 1, drop_rate=lambda grid: None)
+    with pytest.raises(ValueError, match=r"drop_rate\(\(1, 4, 4\)\): expected a number in \[0, 1\], got '0.2'"):
+        pack([torch.zeros(1, 4, 4)], 1, drop_rate=lambda grid: "0.2")
+
+
+def test_from_grids_refuses_kept_indices_it_would_truncate_or_flatten():
+    with pytest.raises(ValueError, match=r"kept\[0\]: expected a 1-D integer tensor of raster indices, got "
+                                         r"torch.float32 of shape \(2,\)"):
+        PackedSeqs.from_grids([(1, 2, 2)], kept=[torch.tensor([0.0, 2.5])])  # 2.5 was truncated to 2
+    with pytest.raises(ValueError, match=r"kept\[0\]: .* of shape \(1, 2\)"):
+        PackedSeqs.from_grids([(1, 2, 2)], kept=[torch.tensor([[0, 2]])])
+    assert PackedSeqs.from_grids([(1, 2, 2)], kept=[[0, 2]]).positions.tolist() == [[0, 0, 0], [0, 1, 0]]
+    assert PackedSeqs.from_grids([(1, 2, 2)], kept=[[]]).seqlens == (0,)
 
 
 def test_unpack_shape_errors():

@@ -67,7 +67,9 @@ from packdit.official import (
     LabelEmbedder,
     PatchEmbed,
     TimestepEmbedder,
+    cfg_batch,
     check_loaded_pos_embed,
+    check_timesteps,
     get_1d_sincos_pos_embed,
     get_2d_sincos_pos_embed,
     guide_first_channels,
@@ -203,8 +205,7 @@ class DiT(nn.Module):
     def _condition(self, t: Tensor, y: Tensor | None, seqs: PackedSeqs, context, context_seqs):
         """-> c (R, D) modulation conditioning and mod_index (N,): the row of each token."""
         b, n = len(seqs), seqs.num_tokens
-        if t.dim() != 1:
-            raise ValueError(f"t: expected a 1-D tensor, got shape {tuple(t.shape)}")
+        check_timesteps(t)
         if t.shape[0] == b:  # the common case reads no host metadata (no guards under torch.compile)
             row_of_sample, mod_index = torch.arange(b, device=t.device), seqs.segment_ids
         elif t.shape[0] == sum(frames := [g[0] for g in seqs.grids]):  # per frame: row = sample's first frame + t
@@ -220,22 +221,42 @@ class DiT(nn.Module):
                              f"timesteps, got {t.shape[0]}")
         c = self.t_embedder(t)
         if self.cond == "class":
-            if y is None or y.shape != (b,):
-                raise ValueError(f"y: expected ({b},) class labels, got {None if y is None else tuple(y.shape)}")
+            if not isinstance(y, Tensor) or y.shape != (b,):
+                got = tuple(y.shape) if isinstance(y, Tensor) else y
+                raise ValueError(f"y: expected ({b},) class labels, got {got}")
             c = c + self.y_embedder(y, self.training)[row_of_sample]
         else:
             c = c + self.pooled_context(segment_pool(context, context_seqs, "mean"))[row_of_sample]
         return c, mod_index
 
-    def _pack_context(self, context):
+    def _pack_context(self, context, num_samples: int):
+        """``context`` (a list of B ``(L_b, text_dim)`` tensors, or packed ``(tokens (M, text_dim), PackedSeqs)``)
+        -> embedded tokens (M, D) and their layout; (None, None) for class conditioning."""
         if self.cond != "text":
             return None, None
-        if context is None:
-            raise ValueError("context: cond='text' needs a list of (L_b, text_dim) text embeddings")
-        if isinstance(context, tuple):  # already packed: (tokens (M, text_dim), PackedSeqs)
+        text_dim = self.config.text_dim
+        if (isinstance(context, tuple) and len(context) == 2 and isinstance(context[1], PackedSeqs)
+                and not isinstance(context[0], PackedSeqs)):
             ctx, ctx_seqs = context
             validate_seqs(ctx_seqs, "context[1]")
+            if len(ctx_seqs) != num_samples:
+                raise ValueError(f"context[1]: expected a layout of {num_samples} text sequences, one per sample, "
+                                 f"got {len(ctx_seqs)}")
+            if not isinstance(ctx, Tensor) or ctx.shape != (ctx_seqs.num_tokens, text_dim):
+                got = tuple(ctx.shape) if isinstance(ctx, Tensor) else type(ctx).__name__
+                raise ValueError(f"context[0]: expected ({ctx_seqs.num_tokens}, {text_dim}) text tokens of "
+                                 f"context[1], got {got}")
         else:
+            if isinstance(context, Tensor) or not isinstance(context, (list, tuple)):
+                raise ValueError(f"context: expected a list of {num_samples} (L_b, text_dim={text_dim}) tensors or a "
+                                 f"packed (tokens, PackedSeqs) pair, got {type(context).__name__}")
+            if len(context) != num_samples:
+                raise ValueError(f"context: expected {num_samples} text sequences (L_b, text_dim={text_dim}), one "
+                                 f"per sample, got {len(context)}")
+            for b, c in enumerate(context):
+                if not isinstance(c, Tensor) or c.dim() != 2 or c.shape[1] != text_dim:
+                    got = tuple(c.shape) if isinstance(c, Tensor) else type(c).__name__
+                    raise ValueError(f"context[{b}]: expected (L_b, text_dim={text_dim}), got {got}")
             ctx = torch.cat(list(context))
             ctx_seqs = PackedSeqs.from_grids([(1, 1, c.shape[0]) for c in context], device=ctx.device)
         return self.context_embedder(ctx), ctx_seqs
@@ -268,12 +289,10 @@ class DiT(nn.Module):
         if tokens.dim() != 2 or tokens.shape != (seqs.num_tokens, width):
             raise ValueError(f"tokens: expected ({seqs.num_tokens}, {width}) packed patches of seqs, "
                              f"got {tuple(tokens.shape)}")
-        if len(context or ()) not in (0, len(seqs)) and not isinstance(context, tuple):
-            raise ValueError(f"context: expected {len(seqs)} per-sample text sequences, got {len(context)}")
         x = self.x_embedder(tokens)
         if self.pos_embed_type != "rope3d":  # rope3d rotates q and k inside attention instead
             x = x + self._position_embedding(seqs, x.shape[-1]).to(x.dtype)
-        ctx, ctx_seqs = self._pack_context(context)
+        ctx, ctx_seqs = self._pack_context(context, len(seqs))
         c, mod_index = self._condition(t, y, seqs, ctx, ctx_seqs)
         for block in self.blocks:
             if self.checkpoint_activations and self.training:
@@ -295,8 +314,7 @@ class DiT(nn.Module):
 
     def forward_with_cfg(self, x: Tensor, t: Tensor, y: Tensor, cfg_scale: float) -> Tensor:
         """The official classifier-free-guidance forward (guidance on the first 3 channels, as upstream)."""
-        half = x[: len(x) // 2]
-        return guide_first_channels(self.forward(torch.cat([half, half]), t, y), cfg_scale)
+        return guide_first_channels(self.forward(cfg_batch(x), t, y), cfg_scale)
 
 
 # ---------------------------------------------------------------------- registry

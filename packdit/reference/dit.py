@@ -51,6 +51,7 @@ from packdit.official import (
     LabelEmbedder,
     PatchEmbed,
     TimestepEmbedder,
+    cfg_batch,
     check_loaded_pos_embed,
     get_2d_sincos_pos_embed,
     grid_pos_embed,
@@ -254,8 +255,7 @@ class DiT(nn.Module):
         ``in_channels`` noise channels). Channels 3: (the 4th latent noise channel and the variance
         channels) are returned unguided, each half from its own labels.
         """
-        half = x[: len(x) // 2]
-        return guide_first_channels(self.forward(torch.cat([half, half], dim=0), t, y), cfg_scale)
+        return guide_first_channels(self.forward(cfg_batch(x), t, y), cfg_scale)
 
     # ------------------------------------------------------------------ packed path
     def forward_packed(self, tokens: Tensor, seqs: PackedSeqs, t: Tensor, y: Tensor) -> Tensor:
