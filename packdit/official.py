@@ -196,6 +196,10 @@ class LabelEmbedder(nn.Module):
     def token_drop(self, labels: Tensor, force_drop_ids: Tensor | None = None) -> Tensor:
         """Replace labels by the null class ``num_classes``: where ``force_drop_ids == 1`` if given,
         else each with probability ``dropout_prob`` (one ``torch.rand`` draw per label on labels.device)."""
+        if self.embedding_table.num_embeddings <= self.num_classes:
+            raise ValueError(f"force_drop_ids / dropout_prob: dropping a label needs the null class "
+                             f"{self.num_classes}, but the label table was built without its row "
+                             f"(class_dropout_prob=0)")
         if force_drop_ids is None:
             drop_ids = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
         else:

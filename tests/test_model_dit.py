@@ -326,6 +326,8 @@ def test_class_labels_are_checked_before_the_embedding(model_class):
     with pytest.raises(ValueError, match=r"y: expected class labels in \[0, 9\] \(no null class: "
                                          r"class_dropout_prob=0\), got values from 3 to 10"):
         without_null(x, t, torch.tensor([3, 10]))
+    with pytest.raises(ValueError, match=r"force_drop_ids / dropout_prob: dropping a label needs the null class 10"):
+        without_null.y_embedder(torch.tensor([3]), False, force_drop_ids=torch.tensor([1]))
     with pytest.raises(ValueError, match=r"y: expected integer class labels \(int64 or int32\), got torch.float32"):
         model(x, t, torch.tensor([3.0, 1.0]))
     with packdit.checks(False), pytest.raises(IndexError):  # unchecked: no host read of the labels
