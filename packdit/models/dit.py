@@ -77,7 +77,7 @@ import torch.nn as nn
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from packdit._validate import checks_enabled
+from packdit._validate import checks_enabled, validate_seqs
 from packdit.distributed import SequenceParallel, SequenceShard, check_heads
 from packdit.layout import PackedSeqs, normalize_patch_size
 from packdit.models.config import DIT_CONFIGS, DiTConfig
@@ -94,6 +94,9 @@ from packdit.official import (
     LabelEmbedder,
     PatchEmbed,
     TimestepEmbedder,
+    cfg_batch,
+    check_loaded_pos_embed,
+    check_timesteps,
     get_1d_sincos_pos_embed,
     get_2d_sincos_pos_embed,
     guide_first_channels,
@@ -188,6 +191,7 @@ class DiT(nn.Module):
             self.pooled_context = nn.Linear(hidden, hidden)
         if config.pos_embed == "sincos2d":  # a fixed table kept only because official checkpoints hold it
             self.pos_embed = nn.Parameter(torch.zeros(1, self.x_embedder.num_patches, hidden), requires_grad=False)
+            self.register_load_state_dict_pre_hook(check_loaded_pos_embed)
         elif config.pos_embed == "factorized":
             self.max_grid = config.resolved_max_grid
             self.pos_embed_t, self.pos_embed_h, self.pos_embed_w = (
@@ -281,8 +285,7 @@ class DiT(nn.Module):
         rows of the shard's tokens (per-token timesteps: the shard's rows only)."""
         b, n = len(seqs), seqs.num_tokens
         tokens = seqs if shard is None else shard.local  # the layout of the tokens this process runs
-        if t.dim() != 1:
-            raise ValueError(f"t: expected a 1-D tensor, got shape {tuple(t.shape)}")
+        check_timesteps(t)
         per_token = False
         if t.shape[0] == b:  # the common case reads no host metadata (no guards under torch.compile)
             row_of_sample, mod_index = torch.arange(b, device=t.device), tokens.segment_ids
@@ -303,8 +306,9 @@ class DiT(nn.Module):
             t = shard.replicate(t)
         c = self.t_embedder(t)
         if self.cond == "class":
-            if y is None or y.shape != (b,):
-                raise ValueError(f"y: expected ({b},) class labels, got {None if y is None else tuple(y.shape)}")
+            if not isinstance(y, Tensor) or y.shape != (b,):
+                got = tuple(y.shape) if isinstance(y, Tensor) else y
+                raise ValueError(f"y: expected ({b},) class labels, got {got}")
             if shard is not None and self.training and self.y_embedder.dropout_prob > 0:
                 y = shard.broadcast(self.y_embedder.token_drop(y))  # one draw for the whole group
             c = c + self.y_embedder(y, self.training and shard is None)[row_of_sample]
@@ -312,19 +316,56 @@ class DiT(nn.Module):
             c = c + self.pooled_context(segment_pool(context, context_seqs, "mean"))[row_of_sample]
         return c, mod_index
 
-    def _pack_context(self, context, shard: SequenceShard | None = None):
+    def _pack_context(self, context, num_samples: int, shard: SequenceShard | None = None):
+        """``context`` (a list of B ``(L_b, text_dim)`` tensors, or packed ``(tokens (M, text_dim), PackedSeqs)``)
+        -> embedded tokens (M, D) and their layout; (None, None) for class conditioning. With ``shard`` the
+        context is replicated on every rank of the group."""
         if self.cond != "text":
             return None, None
-        if context is None:
-            raise ValueError("context: cond='text' needs a list of (L_b, text_dim) text embeddings")
-        if isinstance(context, tuple):  # already packed: (tokens (M, text_dim), PackedSeqs)
+        text_dim = self.config.text_dim
+        if (isinstance(context, tuple) and len(context) == 2 and isinstance(context[1], PackedSeqs)
+                and not isinstance(context[0], PackedSeqs)):
             ctx, ctx_seqs = context
+            validate_seqs(ctx_seqs, "context[1]")
+            if len(ctx_seqs) != num_samples:
+                raise ValueError(f"context[1]: expected a layout of {num_samples} text sequences, one per sample, "
+                                 f"got {len(ctx_seqs)}")
+            if not isinstance(ctx, Tensor) or ctx.shape != (ctx_seqs.num_tokens, text_dim):
+                got = tuple(ctx.shape) if isinstance(ctx, Tensor) else type(ctx).__name__
+                raise ValueError(f"context[0]: expected ({ctx_seqs.num_tokens}, {text_dim}) text tokens of "
+                                 f"context[1], got {got}")
         else:
+            if isinstance(context, Tensor) or not isinstance(context, (list, tuple)):
+                raise ValueError(f"context: expected a list of {num_samples} (L_b, text_dim={text_dim}) tensors or a "
+                                 f"packed (tokens, PackedSeqs) pair, got {type(context).__name__}")
+            if len(context) != num_samples:
+                raise ValueError(f"context: expected {num_samples} text sequences (L_b, text_dim={text_dim}), one "
+                                 f"per sample, got {len(context)}")
+            for b, c in enumerate(context):
+                if not isinstance(c, Tensor) or c.dim() != 2 or c.shape[1] != text_dim:
+                    got = tuple(c.shape) if isinstance(c, Tensor) else type(c).__name__
+                    raise ValueError(f"context[{b}]: expected (L_b, text_dim={text_dim}), got {got}")
             ctx = torch.cat(list(context))
             ctx_seqs = PackedSeqs.from_grids([(1, 1, c.shape[0]) for c in context], device=ctx.device)
         if shard is not None:  # replicated on every rank: all-reduced gradient
             ctx = shard.replicate(ctx)
         return self.context_embedder(ctx), ctx_seqs
+
+    def _check_honoured(self, seqs: PackedSeqs, y, context) -> None:
+        """Refuse inputs this configuration would silently ignore: conditioning of the other kind, and
+        (with checks on; the frame counts are host metadata of layouts built by ``pack``) videos given to
+        an image model."""
+        if self.cond == "class" and context is not None:
+            raise ValueError("context: given, but this DiT is class-conditioned (cond='class'); pass labels y, "
+                             "or build it with cond='text' and text_dim")
+        if self.cond == "text" and y is not None:
+            raise ValueError("y: given, but this DiT is text-conditioned (cond='text'); pass the text as context")
+        if self.image_only and checks_enabled() and not torch.compiler.is_compiling():
+            for b, (frames, _, _) in enumerate(seqs.grids):
+                if frames > 1:
+                    raise ValueError(f"seqs: sample {b} has T={frames} patch frames, but this DiT has the 2-D "
+                                     f"patch_size {self.config.patch_size} of an image model, which embeds no "
+                                     f"time; build it with patch_size=(pt, ph, pw) for videos")
 
     # ------------------------------------------------------------------ forwards
     def forward_packed(self, tokens: Tensor, seqs: PackedSeqs, t: Tensor, y: Tensor | None = None,
@@ -332,12 +373,12 @@ class DiT(nn.Module):
         """tokens (N, C*pt*ph*pw) from ``packdit.pack(latents, patch_size)``, t (B,) | (sum T_b,) | (N,),
         y (B,) labels or ``context`` (list of (L_b, text_dim), or packed ``(tokens, seqs)``)
         -> (N, pt*ph*pw*C_out), each token channels-last (``unpack(..., channels_last=True)``)."""
+        validate_seqs(seqs)
+        self._check_honoured(seqs, y, context)
         width = self.in_channels * math.prod(self.patch_size)
         if tokens.dim() != 2 or tokens.shape != (seqs.num_tokens, width):
             raise ValueError(f"tokens: expected ({seqs.num_tokens}, {width}) packed patches of seqs, "
                              f"got {tuple(tokens.shape)}")
-        if len(context or ()) not in (0, len(seqs)) and not isinstance(context, tuple):
-            raise ValueError(f"context: expected {len(seqs)} per-sample text sequences, got {len(context)}")
         shard = None if self._sequence_parallel is None else self._sequence_parallel.shard(seqs)
         if torch.is_grad_enabled():
             self._track_gradient_reduction()
@@ -346,7 +387,7 @@ class DiT(nn.Module):
         x = self.x_embedder(tokens)
         if self.pos_embed_type != "rope3d":  # rope3d rotates q and k inside attention instead
             x = x + self._position_embedding(seqs, x.shape[-1], shard).to(x.dtype)
-        ctx, ctx_seqs = self._pack_context(context, shard)
+        ctx, ctx_seqs = self._pack_context(context, len(seqs), shard)
         c, mod_index = self._condition(t, y, seqs, ctx, ctx_seqs, shard)
         local = seqs if shard is None else shard.local
         for block in self.blocks:
@@ -370,8 +411,7 @@ class DiT(nn.Module):
 
     def forward_with_cfg(self, x: Tensor, t: Tensor, y: Tensor, cfg_scale: float) -> Tensor:
         """The official classifier-free-guidance forward (guidance on the first 3 channels, as upstream)."""
-        half = x[: len(x) // 2]
-        return guide_first_channels(self.forward(torch.cat([half, half]), t, y), cfg_scale)
+        return guide_first_channels(self.forward(cfg_batch(x), t, y), cfg_scale)
 
 
 # ---------------------------------------------------------------------- registry
