@@ -7,7 +7,7 @@ DEPS   := $(VENV)/.deps-installed
 
 .PHONY: install lint test run gpu-check clean
 
-$(DEPS): requirements/ci.txt
+$(DEPS): requirements/ci.txt requirements/examples.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements/ci.txt
