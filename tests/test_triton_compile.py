@@ -41,7 +41,6 @@ from packdit.ops import _triton_utils, attention, gated_residual, mlp
 SHARED_MEMORY_LIMIT = {90: 227 * 1024, 80: 163 * 1024}
 ATTENTION_HEAD_DIMS = (64, 72, 128, 256)
 # RoPE axes (dt, dh, dw) rotating every dimension of each head dim.
-ROPE_AXES = {64: (16, 24, 24), 72: (24, 24, 24), 128: (32, 48, 48), 256: (64, 96, 96)}
 ROW_WIDTHS = (64, 1152, 4096)  # model widths of the row kernels: BLOCK_D 64, 2048 and 4096
 DEFAULT_OPTIONS = {"num_warps": 4, "num_stages": 3}  # Triton's CUDA defaults, for launches that pass neither
 ITEMSIZE = {"bf16": 2, "fp16": 2, "fp32": 4}
@@ -92,10 +91,10 @@ def _attention_types(dtype: str, dq_dtype: str) -> dict:
 
 
 def _shared_constexprs(head_dim: int, group: int, rope: bool) -> dict:
-    """The constexprs the forward and backward launchers share (``shared`` / ``_rope_args`` in attention.py)."""
-    axes = ROPE_AXES[head_dim] if rope else (0, 0, 0)
-    return dict(HEAD_DIM=head_dim, BLOCK_D=attention._block_d(head_dim), GROUP=group, ROPE=rope,
-                AX_T=axes[0], AX_H=axes[1], AX_W=axes[2], DOT_PRECISION=attention._DOT_PRECISION)
+    """The constexprs the forward and backward launchers share (``shared`` in attention.py); RoPE is applied
+    before the attention kernels, so ``rope`` does not change them."""
+    return dict(HEAD_DIM=head_dim, BLOCK_D=attention._block_d(head_dim), GROUP=group,
+                DOT_PRECISION=attention._DOT_PRECISION)
 
 
 def _attention_case(kernel: str, dtype: str, head_dim: int, constexprs: dict, arch: int, num_warps: int,

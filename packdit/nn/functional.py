@@ -16,13 +16,15 @@ from __future__ import annotations
 import importlib.util
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from packdit import reference
 from packdit.layout import PackedSeqs
 from packdit.reference.rope import RoPE3D, apply_rope_3d
 
-__all__ = ["BACKENDS", "default_backend", "resolve_backend", "attention", "norm_modulate", "gated_residual", "mlp"]
+__all__ = ["BACKENDS", "default_backend", "resolve_backend", "attention", "qk_norm_rope", "norm_modulate",
+           "gated_residual", "mlp"]
 
 BACKENDS = ("torch", "triton")
 
@@ -67,6 +69,19 @@ def attention(
         q, k = apply_rope_3d(q, seqs.positions, rope), apply_rope_3d(k, seqs.positions, rope)
     return reference.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, scale=scale, mode=mode,
                                       grid=None if mode == "full" else seqs.grid)
+
+
+def qk_norm_rope(x: Tensor, weight: Tensor | None = None, positions: Tensor | None = None,
+                 rope: RoPE3D | None = None, *, eps: float = 1e-6, backend: str | None = None) -> Tensor:
+    """Per-head RMSNorm (``weight (H, D)`` given) then 3-D RoPE (``rope`` given) of ``x (N, H, D)``, once per
+    layer (see :func:`packdit.ops.qk_norm_rope.qk_norm_rope`)."""
+    if resolve_backend(backend) == "triton":
+        from packdit.ops.qk_norm_rope import qk_norm_rope as kernel
+
+        return kernel(x, weight, positions, rope, eps=eps)
+    if weight is not None:
+        x = (F.rms_norm(x, x.shape[-1:], eps=eps) * weight).to(x.dtype)
+    return x if rope is None else apply_rope_3d(x, positions, rope)
 
 
 def norm_modulate(

@@ -26,34 +26,6 @@ import triton.language as tl
 
 
 @triton.jit
-def _rope_rotate(x, pos_ptr, rows, row_valid, log2_theta, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
-                 AX_T: tl.constexpr, AX_H: tl.constexpr, AX_W: tl.constexpr, INVERSE: tl.constexpr):
-    """Rotate ``x (BLOCK, BLOCK_D)`` fp32 by the 3-D RoPE of rows ``rows`` (R, or R^T if INVERSE).
-
-    Interleaved pairs (2j, 2j+1); pair j of axis a with index i among its d_a/2 pairs turns by
-    ``pos_a * theta ** (-2 i / d_a)`` (see packdit.reference.rope).
-    """
-    pair = tl.arange(0, BLOCK_D // 2)
-    in_t = pair < AX_T // 2
-    in_h = (pair >= AX_T // 2) & (pair < (AX_T + AX_H) // 2)
-    in_w = (pair >= (AX_T + AX_H) // 2) & (pair < (AX_T + AX_H + AX_W) // 2)
-    index = tl.where(in_t, pair, tl.where(in_h, pair - AX_T // 2, pair - (AX_T + AX_H) // 2))
-    width = tl.maximum(tl.where(in_t, AX_T, tl.where(in_h, AX_H, AX_W)), 1)
-    inv_freq = tl.exp2(-(2.0 * index.to(tl.float32) / width) * log2_theta)
-    pos_t = tl.load(pos_ptr + rows * 3 + 0, mask=row_valid, other=0).to(tl.float32)
-    pos_h = tl.load(pos_ptr + rows * 3 + 1, mask=row_valid, other=0).to(tl.float32)
-    pos_w = tl.load(pos_ptr + rows * 3 + 2, mask=row_valid, other=0).to(tl.float32)
-    pos = tl.where(in_t[None, :], pos_t[:, None], tl.where(in_h[None, :], pos_h[:, None], pos_w[:, None]))
-    angle = tl.where((in_t | in_h | in_w)[None, :], pos * inv_freq[None, :], 0.0)
-    cos = tl.cos(angle)
-    sin = tl.sin(angle)
-    if INVERSE:
-        sin = -sin
-    even, odd = tl.split(tl.reshape(x, (BLOCK, BLOCK_D // 2, 2)))
-    return tl.reshape(tl.join(even * cos - odd * sin, even * sin + odd * cos), (BLOCK, BLOCK_D))
-
-
-@triton.jit
 def _load_rows(ptr, rows, row_valid, stride_row, head_offset, cols, HEAD_DIM: tl.constexpr):
     """``(len(rows), BLOCK_D)`` tile of rows ``rows`` of one head; invalid rows / columns >= D read 0."""
     offsets = rows.to(tl.int64)[:, None] * stride_row + head_offset + cols[None, :]
@@ -72,11 +44,11 @@ def _segment(Segments, seg):
 
 @triton.jit
 def attention_fwd_kernel(
-    Q, K, V, Out, Lse, Pos, Segments, QTiles,
+    Q, K, V, Out, Lse, Segments, QTiles,
     stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_on, stride_oh, stride_lh,
-    qk_scale_log2, log2_theta, max_len_bucket,
+    qk_scale_log2, max_len_bucket,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    GROUP: tl.constexpr, ROPE: tl.constexpr, AX_T: tl.constexpr, AX_H: tl.constexpr, AX_W: tl.constexpr,
+    GROUP: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     """One program = BLOCK_M rows (part ``program_id(2)`` of a query tile) of one segment x one query head:
@@ -97,9 +69,6 @@ def attention_fwd_kernel(
     m_valid = m_index < q_len
     q_rows = q_start + m_index * row_stride
     q = _load_rows(Q, q_rows, m_valid, stride_qn, head * stride_qh, cols, HEAD_DIM)
-    if ROPE:
-        q = _rope_rotate(q.to(tl.float32), Pos, q_rows, m_valid, log2_theta, BLOCK_M, BLOCK_D,
-                         AX_T, AX_H, AX_W, False).to(Q.dtype.element_ty)
 
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
@@ -109,9 +78,6 @@ def attention_fwd_kernel(
         n_valid = n_index < k_len
         k_rows = k_start + n_index * row_stride
         k = _load_rows(K, k_rows, n_valid, stride_kn, kv_head * stride_kh, cols, HEAD_DIM)
-        if ROPE:
-            k = _rope_rotate(k.to(tl.float32), Pos, k_rows, n_valid, log2_theta, BLOCK_N, BLOCK_D,
-                             AX_T, AX_H, AX_W, False).to(K.dtype.element_ty)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
         s = tl.where(n_valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -132,19 +98,19 @@ def attention_fwd_kernel(
 
 @triton.jit
 def attention_bwd_dkdv_kernel(
-    Q, K, V, DO, Lse, Delta, DQ, DK, DV, Pos, Segments, KTiles,
+    Q, K, V, DO, Lse, Delta, DQ, DK, DV, Segments, KTiles,
     stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_don, stride_doh,
     stride_dqn, stride_dqh, stride_dkn, stride_dkh, stride_dvn, stride_dvh, stride_lh,
-    scale, log2_theta,
+    scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    GROUP: tl.constexpr, ROPE: tl.constexpr, AX_T: tl.constexpr, AX_H: tl.constexpr, AX_W: tl.constexpr,
+    GROUP: tl.constexpr,
     ATOMIC_DQ: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """One program = BLOCK_N rows (part ``program_id(2)`` of a key tile) of one segment x one kv head, looping
     over the GROUP query heads that read them and over the segment's query blocks::
 
         P = exp(scale q k^T - lse)   dV += P^T dO   dS = P * (dO v^T - delta)   dK += scale dS^T q
-        (ATOMIC_DQ) DQ += scale R^T (dS k)   with fp32 atomics
+        (ATOMIC_DQ) DQ += scale dS k   with fp32 atomics
 
     No two programs write the same dK/dV rows, so dK/dV are deterministic; dQ is, only without ATOMIC_DQ.
     """
@@ -165,9 +131,6 @@ def attention_bwd_dkdv_kernel(
     n_valid = n_index < k_len
     k_rows = k_start + n_index * row_stride
     k = _load_rows(K, k_rows, n_valid, stride_kn, kv_head * stride_kh, cols, HEAD_DIM)
-    if ROPE:
-        k = _rope_rotate(k.to(tl.float32), Pos, k_rows, n_valid, log2_theta, BLOCK_N, BLOCK_D,
-                         AX_T, AX_H, AX_W, False).to(K.dtype.element_ty)
     v = _load_rows(V, k_rows, n_valid, stride_vn, kv_head * stride_vh, cols, HEAD_DIM)
     dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
@@ -178,9 +141,6 @@ def attention_bwd_dkdv_kernel(
             m_valid = m_index < q_len
             q_rows = q_start + m_index * row_stride
             q = _load_rows(Q, q_rows, m_valid, stride_qn, head * stride_qh, cols, HEAD_DIM)
-            if ROPE:
-                q = _rope_rotate(q.to(tl.float32), Pos, q_rows, m_valid, log2_theta, BLOCK_M, BLOCK_D,
-                                 AX_T, AX_H, AX_W, False).to(Q.dtype.element_ty)
             do = _load_rows(DO, q_rows, m_valid, stride_don, head * stride_doh, cols, HEAD_DIM)
             lse = tl.load(Lse + head * stride_lh + q_rows, mask=m_valid, other=float("inf"))
             delta = tl.load(Delta + head * stride_lh + q_rows, mask=m_valid, other=0.0)
@@ -193,14 +153,9 @@ def attention_bwd_dkdv_kernel(
             dk += tl.dot(tl.trans(ds.to(Q.dtype.element_ty)), q, input_precision=DOT_PRECISION)
             if ATOMIC_DQ:
                 dq = tl.dot(ds.to(K.dtype.element_ty), k, input_precision=DOT_PRECISION) * scale
-                if ROPE:
-                    dq = _rope_rotate(dq, Pos, q_rows, m_valid, log2_theta, BLOCK_M, BLOCK_D,
-                                      AX_T, AX_H, AX_W, True)
                 dq_offsets = q_rows.to(tl.int64)[:, None] * stride_dqn + head * stride_dqh + cols[None, :]
                 tl.atomic_add(DQ + dq_offsets, dq, mask=m_valid[:, None] & col_valid[None, :])
     dk = dk * scale
-    if ROPE:
-        dk = _rope_rotate(dk, Pos, k_rows, n_valid, log2_theta, BLOCK_N, BLOCK_D, AX_T, AX_H, AX_W, True)
     store_mask = n_valid[:, None] & col_valid[None, :]
     dk_offsets = k_rows.to(tl.int64)[:, None] * stride_dkn + kv_head * stride_dkh + cols[None, :]
     dv_offsets = k_rows.to(tl.int64)[:, None] * stride_dvn + kv_head * stride_dvh + cols[None, :]
@@ -210,16 +165,16 @@ def attention_bwd_dkdv_kernel(
 
 @triton.jit
 def attention_bwd_dq_kernel(
-    Q, K, V, DO, Lse, Delta, DQ, Pos, Segments, QTiles,
+    Q, K, V, DO, Lse, Delta, DQ, Segments, QTiles,
     stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_don, stride_doh,
     stride_dqn, stride_dqh, stride_lh,
-    scale, log2_theta,
+    scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    GROUP: tl.constexpr, ROPE: tl.constexpr, AX_T: tl.constexpr, AX_H: tl.constexpr, AX_W: tl.constexpr,
+    GROUP: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     """One program = BLOCK_M rows (part ``program_id(2)`` of a query tile) x one query head:
-    ``dQ = scale R^T sum_blocks (P * (dO v^T - delta)) k``, recomputing P from the saved LSE; one writer per
+    ``dQ = scale sum_blocks (P * (dO v^T - delta)) k``, recomputing P from the saved LSE; one writer per
     dQ element, so bitwise deterministic."""
     tile = tl.program_id(0)
     head = tl.program_id(1)
@@ -238,9 +193,6 @@ def attention_bwd_dq_kernel(
     m_valid = m_index < q_len
     q_rows = q_start + m_index * row_stride
     q = _load_rows(Q, q_rows, m_valid, stride_qn, head * stride_qh, cols, HEAD_DIM)
-    if ROPE:
-        q = _rope_rotate(q.to(tl.float32), Pos, q_rows, m_valid, log2_theta, BLOCK_M, BLOCK_D,
-                         AX_T, AX_H, AX_W, False).to(Q.dtype.element_ty)
     do = _load_rows(DO, q_rows, m_valid, stride_don, head * stride_doh, cols, HEAD_DIM)
     lse = tl.load(Lse + head * stride_lh + q_rows, mask=m_valid, other=float("inf"))
     delta = tl.load(Delta + head * stride_lh + q_rows, mask=m_valid, other=0.0)
@@ -250,9 +202,6 @@ def attention_bwd_dq_kernel(
         n_valid = n_index < k_len
         k_rows = k_start + n_index * row_stride
         k = _load_rows(K, k_rows, n_valid, stride_kn, kv_head * stride_kh, cols, HEAD_DIM)
-        if ROPE:
-            k = _rope_rotate(k.to(tl.float32), Pos, k_rows, n_valid, log2_theta, BLOCK_N, BLOCK_D,
-                             AX_T, AX_H, AX_W, False).to(K.dtype.element_ty)
         v = _load_rows(V, k_rows, n_valid, stride_vn, kv_head * stride_vh, cols, HEAD_DIM)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
         p = tl.exp2(s - lse[:, None] * 1.4426950408889634)
@@ -261,8 +210,6 @@ def attention_bwd_dq_kernel(
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(K.dtype.element_ty), k, input_precision=DOT_PRECISION)
     dq = dq * scale
-    if ROPE:
-        dq = _rope_rotate(dq, Pos, q_rows, m_valid, log2_theta, BLOCK_M, BLOCK_D, AX_T, AX_H, AX_W, True)
     dq_offsets = q_rows.to(tl.int64)[:, None] * stride_dqn + head * stride_dqh + cols[None, :]
     tl.store(DQ + dq_offsets, dq.to(DQ.dtype.element_ty), mask=m_valid[:, None] & (cols[None, :] < HEAD_DIM))
 

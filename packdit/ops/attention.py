@@ -1,5 +1,5 @@
 """``varlen_attention``: attention inside the samples of a packed batch, with factorized spacetime modes
-and fused 3-D RoPE, in Triton.
+and 3-D RoPE, in Triton.
 
 Math (per query head h, kv head ``h // (Hq/Hk)``; ``q (Nq, Hq, D)``, ``k, v (Nk, Hk, D)``)::
 
@@ -23,7 +23,8 @@ Pipeline, one layout at a time:
    one small device->host copy (and the value checks) by default, or, inside ``packdit.checks(False)``,
    from device ops only (no sync, no value checks; tile sizes from the ``max_seqlen`` bucket and tile
    tables padded to the upper bound ``ceil(N / BLOCK) + B``, whose surplus programs exit at once).
-2. ``packdit::varlen_attention_fwd`` runs the forward kernel, grid ``(query tiles, Hq, parts)``.
+2. RoPE, if any, rotates q and k once per call (``packdit.ops.qk_norm_rope``), outside the attention loops;
+   ``packdit::varlen_attention_fwd`` runs the forward kernel, grid ``(query tiles, Hq, parts)``.
 3. ``packdit::varlen_attention_bwd``: delta kernel, then the dK/dV kernel, grid ``(key tiles, Hk, parts)``,
    and dQ either by fp32 atomics inside it (default, fastest) or by a separate dQ kernel, grid
    ``(query tiles, Hq, parts)``, when ``packdit.use_deterministic(True)`` or
@@ -283,15 +284,6 @@ def _bwd_options(head_dim: int, itemsize: int) -> dict:
                                   "num_stages": _bwd_num_stages(head_dim, itemsize)}
 
 
-def _rope_args(rope: Optional[RoPE3D]) -> dict:
-    axes = rope.axes_dims if rope is not None else (0, 0, 0)
-    return {"ROPE": rope is not None, "AX_T": axes[0], "AX_H": axes[1], "AX_W": axes[2]}
-
-
-def _rope_of(rope_theta: float, rope_axes: list[int]) -> Optional[RoPE3D]:
-    return RoPE3D(rope_theta, tuple(rope_axes)) if any(rope_axes) else None
-
-
 def _check_runnable(q: Tensor) -> None:
     if q.device.type == "cpu" and not _INTERPRET:
         raise ValueError("q: the Triton kernels need a CUDA device; on the CPU set TRITON_INTERPRET=1 before "
@@ -301,7 +293,7 @@ def _check_runnable(q: Tensor) -> None:
 @torch.library.custom_op("packdit::varlen_attention_fwd", mutates_args=())
 def varlen_attention_fwd(
     q: Tensor, k: Tensor, v: Tensor, segments: Tensor, q_tiles: Tensor, k_tiles: Tensor, params: Tensor,
-    positions: Optional[Tensor], scale: float, rope_theta: float, rope_axes: list[int],
+    scale: float,
 ) -> tuple[Tensor, Tensor]:
     """``(out (Nq, Hq, D) q.dtype, lse (Hq, Nq) fp32)``; ``k_tiles`` is carried for the backward."""
     _check_runnable(q)
@@ -312,22 +304,20 @@ def varlen_attention_fwd(
     if q_tiles.shape[0] == 0:
         lse.fill_(-math.inf)
         return out.zero_(), lse
-    rope = _rope_of(rope_theta, rope_axes)
-    kernels_args = _rope_args(rope)
     query_rows = _fwd_rows(block_m, head_dim, q.element_size())
     _fwd_kernel()[(q_tiles.shape[0], num_heads, block_m // query_rows)](
-        q, k, v, out, lse, positions if positions is not None else segments, segments, q_tiles,
+        q, k, v, out, lse, segments, q_tiles,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         out.stride(0), out.stride(1), lse.stride(0),
-        scale * _LOG2_E, math.log2(rope.theta) if rope else 0.0, _next_power_of_2(max_q_len),
+        scale * _LOG2_E, _next_power_of_2(max_q_len),
         HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), BLOCK_M=query_rows,
-        GROUP=num_heads // k.shape[1], DOT_PRECISION=_DOT_PRECISION, **kernels_args, **_FIXED_FWD,
+        GROUP=num_heads // k.shape[1], DOT_PRECISION=_DOT_PRECISION, **_FIXED_FWD,
     )
     return out, lse
 
 
 @varlen_attention_fwd.register_fake
-def _(q, k, v, segments, q_tiles, k_tiles, params, positions, scale, rope_theta, rope_axes):
+def _(q, k, v, segments, q_tiles, k_tiles, params, scale):
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(
         (q.shape[1], q.shape[0]), dtype=torch.float32)
 
@@ -335,8 +325,7 @@ def _(q, k, v, segments, q_tiles, k_tiles, params, positions, scale, rope_theta,
 @torch.library.custom_op("packdit::varlen_attention_bwd", mutates_args=())
 def varlen_attention_bwd(
     grad_out: Tensor, grad_lse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-    segments: Tensor, q_tiles: Tensor, k_tiles: Tensor, params: Tensor, positions: Optional[Tensor],
-    scale: float, rope_theta: float, rope_axes: list[int], deterministic: bool,
+    segments: Tensor, q_tiles: Tensor, k_tiles: Tensor, params: Tensor, scale: float, deterministic: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(dq, dk, dv)`` of :func:`varlen_attention_fwd` given ``grad_out`` (and ``grad_lse``, may be None)."""
     _check_runnable(q)
@@ -344,11 +333,8 @@ def varlen_attention_bwd(
     kv_heads = k.shape[1]
     block_m, block_kt, _, _, keys_uncovered = params.tolist()
     grad_out = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
-    rope = _rope_of(rope_theta, rope_axes)
     shared = dict(HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), GROUP=num_heads // kv_heads,
-                  DOT_PRECISION=_DOT_PRECISION, **_rope_args(rope))
-    log2_theta = math.log2(rope.theta) if rope else 0.0
-    pos = positions if positions is not None else segments
+                  DOT_PRECISION=_DOT_PRECISION)
 
     delta = torch.empty_like(lse)
     has_grad_lse = grad_lse is not None
@@ -374,17 +360,17 @@ def varlen_attention_bwd(
     if k_tiles.shape[0]:
         key_rows = _bwd_rows(block_kt, head_dim, q.element_size())
         kernels.attention_bwd_dkdv_kernel[(k_tiles.shape[0], kv_heads, block_kt // key_rows)](
-            q, k, v, grad_out, lse, delta, dq, dk, dv, pos, segments, k_tiles, *common_strides,
+            q, k, v, grad_out, lse, delta, dq, dk, dv, segments, k_tiles, *common_strides,
             dq.stride(0), dq.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), lse.stride(0),
-            scale, log2_theta, BLOCK_M=_BWD_INNER, BLOCK_N=key_rows, ATOMIC_DQ=atomic_dq, **shared, **options,
+            scale, BLOCK_M=_BWD_INNER, BLOCK_N=key_rows, ATOMIC_DQ=atomic_dq, **shared, **options,
         )
     if atomic_dq:
         return dq.to(q.dtype), dk, dv
     if q_tiles.shape[0]:
         query_rows = _bwd_rows(block_m, head_dim, q.element_size())
         kernels.attention_bwd_dq_kernel[(q_tiles.shape[0], num_heads, block_m // query_rows)](
-            q, k, v, grad_out, lse, delta, dq, pos, segments, q_tiles, *common_strides,
-            dq.stride(0), dq.stride(1), lse.stride(0), scale, log2_theta,
+            q, k, v, grad_out, lse, delta, dq, segments, q_tiles, *common_strides,
+            dq.stride(0), dq.stride(1), lse.stride(0), scale,
             BLOCK_M=query_rows, BLOCK_N=_BWD_INNER, **shared, **options,
         )
     else:
@@ -393,28 +379,24 @@ def varlen_attention_bwd(
 
 
 @varlen_attention_bwd.register_fake
-def _(grad_out, grad_lse, q, k, v, out, lse, segments, q_tiles, k_tiles, params, positions, scale, rope_theta,
-      rope_axes, deterministic):
+def _(grad_out, grad_lse, q, k, v, out, lse, segments, q_tiles, k_tiles, params, scale, deterministic):
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
             torch.empty_like(k, memory_format=torch.contiguous_format),
             torch.empty_like(v, memory_format=torch.contiguous_format))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, segments, q_tiles, k_tiles, params, positions, scale, rope_theta, rope_axes = inputs
+    q, k, v, segments, q_tiles, k_tiles, params, scale = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, segments, q_tiles, k_tiles, params, positions)
-    ctx.scale, ctx.rope_theta, ctx.rope_axes = scale, rope_theta, rope_axes
+    ctx.save_for_backward(q, k, v, out, lse, segments, q_tiles, k_tiles, params)
+    ctx.scale = scale
 
 
 def _backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse, segments, q_tiles, k_tiles, params, positions = ctx.saved_tensors
-    deterministic = deterministic_enabled()
-    dq, dk, dv = varlen_attention_bwd(
-        grad_out, grad_lse, q, k, v, out, lse, segments, q_tiles, k_tiles, params, positions,
-        ctx.scale, ctx.rope_theta, ctx.rope_axes, deterministic,
-    )
-    return dq, dk, dv, None, None, None, None, None, None, None, None
+    q, k, v, out, lse, segments, q_tiles, k_tiles, params = ctx.saved_tensors
+    dq, dk, dv = varlen_attention_bwd(grad_out, grad_lse, q, k, v, out, lse, segments, q_tiles, k_tiles, params,
+                                      ctx.scale, deterministic_enabled())
+    return dq, dk, dv, None, None, None, None, None
 
 
 varlen_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -529,8 +511,9 @@ def varlen_attention(
     else:
         segments, q_tiles, k_tiles, params = schedule()
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    out, lse = varlen_attention_fwd(
-        q, k, v, segments, q_tiles, k_tiles, params, seqs.positions if rope is not None else None, scale,
-        rope.theta if rope is not None else 0.0, list(rope.axes_dims) if rope is not None else [0, 0, 0],
-    )
+    if rope is not None:  # once per call, outside the attention loops (see packdit.ops.qk_norm_rope)
+        from packdit.ops.qk_norm_rope import qk_norm_rope
+
+        q, k = qk_norm_rope(q, None, seqs.positions, rope), qk_norm_rope(k, None, seqs.positions, rope)
+    out, lse = varlen_attention_fwd(q, k, v, segments, q_tiles, k_tiles, params, scale)
     return (out, lse) if return_lse else out
