@@ -16,13 +16,13 @@ from packdit._validate import checks
 from packdit.determinism import use_deterministic
 from packdit.layout import PackedSeqs, pack, pack_like, unpack
 from packdit.models import DiT, DiT_models
-from packdit.ops.attention import RoPE3D, varlen_attention
+from packdit.reference.rope import RoPE3D
 
 __version__ = "0.1.0"
 
 # Triton-backed ops, imported on first use so that ``import packdit`` does not import triton.
 _LAZY_OPS = {"modulated_norm": "packdit.ops.modulate", "gated_residual": "packdit.ops.gated_residual",
-             "fused_mlp": "packdit.ops.mlp"}
+             "fused_mlp": "packdit.ops.mlp", "varlen_attention": "packdit.ops.attention"}
 
 
 def __getattr__(name: str):

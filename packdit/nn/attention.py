@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from packdit.layout import PackedSeqs
 from packdit.nn import functional as PF
-from packdit.ops.attention import MODES
+from packdit.ops.attention_schedule import MODES
 from packdit.reference.rope import RoPE3D
 
 __all__ = ["PackedAttention", "PackedCrossAttention"]
