@@ -20,11 +20,14 @@ install: $(DEPS)
 test: install
 	PACKDIT_REQUIRE_EXT=1 $(PY) -m pytest tests -ra --durations=15
 
+# Without a GPU: the quick run, written to benchmarks/results/<device>-quick/ (ignored by git).
 run: install
 	$(PY) benchmarks/run.py
 
-# On a GPU machine (no network, system python with torch/triton/pybind11/cmake/ninja): build, GPU tests,
-# the full benchmark; logs and results go to $$OUT when set.
+# On a GPU machine (no network, system python with torch/triton/pybind11/cmake/ninja), within 8 minutes: the
+# benchmark sections most valuable first (attention, e2e, mlp, norm, patchify, layout) while the extension
+# builds, then the GPU tests and compute-sanitizer; logs and results.tar.gz in $$OUT (default ./gpu-check-out).
+# `bash .ci/gpu_check --dry-run` runs the same steps on the CPU (tests/test_gpu_check.py).
 gpu-check:
 	bash .ci/gpu_check
 
