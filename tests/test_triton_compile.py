@@ -126,20 +126,19 @@ def attention_fwd_configs(dtype: str, head_dim: int, block_m: int, group: int, a
         yield KernelConfig(case, key)
 
 
-def _bwd_options(dtype: str, head_dim: int, rows: int) -> dict:
-    return dict(num_warps=attention._bwd_num_warps(rows, head_dim),
-                num_stages=attention._bwd_num_stages(head_dim, ITEMSIZE[dtype]))
+def _bwd_options(dtype: str, head_dim: int, warps: int) -> dict:
+    return dict(num_warps=warps, num_stages=attention._bwd_num_stages(head_dim, ITEMSIZE[dtype]))
 
 
 def attention_dkdv_config(dtype: str, head_dim: int, block_kt: int, group: int, atomic_dq: bool,
                           arch: int) -> KernelConfig:
     """The dK/dV kernel for a schedule with key tiles of ``block_kt`` rows."""
-    rows = attention._dkdv_rows(block_kt, head_dim, ITEMSIZE[dtype])
+    rows = attention._dkdv_rows(block_kt, head_dim, ITEMSIZE[dtype], group)
     constexprs = dict(_shared_constexprs(dtype, head_dim, group), TILE=block_kt, BLOCK_M=attention._BWD_INNER,
                       BLOCK_N=rows, ATOMIC_DQ=atomic_dq)
     return KernelConfig(_attention_case("attention_bwd_dkdv_kernel", dtype, head_dim, constexprs, arch,
                                         dq_dtype="fp32" if atomic_dq else dtype,
-                                        **_bwd_options(dtype, head_dim, rows)))
+                                        **_bwd_options(dtype, head_dim, attention._dkdv_num_warps(rows))))
 
 
 def attention_dq_config(dtype: str, head_dim: int, block_m: int, group: int, arch: int) -> KernelConfig:
@@ -148,7 +147,7 @@ def attention_dq_config(dtype: str, head_dim: int, block_m: int, group: int, arc
     constexprs = dict(_shared_constexprs(dtype, head_dim, group), TILE=block_m, BLOCK_M=rows,
                       BLOCK_N=attention._BWD_INNER)
     return KernelConfig(_attention_case("attention_bwd_dq_kernel", dtype, head_dim, constexprs, arch,
-                                        **_bwd_options(dtype, head_dim, rows)))
+                                        **_bwd_options(dtype, head_dim, attention._bwd_num_warps(rows, head_dim))))
 
 
 def attention_delta_config(dtype: str, head_dim: int, has_grad_lse: bool, arch: int) -> KernelConfig:

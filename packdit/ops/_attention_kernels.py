@@ -267,9 +267,19 @@ def attention_bwd_delta_kernel(Out, DO, Delta, GradLse, num_rows, stride_on, str
 
 
 @triton.jit
-def _dkdv_block(Q, DO, DQ, Lse, Delta, q_rows, stride_qn, stride_don, stride_dqn, query_valid, same_seg, k0, k1, v0,
-                v1, dk0, dk1, dv0, dv1, scale, HEAD_DIM: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr,
-                ALIGN: tl.constexpr, MASKED: tl.constexpr, ATOMIC_DQ: tl.constexpr, DOT_PRECISION: tl.constexpr):
+def _pair_heads(kv_head, pair, GROUP: tl.constexpr):
+    """The query head of each query-head pair of kv head ``kv_head`` (a scalar without GQA)."""
+    heads = kv_head
+    if GROUP > 1:
+        heads = kv_head * GROUP + pair % GROUP
+    return heads
+
+
+@triton.jit
+def _dkdv_block(Q, DO, DQ, Lse, Delta, q_rows, heads, stride_qn, stride_qh, stride_don, stride_doh, stride_dqn,
+                stride_dqh, stride_lh, query_valid, same_seg, k0, k1, v0, v1, dk0, dk1, dv0, dv1, scale,
+                HEAD_DIM: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr, ALIGN: tl.constexpr,
+                MASKED: tl.constexpr, ATOMIC_DQ: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """One query block of the key-major backward (keys are the MMA rows: every product is a wgmma with
     M = key rows)::
 
@@ -277,28 +287,30 @@ def _dkdv_block(Q, DO, DQ, Lse, Delta, q_rows, stride_qn, stride_don, stride_dqn
         dsT = pT * (dpT - delta)   dk += dsT q   (ATOMIC_DQ) dQ += scale dsT^T k
 
     Padded query rows read lse = +inf (pT = 0), so unpacked blocks need no mask; MASKED (packed tiles) zeroes
-    the scores between different segments (``same_seg``) and masks the loads. ``Q``, ``DO``, ``DQ``, ``Lse``,
-    ``Delta``: the query head's base pointers; ``q_rows``: the block's query rows."""
-    q0, q1 = _load_head(_row_ptrs(Q, q_rows, stride_qn, 0, ALIGN), query_valid, HEAD_DIM, BLOCK_D0, BLOCK_D1, MASKED)
-    do0, do1 = _load_head(_row_ptrs(DO, q_rows, stride_don, 0, ALIGN), query_valid, HEAD_DIM, BLOCK_D0, BLOCK_D1,
-                          MASKED)
+    the scores between different segments (``same_seg``) and masks the loads. Block row r is query row
+    ``q_rows[r]`` of query head ``heads[r]``."""
+    q0, q1 = _load_head(_row_ptrs(Q, q_rows, stride_qn, heads * stride_qh, ALIGN), query_valid, HEAD_DIM, BLOCK_D0,
+                        BLOCK_D1, MASKED)
+    do0, do1 = _load_head(_row_ptrs(DO, q_rows, stride_don, heads * stride_doh, ALIGN), query_valid, HEAD_DIM,
+                          BLOCK_D0, BLOCK_D1, MASKED)
+    stats = heads * stride_lh + q_rows
     if MASKED:
-        lse = tl.load(Lse + q_rows, mask=query_valid, other=float("inf"))
-        delta = tl.load(Delta + q_rows, mask=query_valid, other=0.0)
+        lse = tl.load(Lse + stats, mask=query_valid, other=float("inf"))
+        delta = tl.load(Delta + stats, mask=query_valid, other=0.0)
     else:
-        lse = tl.load(Lse + q_rows)
-        delta = tl.load(Delta + q_rows)
+        lse = tl.load(Lse + stats)
+        delta = tl.load(Delta + stats)
     s_t = _dot_nt(k0, k1, q0, q1, BLOCK_D1, DOT_PRECISION)
     p_t = tl.exp2(s_t * (scale * LOG2E) - (lse * LOG2E)[None, :])
     if MASKED:
         p_t = tl.where(same_seg, p_t, 0.0)
     dv0, dv1 = _dot_nn(p_t.to(do0.dtype), do0, do1, dv0, dv1, BLOCK_D1, DOT_PRECISION)
     dp_t = _dot_nt(v0, v1, do0, do1, BLOCK_D1, DOT_PRECISION)
-    ds_t = p_t * (dp_t - delta[None, :])
-    dk0, dk1 = _dot_nn(ds_t.to(q0.dtype), q0, q1, dk0, dk1, BLOCK_D1, DOT_PRECISION)
+    ds_t = (p_t * (dp_t - delta[None, :])).to(q0.dtype)
+    dk0, dk1 = _dot_nn(ds_t, q0, q1, dk0, dk1, BLOCK_D1, DOT_PRECISION)
     if ATOMIC_DQ:
-        dq_ptrs = _row_ptrs(DQ, q_rows, stride_dqn, 0, ALIGN)
-        ds = tl.trans(ds_t).to(k0.dtype)
+        dq_ptrs = _row_ptrs(DQ, q_rows, stride_dqn, heads * stride_dqh, ALIGN)
+        ds = tl.trans(ds_t)
         _atomic_add_chunk(dq_ptrs, query_valid, tl.dot(ds, k0, input_precision=DOT_PRECISION) * scale, 0, BLOCK_D0,
                           HEAD_DIM, MASKED)
         if BLOCK_D1 > 0:
@@ -318,8 +330,10 @@ def attention_bwd_dkdv_kernel(
     ATOMIC_DQ: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """One program = BLOCK_N key rows (part ``program_id(2)`` of a TILE-row key tile) x one kv head, looping over
-    the GROUP query heads that read them and the segment's BLOCK_M-row query blocks (see _dkdv_block). No two
-    programs write the same dK/dV rows, so dK/dV are deterministic; dQ is, only without ATOMIC_DQ."""
+    BLOCK_M-row query blocks (see _dkdv_block) whose rows are the (query row, query head) pairs of the GROUP heads
+    that read these keys, row-major: GQA adds rows to the blocks, not a loop around them (a loop over heads around
+    the pipelined block loop spilled 400 B at D = 72). No two programs write the same dK/dV rows, so dK/dV are
+    deterministic; dQ is, only without ATOMIC_DQ."""
     kv_head = tl.program_id(1)
     live, q_start, k_start, q_len, k_len, num_segs, seg_stride, row_stride, pack, seg0, first = _tile_of(
         KGroups, KTiles, num_groups, TILE)
@@ -341,7 +355,7 @@ def attention_bwd_dkdv_kernel(
 
     if (q_len == 1) & (k_len == 1):  # single-row segments: p = 1, ds = dO.v - delta, dv = dO
         q_rows = q_start + k_seg * seg_stride
-        for g in range(GROUP):
+        for g in tl.static_range(GROUP):
             head = kv_head * GROUP + g
             q0, q1 = _load_head(_row_ptrs(Q, q_rows, stride_qn, head * stride_qh, ALIGN), n_valid, HEAD_DIM,
                                 BLOCK_D0, BLOCK_D1, True)
@@ -359,30 +373,32 @@ def attention_bwd_dkdv_kernel(
                             (scale * ds)[:, None] * k0.to(tl.float32), (scale * ds)[:, None] * k1.to(tl.float32),
                             HEAD_DIM, BLOCK_D0, BLOCK_D1)
     else:
-        # Query row r of a block at frame m0 is frame m0 + r // pack of segment seg0 + r % pack.
-        rows = tl.arange(0, BLOCK_M)
+        # Block row r of the block at m0 is the query-head pair m0 + r: query row q = (m0 + r) // GROUP (row
+        # q // pack of segment seg0 + q % pack) of head kv_head * GROUP + (m0 + r) % GROUP.
+        pairs = GROUP * pack * q_len
+        full_pairs = tl.where(pack == 1, pairs - pairs % BLOCK_M, 0)
+        # The full blocks, unmasked.
         q_base = q_start + seg0 * seg_stride
-        full_frames = tl.where(pack == 1, q_len - q_len % BLOCK_M, 0)
-        for g in range(GROUP):
-            head = kv_head * GROUP + g
-            q_head = Q + head * stride_qh * ALIGN
-            do_head = DO + head * stride_doh * ALIGN
-            dq_head = DQ + head * stride_dqh * ALIGN
-            lse_head = Lse + head * stride_lh
-            delta_head = Delta + head * stride_lh
-            for m0 in range(0, full_frames, BLOCK_M):
-                dk0, dk1, dv0, dv1 = _dkdv_block(
-                    q_head, do_head, dq_head, lse_head, delta_head, q_base + (m0 + rows) * row_stride, stride_qn,
-                    stride_don, stride_dqn, n_valid, n_valid, k0, k1, v0, v1, dk0, dk1, dv0, dv1, scale, HEAD_DIM,
-                    BLOCK_D0, BLOCK_D1, ALIGN, False, ATOMIC_DQ, DOT_PRECISION)
-            if full_frames < q_len:
-                q_rows, query_valid, q_seg = _rows(rows, full_frames, q_start, q_len, seg0, num_segs, seg_stride,
+        for m0 in range(0, full_pairs, BLOCK_M):
+            pair = m0 + tl.arange(0, BLOCK_M)
+            dk0, dk1, dv0, dv1 = _dkdv_block(
+                Q, DO, DQ, Lse, Delta, q_base + (pair // GROUP) * row_stride, _pair_heads(kv_head, pair, GROUP),
+                stride_qn, stride_qh, stride_don, stride_doh, stride_dqn, stride_dqh, stride_lh, n_valid, n_valid, k0,
+                k1, v0, v1, dk0, dk1, dv0, dv1, scale, HEAD_DIM, BLOCK_D0, BLOCK_D1, ALIGN, False, ATOMIC_DQ,
+                DOT_PRECISION)
+        # Then the rest, masked: a segment's tail (< BLOCK_M pairs), or a packed tile (pack * q_len <= BLOCK_M rows
+        # per head), where a key sees the queries of its own segment only; unrolled, not a loop.
+        for block in tl.static_range(GROUP):
+            m0 = full_pairs + block * BLOCK_M
+            if m0 < pairs:
+                pair = m0 + tl.arange(0, BLOCK_M)
+                q_rows, query_valid, q_seg = _rows(pair // GROUP, 0, q_start, q_len, seg0, num_segs, seg_stride,
                                                    row_stride, pack)
-                query_valid = query_valid & (rows < (BLOCK_M // pack) * pack)
                 dk0, dk1, dv0, dv1 = _dkdv_block(
-                    q_head, do_head, dq_head, lse_head, delta_head, q_rows, stride_qn, stride_don, stride_dqn,
-                    query_valid, k_seg[:, None] == q_seg[None, :], k0, k1, v0, v1, dk0, dk1, dv0, dv1, scale,
-                    HEAD_DIM, BLOCK_D0, BLOCK_D1, ALIGN, True, ATOMIC_DQ, DOT_PRECISION)
+                    Q, DO, DQ, Lse, Delta, q_rows, _pair_heads(kv_head, pair, GROUP), stride_qn, stride_qh, stride_don,
+                    stride_doh, stride_dqn, stride_dqh, stride_lh, query_valid & (pair < pairs),
+                    k_seg[:, None] == q_seg[None, :], k0, k1, v0, v1, dk0, dk1, dv0, dv1, scale, HEAD_DIM, BLOCK_D0,
+                    BLOCK_D1, ALIGN, True, ATOMIC_DQ, DOT_PRECISION)
     _store_head(_row_ptrs(DK, k_rows, stride_dkn, kv_head * stride_dkh, ALIGN), n_valid, dk0 * scale, dk1 * scale,
                 HEAD_DIM, BLOCK_D0, BLOCK_D1)
     _store_head(_row_ptrs(DV, k_rows, stride_dvn, kv_head * stride_dvh, ALIGN), n_valid, dv0, dv1, HEAD_DIM, BLOCK_D0,

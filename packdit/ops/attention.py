@@ -96,18 +96,27 @@ def _bwd_rows(block: int, head_dim: int, itemsize: int) -> int:
     return min(block, _BWD_TILE_BYTES // (_head_columns(head_dim) * itemsize))
 
 
-def _dkdv_rows(block: int, head_dim: int, itemsize: int) -> int:
-    """Key rows of one dK/dV program: 128 up to 96 head columns, 64 up to 128, else 32. The program holds dK and dV
-    in fp32 registers beside the (keys x 64 queries) scores: compiled for sm_90 (bf16, 8 warps, 64-row query
-    blocks), 128 keys take 254 registers at D = 72 and spill at D = 128; 64 keys at D = 128 take 254, no spill."""
+def _dkdv_rows(block: int, head_dim: int, itemsize: int, group: int) -> int:
+    """Key rows of one dK/dV program: 128 up to 96 head columns without GQA, else 64 up to 128 columns, else 32.
+    The program holds dK and dV in fp32 registers beside the (keys x 64 query rows) scores; compiled for sm_90
+    (bf16, 8 warps, atomic dQ): 128 keys take 255 registers at D = 72 (40 B of stack, stored and reloaded once
+    per program outside the loops) and spill 120 B at D = 128 or 288 B at D = 72 with 3 query heads per kv head;
+    64 keys at D = 128 take 250 registers."""
     columns = _head_columns(head_dim)
-    return min(_bwd_rows(block, head_dim, itemsize), 128 if columns <= 96 else 64 if columns <= 128 else 32)
+    rows = 128 if columns <= 96 and group == 1 else 64 if columns <= 128 else 32
+    return min(_bwd_rows(block, head_dim, itemsize), rows)
 
 
 def _bwd_num_warps(rows: int, head_dim: int) -> int:
-    """Warps of the backward dK/dV and dQ programs on a GPU: one warpgroup (wgmma's M = 64) per 64 tile rows, and
-    two from 128 head columns up (the second halves each thread's share of the fp32 accumulators)."""
+    """Warps of the dQ programs on a GPU: one warpgroup (wgmma's M = 64) per 64 tile rows, and two from 128 head
+    columns up (the second halves each thread's share of the fp32 accumulator)."""
     return 8 if rows >= 128 or _head_columns(head_dim) >= 128 else 4
+
+
+def _dkdv_num_warps(rows: int) -> int:
+    """Warps of the dK/dV programs on a GPU: 8 from 64 key rows up (at 4 warps, 64 keys x 80 columns with atomic
+    dQ spill 48 B; 8 warps split the fp32 dK/dV accumulators over twice the threads)."""
+    return 8 if rows >= 64 else 4
 
 
 def _bwd_num_stages(head_dim: int, itemsize: int) -> int:
@@ -117,10 +126,10 @@ def _bwd_num_stages(head_dim: int, itemsize: int) -> int:
     return 3 if row_bytes <= 256 else 2 if row_bytes < 512 else 1
 
 
-def _bwd_options(rows: int, head_dim: int, itemsize: int) -> dict:
+def _bwd_options(warps: int, head_dim: int, itemsize: int) -> dict:
     if tu.interpreting():
         return {}
-    return {"num_warps": _bwd_num_warps(rows, head_dim), "num_stages": _bwd_num_stages(head_dim, itemsize)}
+    return {"num_warps": warps, "num_stages": _bwd_num_stages(head_dim, itemsize)}
 
 
 def _alignment(itemsize: int, strides) -> int:
@@ -334,11 +343,12 @@ def varlen_attention_bwd(
     shared = dict(HEAD_DIM=head_dim, BLOCK_D0=block_d0, BLOCK_D1=block_d1, GROUP=num_heads // kv_heads, ALIGN=align,
                   DOT_PRECISION=_DOT_PRECISION)
     if k_tiles.shape[0]:
-        key_rows = _dkdv_rows(block_kt, head_dim, itemsize)
+        key_rows = _dkdv_rows(block_kt, head_dim, itemsize, num_heads // kv_heads)
         kernels.attention_bwd_dkdv_kernel[(k_tiles.shape[0], kv_heads, block_kt // key_rows)](
             *inputs, lse, delta, dq, dk, dv, k_groups, k_tiles, k_groups.shape[1],
             *_strides(align, *inputs, dq, dk, dv), lse.stride(0), scale, TILE=block_kt, BLOCK_M=_BWD_INNER,
-            BLOCK_N=key_rows, ATOMIC_DQ=atomic_dq, **shared, **_bwd_options(key_rows, head_dim, itemsize),
+            BLOCK_N=key_rows, ATOMIC_DQ=atomic_dq, **shared,
+            **_bwd_options(_dkdv_num_warps(key_rows), head_dim, itemsize),
         )
     if atomic_dq:
         return dq.to(q.dtype), dk, dv
@@ -347,7 +357,7 @@ def varlen_attention_bwd(
         kernels.attention_bwd_dq_kernel[(q_tiles.shape[0], num_heads, block_m // query_rows)](
             *inputs, lse, delta, dq, q_groups, q_tiles, q_groups.shape[1], *_strides(align, *inputs, dq),
             lse.stride(0), scale, TILE=block_m, BLOCK_M=query_rows, BLOCK_N=_BWD_INNER, **shared,
-            **_bwd_options(query_rows, head_dim, itemsize),
+            **_bwd_options(_bwd_num_warps(query_rows, head_dim), head_dim, itemsize),
         )
     else:
         dq.zero_()
