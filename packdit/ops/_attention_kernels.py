@@ -102,6 +102,16 @@ def _load_head(row_ptrs, row_valid, HEAD_DIM: tl.constexpr, BLOCK_D0: tl.constex
 
 
 @triton.jit
+def _zeros_head(ROWS: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr):
+    """fp32 zero accumulators for the two column chunks (the second a placeholder when BLOCK_D1 == 0)."""
+    x0 = tl.zeros((ROWS, BLOCK_D0), tl.float32)
+    x1 = x0
+    if BLOCK_D1 > 0:
+        x1 = tl.zeros((ROWS, BLOCK_D1), tl.float32)
+    return x0, x1
+
+
+@triton.jit
 def _store_chunk(row_ptrs, row_valid, x, COL0: tl.constexpr, WIDTH: tl.constexpr, HEAD_DIM: tl.constexpr):
     cols = COL0 + tl.arange(0, WIDTH)
     tl.store(row_ptrs[:, None] + cols[None, :], x.to(row_ptrs.dtype.element_ty),
@@ -154,6 +164,30 @@ def _rowdot(a0, a1, b0, b1, BLOCK_D1: tl.constexpr):
 
 
 # ---------------------------------------------------------------------------------------------- forward
+@triton.jit
+def _key_blocks(K, V, k_start, seg_stride, row_stride, pack, seg0, head_offset_k, head_offset_v, stride_kn, stride_vn,
+                BLOCK_N: tl.constexpr, ALIGN: tl.constexpr):
+    """K/V row pointers of the key block at frame 0, their segments, and the pointer steps per frame: key column c is
+    frame c // pack of segment seg0 + c % pack."""
+    cols = tl.arange(0, BLOCK_N)
+    k_seg = seg0 + cols % pack
+    rows = k_start + k_seg * seg_stride + (cols // pack) * row_stride
+    k_ptrs = _row_ptrs(K, rows, stride_kn, head_offset_k, ALIGN)
+    v_ptrs = _row_ptrs(V, rows, stride_vn, head_offset_v, ALIGN)
+    k_step = (row_stride * stride_kn).to(tl.int64) * ALIGN
+    v_step = (row_stride * stride_vn).to(tl.int64) * ALIGN
+    return k_ptrs, v_ptrs, k_step, v_step, k_seg
+
+
+@triton.jit
+def _tail_mask(frame0, k_len, k_seg, q_seg, num_segs, pack, BLOCK_N: tl.constexpr):
+    """``(key_valid (BLOCK_N,), score mask (rows, BLOCK_N))`` of the masked key block at frame ``frame0``: keys inside
+    the segments, each query row seeing its own segment's keys."""
+    cols = tl.arange(0, BLOCK_N)
+    key_valid = (frame0 + cols // pack < k_len) & (k_seg < num_segs) & (cols < (BLOCK_N // pack) * pack)
+    return key_valid, key_valid[None, :] & (k_seg[None, :] == q_seg[:, None])
+
+
 @triton.jit
 def _fwd_block(q0, q1, k_ptrs, v_ptrs, key_valid, mask, m_i, l_i, acc0, acc1, qk_scale,
                HEAD_DIM: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr, MASKED: tl.constexpr,
@@ -214,29 +248,19 @@ def attention_fwd_kernel(
         return
 
     qk_scale = scale * LOG2E
-    # Key column c of a block at frame n0 is frame n0 + c // pack of segment seg0 + c % pack.
-    cols = tl.arange(0, BLOCK_N)
-    frames_per_block = BLOCK_N // pack
-    k_rows0, _, k_seg = _rows(cols, 0, k_start, k_len + BLOCK_N, seg0, num_segs, seg_stride, row_stride, pack)
-    k_ptrs = _row_ptrs(K, k_rows0, stride_kn, kv_head * stride_kh, ALIGN)
-    v_ptrs = _row_ptrs(V, k_rows0, stride_vn, kv_head * stride_vh, ALIGN)
-    k_step = (row_stride * stride_kn).to(tl.int64) * ALIGN
-    v_step = (row_stride * stride_vn).to(tl.int64) * ALIGN
-
+    k_ptrs, v_ptrs, k_step, v_step, k_seg = _key_blocks(K, V, k_start, seg_stride, row_stride, pack, seg0,
+                                                        kv_head * stride_kh, kv_head * stride_vh, stride_kn, stride_vn,
+                                                        BLOCK_N, ALIGN)
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
-    acc0 = tl.zeros((BLOCK_M, BLOCK_D0), tl.float32)
-    acc1 = acc0
-    if BLOCK_D1 > 0:
-        acc1 = tl.zeros((BLOCK_M, BLOCK_D1), tl.float32)
+    acc0, acc1 = _zeros_head(BLOCK_M, BLOCK_D0, BLOCK_D1)
     full_frames = tl.where(pack == 1, k_len - k_len % BLOCK_N, 0)
     for n0 in range(0, full_frames, BLOCK_N):
         m_i, l_i, acc0, acc1 = _fwd_block(q0, q1, k_ptrs + n0 * k_step, v_ptrs + n0 * v_step, m_valid, m_valid,
                                           m_i, l_i, acc0, acc1, qk_scale, HEAD_DIM, BLOCK_D0, BLOCK_D1, False,
                                           DOT_PRECISION)
     if full_frames < k_len:
-        key_valid = (full_frames + cols // pack < k_len) & (k_seg < num_segs) & (cols < frames_per_block * pack)
-        mask = key_valid[None, :] & (k_seg[None, :] == q_seg[:, None])
+        key_valid, mask = _tail_mask(full_frames, k_len, k_seg, q_seg, num_segs, pack, BLOCK_N)
         m_i, l_i, acc0, acc1 = _fwd_block(q0, q1, k_ptrs + full_frames * k_step, v_ptrs + full_frames * v_step,
                                           key_valid, mask, m_i, l_i, acc0, acc1, qk_scale, HEAD_DIM, BLOCK_D0,
                                           BLOCK_D1, True, DOT_PRECISION)
@@ -345,13 +369,8 @@ def attention_bwd_dkdv_kernel(
                         BLOCK_D1, True)
     v0, v1 = _load_head(_row_ptrs(V, k_rows, stride_vn, kv_head * stride_vh, ALIGN), n_valid, HEAD_DIM, BLOCK_D0,
                         BLOCK_D1, True)
-    dk0 = tl.zeros((BLOCK_N, BLOCK_D0), tl.float32)
-    dv0 = tl.zeros((BLOCK_N, BLOCK_D0), tl.float32)
-    dk1 = dk0
-    dv1 = dv0
-    if BLOCK_D1 > 0:
-        dk1 = tl.zeros((BLOCK_N, BLOCK_D1), tl.float32)
-        dv1 = tl.zeros((BLOCK_N, BLOCK_D1), tl.float32)
+    dk0, dk1 = _zeros_head(BLOCK_N, BLOCK_D0, BLOCK_D1)
+    dv0, dv1 = _zeros_head(BLOCK_N, BLOCK_D0, BLOCK_D1)
 
     if (q_len == 1) & (k_len == 1):  # single-row segments: p = 1, ds = dO.v - delta, dv = dO
         q_rows = q_start + k_seg * seg_stride
@@ -460,24 +479,16 @@ def attention_bwd_dq_kernel(
 
     qk_scale = scale * LOG2E
     lse2 = tl.load(Lse + head * stride_lh + q_rows, mask=m_valid, other=float("inf")) * LOG2E
-    cols = tl.arange(0, BLOCK_N)
-    frames_per_block = BLOCK_N // pack
-    k_rows0, _, k_seg = _rows(cols, 0, k_start, k_len + BLOCK_N, seg0, num_segs, seg_stride, row_stride, pack)
-    k_ptrs = _row_ptrs(K, k_rows0, stride_kn, kv_head * stride_kh, ALIGN)
-    v_ptrs = _row_ptrs(V, k_rows0, stride_vn, kv_head * stride_vh, ALIGN)
-    k_step = (row_stride * stride_kn).to(tl.int64) * ALIGN
-    v_step = (row_stride * stride_vn).to(tl.int64) * ALIGN
-    dq0 = tl.zeros((BLOCK_M, BLOCK_D0), tl.float32)
-    dq1 = dq0
-    if BLOCK_D1 > 0:
-        dq1 = tl.zeros((BLOCK_M, BLOCK_D1), tl.float32)
+    k_ptrs, v_ptrs, k_step, v_step, k_seg = _key_blocks(K, V, k_start, seg_stride, row_stride, pack, seg0,
+                                                        kv_head * stride_kh, kv_head * stride_vh, stride_kn, stride_vn,
+                                                        BLOCK_N, ALIGN)
+    dq0, dq1 = _zeros_head(BLOCK_M, BLOCK_D0, BLOCK_D1)
     full_frames = tl.where(pack == 1, k_len - k_len % BLOCK_N, 0)
     for n0 in range(0, full_frames, BLOCK_N):
         dq0, dq1 = _dq_block(q0, q1, do0, do1, lse2, delta, k_ptrs + n0 * k_step, v_ptrs + n0 * v_step, m_valid,
                              m_valid, dq0, dq1, qk_scale, HEAD_DIM, BLOCK_D0, BLOCK_D1, False, DOT_PRECISION)
     if full_frames < k_len:
-        key_valid = (full_frames + cols // pack < k_len) & (k_seg < num_segs) & (cols < frames_per_block * pack)
-        mask = key_valid[None, :] & (k_seg[None, :] == q_seg[:, None])
+        key_valid, mask = _tail_mask(full_frames, k_len, k_seg, q_seg, num_segs, pack, BLOCK_N)
         dq0, dq1 = _dq_block(q0, q1, do0, do1, lse2, delta, k_ptrs + full_frames * k_step,
                              v_ptrs + full_frames * v_step, key_valid, mask, dq0, dq1, qk_scale, HEAD_DIM, BLOCK_D0,
                              BLOCK_D1, True, DOT_PRECISION)

@@ -100,18 +100,28 @@ def rope_rotate(x, cos, sin, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
+def _token_tile(Pos, num_tokens, log2_theta, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
+                ROPE: tl.constexpr, AX_T: tl.constexpr, AX_H: tl.constexpr, AX_W: tl.constexpr):
+    """The program's BLOCK_T tokens: ``(rows (int64), columns, mask, cos, sin)``; cos / sin are unused zeros
+    without RoPE."""
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    row_valid = rows < num_tokens
+    cols = tl.arange(0, BLOCK_D)
+    cos = tl.zeros((BLOCK_T, BLOCK_D // 2), tl.float32)
+    sin = cos
+    if ROPE:
+        cos, sin = rope_angles(Pos, rows, row_valid, log2_theta, BLOCK_D, AX_T, AX_H, AX_W)
+    return rows.to(tl.int64), cols, row_valid[:, None] & (cols < HEAD_DIM)[None, :], cos, sin
+
+
+@triton.jit
 def _qk_norm_rope_fwd_kernel(
     X, W, Pos, Y, num_tokens, num_heads, stride_xn, stride_xh, stride_wh, stride_yn, stride_yh, eps, log2_theta,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, NORM: tl.constexpr, ROPE: tl.constexpr,
     AX_T: tl.constexpr, AX_H: tl.constexpr, AX_W: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    row_valid = rows < num_tokens
-    cols = tl.arange(0, BLOCK_D)
-    mask = row_valid[:, None] & (cols < HEAD_DIM)[None, :]
-    if ROPE:
-        cos, sin = rope_angles(Pos, rows, row_valid, log2_theta, BLOCK_D, AX_T, AX_H, AX_W)
-    rows64 = rows.to(tl.int64)
+    rows64, cols, mask, cos, sin = _token_tile(Pos, num_tokens, log2_theta, HEAD_DIM, BLOCK_D, BLOCK_T, ROPE, AX_T,
+                                              AX_H, AX_W)
     for head in range(num_heads):
         x = tl.load(X + rows64[:, None] * stride_xn + head * stride_xh + cols[None, :], mask=mask, other=0.0)
         z = x.to(tl.float32)
@@ -133,14 +143,9 @@ def _qk_norm_rope_bwd_kernel(
     AX_T: tl.constexpr, AX_H: tl.constexpr, AX_W: tl.constexpr,
 ):
     block = tl.program_id(0)
-    rows = block * BLOCK_T + tl.arange(0, BLOCK_T)
-    row_valid = rows < num_tokens
-    cols = tl.arange(0, BLOCK_D)
+    rows64, cols, mask, cos, sin = _token_tile(Pos, num_tokens, log2_theta, HEAD_DIM, BLOCK_D, BLOCK_T, ROPE, AX_T,
+                                              AX_H, AX_W)
     col_valid = cols < HEAD_DIM
-    mask = row_valid[:, None] & col_valid[None, :]
-    if ROPE:
-        cos, sin = rope_angles(Pos, rows, row_valid, log2_theta, BLOCK_D, AX_T, AX_H, AX_W)
-    rows64 = rows.to(tl.int64)
     for head in range(num_heads):
         dz = tl.load(DY + rows64[:, None] * stride_dyn + head * stride_dyh + cols[None, :], mask=mask, other=0.0)
         dz = dz.to(tl.float32)
