@@ -145,8 +145,8 @@ def test_head_dims(d):
 FRAMES_1_TO_40 = [(1, 5, 6), (2, 2, 3), (5, 1, 4), (17, 2, 1), (33, 1, 2), (40, 2, 1), (1, 1, 1), (3, 2, 2)]
 
 
-@pytest.mark.parametrize("mode", ["full", "spatial", "temporal"])
-@pytest.mark.parametrize("hq, hk, d", [(4, 2, 24), (2, 1, 40)])
+@pytest.mark.parametrize("mode, hq, hk, d", [("full", 4, 2, 24), ("spatial", 4, 2, 24), ("temporal", 4, 2, 24),
+                                             ("temporal", 2, 1, 40)])
 def test_images_and_videos_of_1_to_40_frames_in_one_pack(mode, hq, hk, d):
     """Tile packing (several segments per tile, block-diagonal mask), single-row segments, GQA, RoPE, and a head
     dim split into two column chunks (40 = 32 + 16)."""

@@ -81,7 +81,8 @@ def test_the_guard_lets_device_work_pass():
 
 def _model(**options) -> DiT:
     torch.manual_seed(0)
-    model = DiT(input_size=8, patch_size=(1, 2, 2), in_channels=4, hidden_size=48, depth=2, num_heads=2,
+    depth = 2 if options.get("attention") == "spatial_temporal" else 1  # one spatial and one temporal block
+    model = DiT(input_size=8, patch_size=(1, 2, 2), in_channels=4, hidden_size=48, depth=depth, num_heads=2,
                 learn_sigma=False, backend="triton", **options).to(DEVICE)
     for p in model.parameters():  # adaLN-Zero starts as the identity: make every layer do work
         torch.nn.init.normal_(p, std=0.05)
@@ -124,8 +125,7 @@ STEP = [(4, 2, 4, 6), (4, 6, 8), (4, 4, 8), (4, 5, 2, 4), (4, 2, 2)]
 @pytest.mark.parametrize("options", [
     dict(),
     dict(pos_embed="rope3d", qk_norm=True, attention="spatial_temporal"),
-    dict(pos_embed="rope3d", attention="spatial_temporal", mlp_ratio=2.0),
-], ids=["full", "rope-qknorm-spatial-temporal", "rope-spatial-temporal"])
+], ids=["full", "rope-qknorm-spatial-temporal"])
 def test_dit_training_step_reads_nothing_back(options):
     model = _model(**options)
     _step(model, _latents(WARMUP), guarded=False)  # warm-up (on a GPU: autotuning, which synchronizes)
