@@ -1,11 +1,11 @@
 # One-command set-up: each target creates .venv, installs the pinned requirements and packdit (with its
-# native extension), then does its job. `make test` is what CI runs (.ci/run).
+# native extension), then does its job. `make lint` then `make test` is what CI runs (.ci/run).
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 DEPS   := $(VENV)/.deps-installed
 
-.PHONY: install test run gpu-check clean
+.PHONY: install lint test run gpu-check clean
 
 $(DEPS): requirements/ci.txt
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +16,11 @@ $(DEPS): requirements/ci.txt
 # Re-runs the (incremental) CMake build every time so csrc/ edits are picked up.
 install: $(DEPS)
 	$(PY) -m pip install --quiet --no-build-isolation --no-deps -e .
+
+# ruff (configured in pyproject.toml): pyflakes, pycodestyle, import order, bugbear, and the layering ban on
+# importing packdit.reference outside the dispatcher
+lint: $(DEPS)
+	$(PY) -m ruff check .
 
 test: install
 	PACKDIT_REQUIRE_EXT=1 $(PY) -m pytest tests -ra --durations=15

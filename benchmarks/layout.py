@@ -15,7 +15,7 @@ from common import Context, OutputMismatch, measure, print_table, refused_row, v
 from workloads import MIXES, take_tokens
 
 import packdit
-from packdit.ops import layout_positions as lp
+from packdit import layout_positions as lp
 from packdit.reference import patchify_reference
 
 PATCH = (1, 2, 2)

@@ -19,7 +19,7 @@ from norm import hbm_peak_gbps
 from workloads import MIXES, latent_shapes
 
 import packdit
-from packdit.ops import patchify as patchify_op
+from packdit.nn import functional as PF
 from packdit.reference import patchify_reference
 
 PATCH = (1, 2, 2)
@@ -58,7 +58,7 @@ def run(ctx: Context) -> list[dict]:
         want = patchify_reference(latents, seqs.cu_seqlens, None, PATCH)
         moved = 2 * tokens.numel() * tokens.element_size()
         paths = {"torch-loop": torch_path}
-        if patchify_op.implementation(tokens) == "cuda":
+        if PF.use_kernel("patchify", tokens.device, None):
             paths = {"packdit-cuda": contextlib.nullcontext, **paths}
         for impl, path in paths.items():
             base = {"impl": impl, "mix": mix, "samples": len(latents), "tokens": seqs.num_tokens}

@@ -12,8 +12,9 @@ Columns per kernel x config: registers, ``spill_bytes`` (stack frame per thread;
 ptxas's spill stores, shared memory, MMA instructions in the hot loop (``wgmma`` HGMMA, ``mma_sync`` HMMA),
 ``cp_async`` (16-byte LDGSTS: cp.async tile copies) / ``tma`` (UTMALDG, UBLKCP) anywhere in the kernel and
 ``loop_pipelined`` (either in the hot loop), MUFU in the loop, ``loop_instructions_per_warp``,
-``issue_per_mma`` (<= 1: the tensor cores bound the loop), ``c7515`` (ptxas: wgmma serialised), global load / store widths (``ldg_bits``: "128x12 32x2" = twelve
-128-bit and two 32-bit loads per thread in the kernel). All are estimates from static code.
+``issue_per_mma`` (<= 1: the tensor cores bound the loop), ``c7515`` (ptxas: wgmma serialised), global load /
+store widths (``ldg_bits``: "128x12 32x2" = twelve 128-bit and two 32-bit loads per thread in the kernel).
+All are estimates from static code.
 
 Writes ``<out>/static-sm90/sass.{json,csv,png}`` and ``<out>/static-sm80/sass.{json,csv}``. ``--quick`` compiles
 one configuration of each kernel of one model on sm_90 only.

@@ -576,7 +576,7 @@ def test_ddpm_refuses_steps_out_of_range_float_or_wrong_length(t, match):
         "training_losses_packed": lambda: diffusion.training_losses_packed(
             lambda x_t, seqs, base_t, y: torch.zeros_like(x_t), [x[0], x[1, :, :2]], t, patch_size=PATCH),
     }
-    for name, call in calls.items():
+    for call in calls.values():
         with pytest.raises(ValueError, match=match):
             call()
     with pytest.raises(TypeError, match=r"t: expected a \(2,\) integer tensor.*got int"):

@@ -40,8 +40,11 @@ import traceback
 # The launchers' checks that a device can run Triton kernels (CUDA, or the CPU under the interpreter). The
 # capture replaces them so that CPU tensors reach the (recorded, not executed) launch.
 _RUNNABLE_CHECKS = (
-    ("packdit.ops._triton_utils", "use_triton", lambda tensor: True),
+    ("packdit.ops._triton_utils", "require_triton", lambda op, tensor: None),
     ("packdit.ops.attention", "_check_runnable", lambda tensor: None),
+    # the dispatcher's availability table: explicit backend="triton" requests reach the launchers
+    ("packdit.nn.functional", "_UNSUPPORTED",
+     {"triton": lambda device: None, "cuda": lambda device: "the capture records Triton launches only"}),
 )
 # Compile options a launch may pass besides num_warps / num_stages (``triton.Config.all_kwargs``), and defaults.
 _OTHER_OPTION_DEFAULTS = {"num_ctas": 1, "maxnreg": None}

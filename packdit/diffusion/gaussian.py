@@ -38,9 +38,17 @@ import torch
 from torch import Tensor
 
 from packdit._validate import checks_enabled
-from packdit.diffusion.packed import (Generators, ModelFn, check_labels, classifier_free_guidance, draw_noise,
-                                      segment_mean, starting_noise)
-from packdit.layout import DropRate, PatchSize, normalize_patch_size, pack, pack_like, unpack
+from packdit.diffusion.packed import (
+    Generators,
+    ModelFn,
+    check_labels,
+    classifier_free_guidance,
+    draw_noise,
+    segment_mean,
+    starting_noise,
+)
+from packdit.layout import DropRate, PatchSize, normalize_patch_size
+from packdit.patches import pack, pack_like, unpack
 
 __all__ = ["GaussianDiffusion", "create_diffusion", "get_named_beta_schedule", "space_timesteps"]
 

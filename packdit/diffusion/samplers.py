@@ -15,9 +15,16 @@ from torch import Tensor
 
 from packdit._validate import checks_enabled
 from packdit.diffusion.flow import BASE_TOKENS, MAX_SHIFT, check_shift_settings, full_token_counts, shift_timesteps
-from packdit.diffusion.packed import (Generators, ModelFn, check_int, check_labels, classifier_free_guidance,
-                                      starting_noise)
-from packdit.layout import PatchSize, normalize_patch_size, pack, unpack
+from packdit.diffusion.packed import (
+    Generators,
+    ModelFn,
+    check_int,
+    check_labels,
+    classifier_free_guidance,
+    starting_noise,
+)
+from packdit.layout import PatchSize, normalize_patch_size
+from packdit.patches import pack, unpack
 
 __all__ = ["flow_schedule", "sample"]
 

@@ -26,8 +26,7 @@ from torch import Tensor, nn
 
 from packdit.layout import PackedSeqs
 from packdit.nn import functional as PF
-from packdit.ops.attention_schedule import MODES
-from packdit.reference.rope import RoPE3D
+from packdit.rope import RoPE3D
 
 __all__ = ["PackedAttention", "PackedCrossAttention"]
 
@@ -70,16 +69,17 @@ class PackedAttention(nn.Module):
         qkv_bias: bias of the fused qkv Linear. qk_norm: per-head RMSNorm of q and k.
         rope: optional :class:`~packdit.RoPE3D` from ``seqs.positions``, fused with the QK-norm.
         mode: "full", "spatial" (own frame) or "temporal" (own (h, w) across frames).
-        backend: "triton" (the kernel), "torch" (the reference) or None (the fastest available).
+        backend: "triton" (the kernel), "torch" (the reference) or None (chosen per call, see
+            :mod:`packdit.nn.functional`).
     """
 
     def __init__(self, dim: int, num_heads: int, *, num_kv_heads: int | None = None, qkv_bias: bool = True,
                  qk_norm: bool = False, rope: RoPE3D | None = None, mode: str = "full", backend: str | None = None):
         super().__init__()
-        self.backend = backend
+        self.backend = PF.check_backend(backend, "varlen_attention")
         self.head_dim, self.num_kv_heads = _head_sizes(dim, num_heads, num_kv_heads)
-        if mode not in MODES:
-            raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
+        if mode not in PF.ATTENTION_MODES:
+            raise ValueError(f"mode: expected one of {PF.ATTENTION_MODES}, got {mode!r}")
         if rope is not None:
             rope.check_head_dim(self.head_dim)
         self.num_heads, self.rope, self.mode = num_heads, rope, mode
@@ -88,16 +88,25 @@ class PackedAttention(nn.Module):
         self.k_norm = _QKNorm(self.head_dim) if qk_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: Tensor, seqs: PackedSeqs) -> Tensor:
+    def forward(self, x: Tensor, seqs: PackedSeqs, heads=None) -> Tensor:
+        """x (N, dim) -> (N, dim). Sequence parallelism: with ``heads`` (a
+        :class:`packdit.distributed.SequenceShard`), x holds the shard's tokens of ``seqs``; ``heads.to_heads``
+        trades q, k, v for all tokens of the rank's heads before the attention, ``heads.to_tokens`` trades back."""
         d, hq, hk = self.head_dim, self.num_heads, self.num_kv_heads
         qk, v = self.qkv(x).split([(hq + hk) * d, hk * d], dim=-1)
         qk = qk.unflatten(-1, (hq + hk, d))           # q heads, then k heads: one pass normalizes and rotates both
         weight = _head_weights([(self.q_norm, hq), (self.k_norm, hk)])
         if weight is not None or self.rope is not None:
-            qk = PF.qk_norm_rope(qk, weight, seqs.positions, self.rope, eps=_QK_NORM_EPS, backend=self.backend)
+            positions = (seqs if heads is None else heads.local).positions  # of the tokens in x
+            qk = PF.qk_norm_rope(qk, weight, positions, self.rope, eps=_QK_NORM_EPS, backend=self.backend)
         q, k = qk.split([hq, hk], dim=1)
-        out = PF.attention(q, k, v.unflatten(-1, (hk, d)), seqs.cu_seqlens, seqs.max_seqlen,
-                           mode=self.mode, seqs=seqs, backend=self.backend)
+        v = v.unflatten(-1, (hk, d))
+        if heads is not None:
+            q, k, v = heads.to_heads(q, k, v)
+        out = PF.varlen_attention(q, k, v, seqs.cu_seqlens, seqs.max_seqlen, mode=self.mode, seqs=seqs,
+                                  backend=self.backend)
+        if heads is not None:
+            out = heads.to_tokens(out)
         return self.proj(out.flatten(1))
 
 
@@ -108,7 +117,7 @@ class PackedCrossAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int, *, context_dim: int | None = None, num_kv_heads: int | None = None,
                  qkv_bias: bool = True, qk_norm: bool = False, backend: str | None = None):
         super().__init__()
-        self.backend = backend
+        self.backend = PF.check_backend(backend, "varlen_attention")
         self.head_dim, self.num_kv_heads = _head_sizes(dim, num_heads, num_kv_heads)
         self.num_heads = num_heads
         self.q = nn.Linear(dim, dim, bias=qkv_bias)
@@ -126,6 +135,6 @@ class PackedCrossAttention(nn.Module):
         if q_weight is not None:
             q = PF.qk_norm_rope(q, q_weight, eps=_QK_NORM_EPS, backend=self.backend)
             k = PF.qk_norm_rope(k, k_weight, eps=_QK_NORM_EPS, backend=self.backend)
-        out = PF.attention(q, k, v, seqs.cu_seqlens, seqs.max_seqlen, context_cu_seqlens, context_max_seqlen,
-                           seqs=seqs, backend=self.backend)
+        out = PF.varlen_attention(q, k, v, seqs.cu_seqlens, seqs.max_seqlen, context_cu_seqlens, context_max_seqlen,
+                                  seqs=seqs, backend=self.backend)
         return self.proj(out.flatten(1))

@@ -47,7 +47,7 @@ from packdit.ops import _triton_utils as tu
 from packdit.ops import attention_schedule as sched
 from packdit.ops.attention_schedule import MODES, AttentionSchedule
 from packdit.ops.qk_norm_rope import qk_norm_rope
-from packdit.reference.rope import RoPE3D
+from packdit.rope import RoPE3D
 
 __all__ = ["varlen_attention", "MODES"]
 

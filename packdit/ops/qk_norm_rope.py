@@ -40,7 +40,7 @@ import triton.language as tl
 from torch import Tensor
 
 from packdit.ops import _triton_utils as tu
-from packdit.reference.rope import RoPE3D
+from packdit.rope import RoPE3D
 
 __all__ = ["qk_norm_rope", "rope_rotate"]
 
