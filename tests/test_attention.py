@@ -268,8 +268,10 @@ def test_tiles_too_wide_for_shared_memory_run_in_parts(deterministic):
             got = _forward_backward(run, q, k, v, grad, grad_lse)
     finally:
         packdit.use_deterministic(False)
+    # the two schedules sum the same terms in other orders (16- vs 128-row tiles): fp32 rounding of O(1) sums
+    # over up to 100 keys x 256 columns, a few ulps
     for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, want):
-        assert_close(a, b, atol=1e-6, rtol=1e-5, name=name)
+        assert_close(a, b, atol=4e-6, rtol=1e-5, name=name)
 
 
 # ---------------------------------------------------------------------------------------------- determinism
@@ -434,12 +436,12 @@ def test_hand_built_layout_is_validated_once_per_object():
 
     ids = good.segment_ids.clone()
     ids[2] = 1
-    bad = dataclasses.replace(good, segment_ids=ids, _cache={})
+    bad = dataclasses.replace(good, segment_ids=ids)  # a replaced layout starts unvalidated
     with pytest.raises(ValueError, match="segment_ids: token 2 says segment 1"):
         attend(bad)
     with packdit.checks(False):
         attend(bad)  # checks off: trusted
-    rebuilt = dataclasses.replace(good, _cache={})
+    rebuilt = dataclasses.replace(good)
     with mock.patch("packdit._validate.validate_cu_seqlens", wraps=packdit._validate.validate_cu_seqlens) as check:
         assert_close(attend(rebuilt), attend(good), atol=0, name="rebuilt layout")
         attend(rebuilt)
@@ -463,9 +465,10 @@ def _bad_inputs():
         ("last .*contiguous", dict(q=torch.randn(5, 16, 4, device=DEVICE).transpose(1, 2))),
         ("cu_seqlens_q: expected a .* int32", dict(cu_seqlens_q=cu.long())),
         ("cu_seqlens_q: expected a tensor on", dict(cu_seqlens_q=torch.empty(3, dtype=torch.int32, device="meta"))),
-        ("cu_seqlens_q: segment 1 has negative length", dict(cu_seqlens_q=torch.tensor([0, 4, 3, 5], dtype=torch.int32,
-                                                                                 device=DEVICE), max_seqlen_q=4)),
-        ("cu_seqlens_q: expected cu_seqlens_q.-1. = 5", dict(cu_seqlens_q=cu_seqlens_of([3, 1], DEVICE))),
+        ("cu_seqlens_q: expected non-decreasing offsets, but segment 1 has negative length",
+         dict(cu_seqlens_q=torch.tensor([0, 4, 3, 5], dtype=torch.int32, device=DEVICE), max_seqlen_q=4)),
+        ("cu_seqlens_q: last entry must be the number of tokens: expected cu_seqlens_q.-1. = 5",
+         dict(cu_seqlens_q=cu_seqlens_of([3, 1], DEVICE))),
         ("max_seqlen", dict(max_seqlen_q=2)),
         ("mode", dict(mode="diagonal")),
         ("seqs", dict(mode="spatial")),

@@ -99,13 +99,6 @@ def test_layouts_with_dropped_tokens_use_true_positions():
         check(_layout(100 + seed), 3, 16, norm=seed % 2 == 0, rope=RoPE3D(500.0, (4, 4, 8)), seed=seed)
 
 
-def test_infinite_theta_rotates_only_the_first_pair_of_each_axis():
-    """theta = inf: frequency theta^0 = 1 for pair 0 of each axis, 0 for the rest (the oracle's limit)."""
-    seqs = PackedSeqs.from_grids([(3, 2, 4)], device=DEVICE)
-    got = check(seqs, 2, 16, norm=False, rope=RoPE3D(math.inf, (4, 4, 4)))
-    assert torch.isfinite(got[0]).all()
-
-
 def test_expanded_weight_gets_the_summed_gradient():
     """The module passes the (d,) QK-norm weight expanded over heads; autograd sums the per-head gradients."""
     seqs = PackedSeqs.from_grids([(2, 3, 3)], device=DEVICE)

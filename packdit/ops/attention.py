@@ -189,12 +189,6 @@ def _kernels():
     return _attention_kernels
 
 
-def _check_runnable(q: Tensor) -> None:
-    if not tu.use_triton(q):
-        raise ValueError("q: the Triton kernels need a CUDA device; on the CPU set TRITON_INTERPRET=1 before "
-                         "importing packdit (slow, for tests) or use packdit.reference.varlen_attention")
-
-
 # ---------------------------------------------------------------------------------------------- schedule
 def _host_lengths(name: str, cu_seqlens: Tensor, num_tokens: int, max_seqlen: int) -> list[int]:
     """Segment lengths from one device->host copy of ``cu_seqlens``, value-checked."""
@@ -279,7 +273,7 @@ def varlen_attention_fwd(
 ) -> tuple[Tensor, Tensor]:
     """``(out (Nq, Hq, D) q.dtype, lse (Hq, Nq) fp32)``; the key-side tables are carried for the backward.
     ``sizes``: ``[block_m, block_kt, max_k_len, keys_uncovered]`` of the schedule."""
-    _check_runnable(q)
+    tu.require_triton("varlen_attention", q)
     num_q, num_heads, head_dim = q.shape
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(num_heads, num_q, dtype=torch.float32, device=q.device)
@@ -311,7 +305,7 @@ def varlen_attention_bwd(
     deterministic: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(dq, dk, dv)`` of :func:`varlen_attention_fwd` given ``grad_out`` (and ``grad_lse``, may be None)."""
-    _check_runnable(q)
+    tu.require_triton("varlen_attention", q)
     num_q, num_heads, head_dim = q.shape
     kv_heads = k.shape[1]
     block_m, block_kt, _, keys_uncovered = sizes

@@ -177,16 +177,10 @@ def _rope_args(rope_axes: list[int]) -> dict:
     return dict(ROPE=any(rope_axes), AX_T=rope_axes[0], AX_H=rope_axes[1], AX_W=rope_axes[2])
 
 
-def _check_runnable(x: Tensor) -> None:
-    if not tu.use_triton(x):
-        raise ValueError("x: the Triton kernels need a CUDA device; on the CPU set TRITON_INTERPRET=1 before "
-                         "importing packdit (slow, for tests) or use the torch backend (packdit.nn.functional)")
-
-
 @torch.library.custom_op("packdit::qk_norm_rope_fwd", mutates_args=())
 def qk_norm_rope_fwd(x: Tensor, weight: Optional[Tensor], positions: Optional[Tensor], eps: float, rope_theta: float,
                      rope_axes: list[int]) -> Tensor:
-    _check_runnable(x)
+    tu.require_triton("qk_norm_rope", x)
     num_tokens, num_heads, head_dim = x.shape
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if y.numel() == 0:
@@ -210,7 +204,7 @@ def _(x, weight, positions, eps, rope_theta, rope_axes):
 def qk_norm_rope_bwd(grad: Tensor, x: Tensor, weight: Optional[Tensor], positions: Optional[Tensor], eps: float,
                      rope_theta: float, rope_axes: list[int]) -> tuple[Tensor, Tensor]:
     """``(dx (N, H, D) x.dtype, dweight (H, D) fp32)``; dweight is empty without ``weight``."""
-    _check_runnable(x)
+    tu.require_triton("qk_norm_rope", x)
     num_tokens, num_heads, head_dim = x.shape
     grad = grad if grad.stride(-1) == 1 else grad.contiguous()
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
