@@ -5,7 +5,7 @@ first (video-mix, full attention; then RoPE, the factorized modes, long videos, 
 (heads = 1152 / head dim, as DiT-XL/STDiT), bf16, a 49k-token pack per mix from ``workloads.take_tokens``.
 
 Providers, on the same q, k, v:
-    packdit        packdit.varlen_attention (Triton), RoPE fused into the kernel
+    packdit        packdit.varlen_attention (Triton), q and k rotated once by the qk_norm_rope kernel
     fa3            FlashAttention-3 varlen (``flash_attn_interface.flash_attn_varlen_func``), when installed
     torch-varlen   torch.nn.attention.varlen.varlen_attn (FlashAttention-2 inside PyTorch)
     flash-attn     FlashAttention-2 varlen (``flash_attn.flash_attn_varlen_func``), when installed

@@ -6,20 +6,21 @@ fp16 conversions and layouts, the software pipeline (``num_stages``), ptxas erro
 configuration needs. Here each kernel is compiled through Triton's CUDA backend (MLIR passes and the bundled
 ptxas, down to a cubin) with the constexprs, warps and stages its launcher uses: every autotuning
 configuration, tile size the attention schedule can pick (BLOCK_M / BLOCK_KT in 16..128), head dim (64, 72
-and 128, 256: BLOCK_D 64, 128, 256), dtype, RoPE on / off and GQA.
+and 128, 256: column chunks 64, 64 + 16, 128, 256), dtype, GQA, and the QK-norm / RoPE kernels.
 
 Each compiled kernel must fit the target's shared memory per block (227 KiB on H100, 163 KiB on A100). An
 autotuning configuration may exceed it: ``triton.autotune`` benchmarks a configuration whose launch raises
 ``OutOfResources`` as infinitely slow, i.e. skips it, so instead every autotuning key must keep at least one
 configuration that fits. Kernels launched with one fixed configuration have no such fallback.
 
-Pointers and strides are specialised as 16-byte aligned / multiples of 16 (the common launch and the one
-that pipelines loads through shared memory); D = 72 strides are not. The kernels compile in worker
+Pointers are specialised as 16-byte aligned; the attention kernels' strides arrive in units of 16 bytes (their
+ALIGN constexpr), row strides as multiples of 16 of those, head strides only at D = 128 and 256 (a D = 72 head
+stride is 9 units). The kernels compile in worker
 processes (see ``triton_aot``) into a fresh Triton cache. By default: on sm_90 every autotuning
 configuration of the attention forward (bf16, each head dim and BLOCK_M) and of the GEMM (bf16 and fp32,
 each epilogue), the attention backward on its largest tiles, and one configuration per kernel on sm_90 and
-sm_80. The exhaustive cross product (dtype x head dim x tile x RoPE x GQA x epilogue, both targets) is
-marked slow.
+sm_80. The exhaustive cross product (dtype x head dim x tile x GQA x epilogue, QK-norm / RoPE, both targets)
+is marked slow.
 """
 
 from __future__ import annotations
@@ -35,11 +36,12 @@ import os
 import pytest
 from triton_aot import CompileCase, CompileResult, compile_case, init_worker
 
-from packdit.ops import _triton_utils, attention, gated_residual, mlp
+from packdit.ops import _triton_utils, attention, attention_schedule, gated_residual, mlp, qk_norm_rope
 
 # Shared memory per block (opt-in maximum) by compute capability.
 SHARED_MEMORY_LIMIT = {90: 227 * 1024, 80: 163 * 1024}
 ATTENTION_HEAD_DIMS = (64, 72, 128, 256)
+# RoPE axes (dt, dh, dw) rotating every dimension of each head dim.
 # RoPE axes (dt, dh, dw) rotating every dimension of each head dim.
 ROPE_AXES = {64: (16, 24, 24), 72: (24, 24, 24), 128: (32, 48, 48), 256: (64, 96, 96)}
 ROW_WIDTHS = (64, 1152, 4096)  # model widths of the row kernels: BLOCK_D 64, 2048 and 4096
@@ -85,66 +87,90 @@ ATTENTION_MODULE = "packdit.ops._attention_kernels"
 def _attention_types(dtype: str, dq_dtype: str) -> dict:
     tensor = "*" + dtype
     types = {name: tensor for name in ("Q", "K", "V", "Out", "DO", "DK", "DV")}
-    types.update(Lse="*fp32", Delta="*fp32", GradLse="*fp32", DQ="*" + dq_dtype, Pos="*i32", Segments="*i32",
-                 QTiles="*i32", KTiles="*i32", qk_scale_log2="fp32", log2_theta="fp32", scale="fp32",
-                 max_len_bucket="i32", num_rows="i32")
+    types.update(Lse="*fp32", Delta="*fp32", GradLse="*fp32", DQ="*" + dq_dtype, QGroups="*i32", KGroups="*i32",
+                 QTiles="*i32", KTiles="*i32", scale="fp32", max_len_bucket="i32", num_rows="i32", num_groups="i32")
     return types
 
 
-def _shared_constexprs(head_dim: int, group: int, rope: bool) -> dict:
-    """The constexprs the forward and backward launchers share (``shared`` / ``_rope_args`` in attention.py)."""
-    axes = ROPE_AXES[head_dim] if rope else (0, 0, 0)
-    return dict(HEAD_DIM=head_dim, BLOCK_D=attention._block_d(head_dim), GROUP=group, ROPE=rope,
-                AX_T=axes[0], AX_H=axes[1], AX_W=axes[2], DOT_PRECISION=attention._DOT_PRECISION)
+def _shared_constexprs(dtype: str, head_dim: int, group: int) -> dict:
+    """The constexprs the forward and backward launchers share (``shared`` in attention.py), for q/k/v views of
+    a fused qkv projection (every stride a multiple of 16 bytes: ALIGN = 16 bytes / element)."""
+    block_d0, block_d1 = attention._head_blocks(head_dim)
+    return dict(HEAD_DIM=head_dim, BLOCK_D0=block_d0, BLOCK_D1=block_d1, GROUP=group, ALIGN=16 // ITEMSIZE[dtype],
+                DOT_PRECISION=attention._DOT_PRECISION)
 
 
 def _attention_case(kernel: str, dtype: str, head_dim: int, constexprs: dict, arch: int, num_warps: int,
                     num_stages: int, dq_dtype: str | None = None) -> CompileCase:
+    """Strides arrive divided by ALIGN: row strides (3 H D / ALIGN for the qkv views) as multiples of 16 when the
+    head count allows, head strides (D / ALIGN) only for D = 128, 256 (D = 72 gives 9)."""
     names = _jit_arg_names(ATTENTION_MODULE, kernel)
     types = _attention_types(dtype, dq_dtype or dtype)
     types.update({name: "i32" for name in names if name.startswith("stride")})
-    return _case(f"{ATTENTION_MODULE}:{kernel}", names, types, constexprs,
-                 _aligned_args(names, types, head_dim % 16 == 0), arch, num_warps, num_stages)
+    aligned = {name for name in names if types.get(name, "").startswith("*") or name.endswith("n")
+               and name.startswith("stride")}
+    if (head_dim * ITEMSIZE[dtype] // 16) % 16 == 0:
+        aligned |= {name for name in names if name.startswith("stride") and name.endswith("h")}
+    return _case(f"{ATTENTION_MODULE}:{kernel}", names, types, constexprs, aligned, arch, num_warps, num_stages)
 
 
-def attention_fwd_configs(dtype: str, head_dim: int, block_m: int, rope: bool, group: int, arch: int):
-    """Every autotuning configuration of the forward kernel for a schedule with query tiles of ``block_m`` rows
-    (one autotuning key)."""
+def attention_fwd_configs(dtype: str, head_dim: int, block_m: int, group: int, arch: int):
+    """Every autotuning configuration of the forward kernel (after the launcher's pruning) for a schedule with
+    query tiles of ``block_m`` rows (one autotuning key)."""
     rows = attention._fwd_rows(block_m, head_dim, ITEMSIZE[dtype])
-    key = ("attention_fwd", dtype, head_dim, rows, rope, group, arch)
-    for config in attention._fwd_configs():
-        constexprs = dict(_shared_constexprs(head_dim, group, rope), BLOCK_M=rows, **config.kwargs)
-        case = _attention_case("attention_fwd_kernel", dtype, head_dim, constexprs, arch, config.num_warps,
-                               config.num_stages)
+    key = ("attention_fwd", dtype, head_dim, rows, group, arch)
+    constexprs = dict(_shared_constexprs(dtype, head_dim, group), TILE=block_m, BLOCK_M=rows)
+    for config in attention._prune_fwd_configs(attention.fwd_configs(), {}, **constexprs):
+        case = _attention_case("attention_fwd_kernel", dtype, head_dim, dict(constexprs, **config.kwargs), arch,
+                               config.num_warps, config.num_stages)
         yield KernelConfig(case, key)
 
 
-def _bwd_options(dtype: str, head_dim: int) -> dict:
-    return dict(num_warps=attention._bwd_num_warps(head_dim),
-                num_stages=attention._bwd_num_stages(head_dim, ITEMSIZE[dtype]))
+def _bwd_options(dtype: str, head_dim: int, warps: int) -> dict:
+    return dict(num_warps=warps, num_stages=attention._bwd_num_stages(head_dim, ITEMSIZE[dtype]))
 
 
-def attention_dkdv_config(dtype: str, head_dim: int, block_kt: int, rope: bool, group: int, atomic_dq: bool,
+def attention_dkdv_config(dtype: str, head_dim: int, block_kt: int, group: int, atomic_dq: bool,
                           arch: int) -> KernelConfig:
     """The dK/dV kernel for a schedule with key tiles of ``block_kt`` rows."""
-    constexprs = dict(_shared_constexprs(head_dim, group, rope), BLOCK_M=attention._BWD_INNER,
-                      BLOCK_N=attention._bwd_rows(block_kt, head_dim, ITEMSIZE[dtype]), ATOMIC_DQ=atomic_dq)
+    rows = attention._dkdv_rows(block_kt, head_dim, ITEMSIZE[dtype], group)
+    constexprs = dict(_shared_constexprs(dtype, head_dim, group), TILE=block_kt, BLOCK_M=attention._BWD_INNER,
+                      BLOCK_N=rows, ATOMIC_DQ=atomic_dq)
     return KernelConfig(_attention_case("attention_bwd_dkdv_kernel", dtype, head_dim, constexprs, arch,
-                                        dq_dtype="fp32" if atomic_dq else dtype, **_bwd_options(dtype, head_dim)))
+                                        dq_dtype="fp32" if atomic_dq else dtype,
+                                        **_bwd_options(dtype, head_dim, attention._dkdv_num_warps(rows))))
 
 
-def attention_dq_config(dtype: str, head_dim: int, block_m: int, rope: bool, group: int, arch: int) -> KernelConfig:
+def attention_dq_config(dtype: str, head_dim: int, block_m: int, group: int, arch: int) -> KernelConfig:
     """The deterministic dQ kernel for a schedule with query tiles of ``block_m`` rows."""
-    constexprs = dict(_shared_constexprs(head_dim, group, rope),
-                      BLOCK_M=attention._bwd_rows(block_m, head_dim, ITEMSIZE[dtype]), BLOCK_N=attention._BWD_INNER)
+    rows = attention._bwd_rows(block_m, head_dim, ITEMSIZE[dtype])
+    constexprs = dict(_shared_constexprs(dtype, head_dim, group), TILE=block_m, BLOCK_M=rows,
+                      BLOCK_N=attention._BWD_INNER)
     return KernelConfig(_attention_case("attention_bwd_dq_kernel", dtype, head_dim, constexprs, arch,
-                                        **_bwd_options(dtype, head_dim)))
+                                        **_bwd_options(dtype, head_dim, attention._bwd_num_warps(rows, head_dim))))
 
 
 def attention_delta_config(dtype: str, head_dim: int, has_grad_lse: bool, arch: int) -> KernelConfig:
-    constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=attention._block_d(head_dim), BLOCK_R=64, HAS_GRAD_LSE=has_grad_lse)
+    constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=max(16, 1 << (head_dim - 1).bit_length()), BLOCK_R=64,
+                      HAS_GRAD_LSE=has_grad_lse, ALIGN=16 // ITEMSIZE[dtype])
     return KernelConfig(_attention_case("attention_bwd_delta_kernel", dtype, head_dim, constexprs, arch,
                                         **DEFAULT_OPTIONS))
+
+
+def qk_norm_rope_configs(dtype: str, head_dim: int, norm: bool, rope: bool, arch: int):
+    """The QK-norm / RoPE kernels (forward, backward) at the launcher's block shape."""
+    block_d, block_t = qk_norm_rope._launch_shape(head_dim)
+    axes = ROPE_AXES[head_dim] if rope else (0, 0, 0)
+    constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_T=block_t, NORM=norm, ROPE=rope, AX_T=axes[0],
+                      AX_H=axes[1], AX_W=axes[2])
+    module = "packdit.ops.qk_norm_rope"
+    for kernel in ("_qk_norm_rope_fwd_kernel", "_qk_norm_rope_bwd_kernel"):
+        names = _jit_arg_names(module, kernel)
+        types = {name: "i32" for name in names}
+        types.update({name: "*" + dtype for name in ("X", "W", "Y", "DY", "DX")}, Pos="*i32", DWPartial="*fp32",
+                     eps="fp32", log2_theta="fp32")
+        aligned = {name for name in names if types[name].startswith("*")}
+        yield KernelConfig(_case(f"{module}:{kernel}", names, types, constexprs, aligned, arch, **DEFAULT_OPTIONS))
 
 
 # ---------------------------------------------------------------------------------------------- other ops
@@ -213,11 +239,11 @@ def _config_id(config: KernelConfig) -> str:
     dtype = next((kind[1:] for name, kind in case.signature if name in ("Q", "Out", "a_ptr", "x_ptr", "dout_ptr",
                                                                           "pre_ptr", "partials_ptr")), "")
     parts = [case.kernel.split(":")[1].strip("_").removesuffix("_kernel"), dtype]
-    for name, label in (("HEAD_DIM", "d"), ("BLOCK_M", "m"), ("BLOCK_N", "n"), ("BLOCK_K", "k"), ("BLOCK_D", "bd"),
-                        ("BLOCK", "b"), ("GROUP", "g"), ("EPILOGUE", "epi")):
+    for name, label in (("HEAD_DIM", "d"), ("TILE", "t"), ("BLOCK_M", "m"), ("BLOCK_N", "n"), ("BLOCK_K", "k"),
+                        ("BLOCK_D", "bd"), ("BLOCK", "b"), ("GROUP", "g"), ("EPILOGUE", "epi")):
         if name in values and not (name == "BLOCK_D" and "HEAD_DIM" in values):
             parts.append(f"{label}{values[name]}")
-    for flag in ("ROPE", "ATOMIC_DQ", "HAS_GRAD_LSE", "IS_RMS", "HAS_WEIGHT", "HAS_BIAS"):
+    for flag in ("NORM", "ROPE", "ATOMIC_DQ", "HAS_GRAD_LSE", "IS_RMS", "HAS_WEIGHT", "HAS_BIAS"):
         if values.get(flag):
             parts.append(flag.lower().removeprefix("has_").removeprefix("is_"))
     parts += [f"w{case.num_warps}s{case.num_stages}", f"sm{case.arch}"]
@@ -226,8 +252,8 @@ def _config_id(config: KernelConfig) -> str:
 
 def attention_fwd_sweep(arch: int):
     """Every autotuning configuration of the forward for every head dim and BLOCK_M (bf16)."""
-    for head_dim, block_m in itertools.product(ATTENTION_HEAD_DIMS, attention._TILE_SIZES):
-        yield from attention_fwd_configs("bf16", head_dim, block_m, False, 1, arch)
+    for head_dim, block_m in itertools.product(ATTENTION_HEAD_DIMS, attention_schedule.TILE_SIZES):
+        yield from attention_fwd_configs("bf16", head_dim, block_m, 1, arch)
 
 
 def linear_sweep(arch: int, dtypes=("bf16", "fp32"), epilogues=((0, True), (1, True), (2, True))):
@@ -239,18 +265,19 @@ def linear_sweep(arch: int, dtypes=("bf16", "fp32"), epilogues=((0, True), (1, T
 def attention_backward_largest_tiles(arch: int, dtype: str, head_dims):
     """The backward kernels on the schedule's largest tiles (128 rows), the most shared memory per head dim."""
     for head_dim in head_dims:
-        yield attention_dkdv_config(dtype, head_dim, 128, True, 2, True, arch)
-        yield attention_dq_config(dtype, head_dim, 128, True, 2, arch)
+        yield attention_dkdv_config(dtype, head_dim, 128, 2, True, arch)
+        yield attention_dq_config(dtype, head_dim, 128, 2, arch)
 
 
 def representative(arch: int, dtype: str):
-    """One configuration per kernel: the attention kernels on 128-row tiles at D = 128 with RoPE and GQA (the
-    forward in its first autotuning configuration), the GEMM's gated epilogue in its first, the launchers'
-    choices for a DiT-XL width (1152) elsewhere."""
-    yield next(attention_fwd_configs(dtype, 128, 128, True, 2, arch))
-    yield attention_dkdv_config(dtype, 128, 128, True, 2, True, arch)
-    yield attention_dq_config(dtype, 128, 128, True, 2, arch)
+    """One configuration per kernel: the attention kernels on 128-row tiles at D = 128 with GQA (the forward in
+    its first autotuning configuration), QK-norm + RoPE at D = 72, the GEMM's gated epilogue in its first, the
+    launchers' choices for a DiT-XL width (1152) elsewhere."""
+    yield next(attention_fwd_configs(dtype, 128, 128, 2, arch))
+    yield attention_dkdv_config(dtype, 128, 128, 2, True, arch)
+    yield attention_dq_config(dtype, 128, 128, 2, arch)
     yield attention_delta_config(dtype, 128, True, arch)
+    yield from qk_norm_rope_configs(dtype, 72, True, True, arch)
     yield from modulated_norm_configs(dtype, 1152, False, True, arch)
     yield from gated_residual_configs(dtype, arch)
     yield gelu_tanh_bwd_config(dtype, arch)
@@ -261,12 +288,15 @@ def representative(arch: int, dtype: str):
 def exhaustive(arch: int):
     """The cross product of the launchers' choices."""
     dtypes = ("bf16", "fp16", "fp32")
-    for dtype, head_dim, block in itertools.product(dtypes, ATTENTION_HEAD_DIMS, attention._TILE_SIZES):
-        for rope, group in itertools.product((False, True), (1, 2)):
-            yield from attention_fwd_configs(dtype, head_dim, block, rope, group, arch)
+    for dtype, head_dim, block in itertools.product(dtypes, ATTENTION_HEAD_DIMS, attention_schedule.TILE_SIZES):
+        for group in (1, 2):
+            yield from attention_fwd_configs(dtype, head_dim, block, group, arch)
             for atomic_dq in (True, False):
-                yield attention_dkdv_config(dtype, head_dim, block, rope, group, atomic_dq, arch)
-            yield attention_dq_config(dtype, head_dim, block, rope, group, arch)
+                yield attention_dkdv_config(dtype, head_dim, block, group, atomic_dq, arch)
+            yield attention_dq_config(dtype, head_dim, block, group, arch)
+    for dtype, head_dim, norm, rope in itertools.product(dtypes, ATTENTION_HEAD_DIMS, (False, True), (False, True)):
+        if norm or rope:
+            yield from qk_norm_rope_configs(dtype, head_dim, norm, rope, arch)
     for dtype, head_dim, has_grad_lse in itertools.product(dtypes, ATTENTION_HEAD_DIMS, (False, True)):
         yield attention_delta_config(dtype, head_dim, has_grad_lse, arch)
     for dtype in dtypes:

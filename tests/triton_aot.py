@@ -41,7 +41,6 @@ import traceback
 # capture replaces them so that CPU tensors reach the (recorded, not executed) launch.
 _RUNNABLE_CHECKS = (
     ("packdit.ops._triton_utils", "require_triton", lambda op, tensor: None),
-    ("packdit.ops.attention", "_check_runnable", lambda tensor: None),
     # the dispatcher's availability table: explicit backend="triton" requests reach the launchers
     ("packdit.nn.functional", "_UNSUPPORTED",
      {"triton": lambda device: None, "cuda": lambda device: "the capture records Triton launches only"}),

@@ -20,8 +20,8 @@ configuration would ignore are refused):
 * ``pos_embed``: ``"sincos2d"`` (official 2-D table from each token's (h, w); videos add a 1-D
   sin-cos over t, shifted so that t = 0 adds nothing and images stay exactly official),
   ``"factorized"`` (NaViT learned t/h/w tables up to ``max_grid``, optionally at fractional coordinates) or
-  ``"rope3d"`` (no additive embedding: 3-D rotary embedding ``rope`` of q and k inside the attention kernel).
-  Only ``"sincos2d"`` stores the fixed ``pos_embed`` table, as official checkpoints do.
+  ``"rope3d"`` (no additive embedding: 3-D rotary embedding ``rope`` of q and k, once per layer, fused with the
+  QK-norm). Only ``"sincos2d"`` stores the fixed ``pos_embed`` table, as official checkpoints do.
 * ``attention``: ``"full"`` (each token sees its whole sample) or ``"spatial_temporal"`` (blocks
   alternate spatial attention within a frame and temporal attention across frames, as STDiT).
 * ``cond="text"``: cross-attention from the packed video tokens to a packed, per-sample,

@@ -4,7 +4,11 @@
 
     q, k, v = split(qkv(x))                     (N, Hq*d), (N, Hk*d), (N, Hk*d), d = dim / num_heads
     q, k = rms_norm(q) * w_q, rms_norm(k) * w_k  per head over d (qk_norm=True), eps 1e-6
-    out = proj(varlen_attention(q, k, v, mode, rope))
+    q, k = R q, R k                              3-D RoPE of each token's (t, h, w) (rope given)
+    out = proj(varlen_attention(q, k, v, mode))
+
+The QK-norm and the rotation of q and k run as one pass over the q|k heads of the qkv output
+(:func:`packdit.nn.functional.qk_norm_rope`), once per layer, outside the attention loops.
 
 ``PackedCrossAttention``: q from x, k/v from a packed context (e.g. per-sample text tokens) with its
 own ``cu_seqlens``; sample b of x attends to segment b of the context.
@@ -49,6 +53,13 @@ class _QKNorm(nn.Module):
         return F.rms_norm(x, x.shape[-1:], self.weight, eps=_QK_NORM_EPS)
 
 
+def _head_weights(norms: list[tuple[nn.Module, int]]) -> Tensor | None:
+    """``(sum heads, d)`` RMSNorm weights of the ``(norm, heads)`` pairs, or None without QK-norm."""
+    if not isinstance(norms[0][0], _QKNorm):
+        return None
+    return torch.cat([norm.weight.expand(heads, -1) for norm, heads in norms])
+
+
 class PackedAttention(nn.Module):
     """Self-attention over a packed batch; ``forward(x (N, dim), seqs) -> (N, dim)``.
 
@@ -56,7 +67,7 @@ class PackedAttention(nn.Module):
         dim: model width; ``num_heads`` query heads of ``dim / num_heads``; ``num_kv_heads`` (GQA/MQA,
             default ``num_heads``) key/value heads.
         qkv_bias: bias of the fused qkv Linear. qk_norm: per-head RMSNorm of q and k.
-        rope: optional :class:`~packdit.RoPE3D` from ``seqs.positions``, fused into the kernel.
+        rope: optional :class:`~packdit.RoPE3D` from ``seqs.positions``, fused with the QK-norm.
         mode: "full", "spatial" (own frame) or "temporal" (own (h, w) across frames).
         backend: "triton" (the kernel), "torch" (the reference) or None (chosen per call, see
             :mod:`packdit.nn.functional`).
@@ -82,14 +93,18 @@ class PackedAttention(nn.Module):
         :class:`packdit.distributed.SequenceShard`), x holds the shard's tokens of ``seqs``; ``heads.to_heads``
         trades q, k, v for all tokens of the rank's heads before the attention, ``heads.to_tokens`` trades back."""
         d, hq, hk = self.head_dim, self.num_heads, self.num_kv_heads
-        q, k, v = self.qkv(x).split([hq * d, hk * d, hk * d], dim=-1)
-        q = self.q_norm(q.unflatten(-1, (hq, d)))
-        k = self.k_norm(k.unflatten(-1, (hk, d)))
+        qk, v = self.qkv(x).split([(hq + hk) * d, hk * d], dim=-1)
+        qk = qk.unflatten(-1, (hq + hk, d))           # q heads, then k heads: one pass normalizes and rotates both
+        weight = _head_weights([(self.q_norm, hq), (self.k_norm, hk)])
+        if weight is not None or self.rope is not None:
+            positions = (seqs if heads is None else heads.local).positions  # of the tokens in x
+            qk = PF.qk_norm_rope(qk, weight, positions, self.rope, eps=_QK_NORM_EPS, backend=self.backend)
+        q, k = qk.split([hq, hk], dim=1)
         v = v.unflatten(-1, (hk, d))
         if heads is not None:
             q, k, v = heads.to_heads(q, k, v)
         out = PF.varlen_attention(q, k, v, seqs.cu_seqlens, seqs.max_seqlen, mode=self.mode, seqs=seqs,
-                                  rope=self.rope, backend=self.backend)
+                                  backend=self.backend)
         if heads is not None:
             out = heads.to_tokens(out)
         return self.proj(out.flatten(1))
@@ -113,9 +128,13 @@ class PackedCrossAttention(nn.Module):
 
     def forward(self, x: Tensor, seqs: PackedSeqs, context: Tensor, context_cu_seqlens: Tensor,
                 context_max_seqlen: int) -> Tensor:
-        d, hk = self.head_dim, self.num_kv_heads
-        q = self.q_norm(self.q(x).unflatten(-1, (self.num_heads, d)))
+        d, hq, hk = self.head_dim, self.num_heads, self.num_kv_heads
+        q = self.q(x).unflatten(-1, (hq, d))
         k, v = self.kv(context).unflatten(-1, (2 * hk, d)).split([hk, hk], dim=1)
-        out = PF.varlen_attention(q, self.k_norm(k), v, seqs.cu_seqlens, seqs.max_seqlen, context_cu_seqlens,
-                           context_max_seqlen, seqs=seqs, backend=self.backend)
+        q_weight, k_weight = _head_weights([(self.q_norm, hq)]), _head_weights([(self.k_norm, hk)])
+        if q_weight is not None:
+            q = PF.qk_norm_rope(q, q_weight, eps=_QK_NORM_EPS, backend=self.backend)
+            k = PF.qk_norm_rope(k, k_weight, eps=_QK_NORM_EPS, backend=self.backend)
+        out = PF.varlen_attention(q, k, v, seqs.cu_seqlens, seqs.max_seqlen, context_cu_seqlens, context_max_seqlen,
+                                  seqs=seqs, backend=self.backend)
         return self.proj(out.flatten(1))

@@ -7,6 +7,7 @@ never ``packdit.ops`` or ``packdit.reference`` directly. This is the only runtim
 
     op                      kernel (backend)                       reference (packdit.reference)
     varlen_attention        ops.attention (``"triton"``)           varlen_attention + apply_rope_3d
+    qk_norm_rope            ops.qk_norm_rope (``"triton"``)        qk_norm_rope_reference
     modulated_norm          ops.modulate (``"triton"``)            modulated_norm_reference
     gated_residual          ops.gated_residual (``"triton"``)      gated_residual_reference
     fused_mlp               ops.mlp (``"triton"``)                 mlp_reference
@@ -39,15 +40,15 @@ from torch import Tensor
 from packdit import reference
 from packdit._backends import EXT_MISSING, cuda_ext_unsupported, triton_unsupported
 from packdit.layout import PackedSeqs
-from packdit.ops.attention import MODES as ATTENTION_MODES
+from packdit.ops.attention_schedule import MODES as ATTENTION_MODES
 from packdit.reference.rope import apply_rope_3d
 from packdit.rope import RoPE3D
 
-__all__ = ["ATTENTION_MODES", "BackendUnavailableError", "check_backend", "use_kernel",
-           "varlen_attention", "modulated_norm", "gated_residual", "fused_mlp", "patchify", "unpatchify"]
+__all__ = ["ATTENTION_MODES", "BackendUnavailableError", "check_backend", "use_kernel", "varlen_attention",
+           "qk_norm_rope", "modulated_norm", "gated_residual", "fused_mlp", "patchify", "unpatchify"]
 
-_KERNEL_BACKEND = {"varlen_attention": "triton", "modulated_norm": "triton", "gated_residual": "triton",
-                   "fused_mlp": "triton", "patchify": "cuda", "unpatchify": "cuda"}
+_KERNEL_BACKEND = {"varlen_attention": "triton", "qk_norm_rope": "triton", "modulated_norm": "triton",
+                   "gated_residual": "triton", "fused_mlp": "triton", "patchify": "cuda", "unpatchify": "cuda"}
 _UNSUPPORTED = {"triton": triton_unsupported, "cuda": cuda_ext_unsupported}
 _warned: set[tuple[str, str]] = set()
 
@@ -117,6 +118,17 @@ def varlen_attention(
         q, k = apply_rope_3d(q, seqs.positions, rope), apply_rope_3d(k, seqs.positions, rope)
     return reference.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, scale=scale, mode=mode,
                                       grid=None if mode == "full" else seqs.grid, return_lse=return_lse)
+
+
+def qk_norm_rope(x: Tensor, weight: Tensor | None = None, positions: Tensor | None = None,
+                 rope: RoPE3D | None = None, *, eps: float = 1e-6, backend: str | None = None) -> Tensor:
+    """Per-head RMSNorm (``weight (H, D)`` given) then 3-D RoPE (``rope`` and ``positions (N, 3)`` given) of
+    ``x (N, H, D)``, once per layer before the attention. See :mod:`packdit.ops.qk_norm_rope`."""
+    if use_kernel("qk_norm_rope", x.device, backend):
+        from packdit.ops.qk_norm_rope import qk_norm_rope as kernel
+
+        return kernel(x, weight, positions, rope, eps=eps)
+    return reference.qk_norm_rope_reference(x, weight, positions, rope, eps)
 
 
 # ---------------------------------------------------------------------- adaLN

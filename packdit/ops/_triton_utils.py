@@ -32,6 +32,9 @@ from packdit._backends import triton_unsupported
 from packdit._validate import checks_enabled
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Base-2 softmax constants for kernels (exp(x) = exp2(x * LOG2E), ln(x) = log2(x) * LN2).
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
 
 
 def require_triton(op: str, t: Tensor) -> None:

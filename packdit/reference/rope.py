@@ -22,11 +22,12 @@ Pairs past ``dt + dh + dw`` have angle 0. Positions are the true ``(t, h, w)`` o
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from packdit.rope import RoPE3D
 
-__all__ = ["RoPE3D", "rope_angles", "apply_rope_3d"]
+__all__ = ["RoPE3D", "rope_angles", "apply_rope_3d", "qk_norm_rope_reference"]
 
 
 def rope_angles(positions: Tensor, rope: RoPE3D, head_dim: int, dtype: torch.dtype = torch.float64) -> Tensor:
@@ -50,3 +51,12 @@ def apply_rope_3d(x: Tensor, positions: Tensor, rope: RoPE3D) -> Tensor:
     even, odd = pairs[..., 0], pairs[..., 1]
     rotated = torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1)
     return rotated.flatten(-2).to(x.dtype)
+
+
+def qk_norm_rope_reference(x: Tensor, weight: Tensor | None = None, positions: Tensor | None = None,
+                           rope: RoPE3D | None = None, eps: float = 1e-6) -> Tensor:
+    """Per-head RMSNorm of ``x (N, H, D)`` with ``weight (H, D)`` (if given), then the rotation of
+    :func:`apply_rope_3d` (if ``rope``): ``rope(x / rms(x) * weight)``, result in x.dtype."""
+    if weight is not None:
+        x = (F.rms_norm(x, x.shape[-1:], eps=eps) * weight).to(x.dtype)
+    return x if rope is None else apply_rope_3d(x, positions, rope)
