@@ -54,9 +54,8 @@ MODELS = {
 class Scenario:
     """A packdit call to capture. ``kind``: "model" (DiT blocks + final layer, forward and backward with the
     default atomic dQ), "attention" (``PackedAttention`` forward, backward with atomic and with deterministic dQ:
-    the dQ kernel) or "mlp"
-    (``FusedMLP``: without residual the bias epilogue, else the gated one). ``params``: the runner's keyword
-    arguments."""
+    the dQ kernel), "mlp" (``FusedMLP``: without residual the bias epilogue, else the gated one) or "norm"
+    (``ModulatedNorm`` into ``GatedResidual``). ``params``: the runner's keyword arguments."""
 
     name: str
     kind: str
@@ -77,14 +76,20 @@ def _model(name: str, rope: bool, layout: str, dtype: str = "bf16") -> Scenario:
 def _attention(width: int, heads: int, layout: str, rope: bool, kv_heads: int | None = None, qk_norm: bool = False,
                mode: str = "full", dtype: str = "bf16") -> Scenario:
     group = f" gqa{heads // kv_heads}" if kv_heads else ""
-    return Scenario(f"attention {width}/{heads}{group}{' rope' if rope else ''} {mode} {layout} {dtype}", "attention",
+    features = f"{group}{' qk-norm' if qk_norm else ''}{' rope' if rope else ''}"
+    return Scenario(f"attention {width}/{heads}{features} {mode} {layout} {dtype}", "attention",
                     (("width", width), ("heads", heads), ("kv_heads", kv_heads), ("qk_norm", qk_norm), ("mode", mode),
                      ("layout", layout), ("rope", rope), ("dtype", dtype)))
 
 
-def _mlp(width: int, tokens: int, dtype: str = "bf16", gated: bool = False) -> Scenario:
-    return Scenario(f"mlp {width}{' gated' if gated else ''} {dtype}", "mlp",
-                    (("width", width), ("tokens", tokens), ("dtype", dtype), ("gated", gated)))
+def _mlp(width: int, tokens: int, dtype: str = "bf16", gated: bool = False, bias: bool = True) -> Scenario:
+    return Scenario(f"mlp {width}{' gated' if gated else ''}{'' if bias else ' no-bias'} {dtype}", "mlp",
+                    (("width", width), ("tokens", tokens), ("dtype", dtype), ("gated", gated), ("bias", bias)))
+
+
+def _norm(width: int, norm_type: str, affine: bool, dtype: str) -> Scenario:
+    return Scenario(f"norm {width} {norm_type}{' affine' if affine else ''} {dtype}", "norm",
+                    (("width", width), ("norm_type", norm_type), ("affine", affine), ("dtype", dtype)))
 
 
 # The production set (bf16): the sass section and the budget tests.
@@ -104,14 +109,19 @@ PRODUCTION = (
 # in-loop RoPE kernels are the slowest to compile), are in the sass section's report only.
 BUDGETED = tuple(s for s in PRODUCTION if s.tags.get("layout") not in ("short", "tiny")
                  and not (s.tags.get("layout") == "medium" and s.tags.get("rope")))
-# Beyond production, for the compile tests: head dim 256, fp32 / fp16 inputs, every tile size, GQA.
+# Beyond production, for the compile tests: head dim 256, fp32 / fp16 inputs, every tile size, GQA, the QK-norm
+# without and with RoPE at every head dim (fp32 / fp16), the GEMM without bias, LayerNorm / RMSNorm with and
+# without affine parameters at widths 64 and 4096 (BLOCK_D 64, 4096) with the gated residual.
 COVERAGE = (
     *(_attention(2048, 8, layout, rope) for layout in ATTENTION_LAYOUTS for rope in (False, True)),
-    *(_attention(width, heads, layout, rope, dtype=dtype, kv_heads=heads // 2)
+    *(_attention(width, heads, layout, rope, dtype=dtype, kv_heads=heads // 2, qk_norm=layout == "long")
       for dtype in ("fp32", "fp16") for width, heads in ((768, 12), (1152, 16), (2048, 16), (2048, 8))
       for layout in ("long", "tiny") for rope in (False, True)),
     *(_mlp(width, 77, dtype, gated) for dtype in ("fp32", "fp16") for width in (64, 1152, 4096)
       for gated in (False, True)),
+    _mlp(1152, 77, bias=False),
+    *(_norm(width, norm_type, affine, dtype) for dtype in ("bf16", "fp16", "fp32") for width in (64, 4096)
+      for norm_type in ("layer", "rms") for affine in (False, True)),
 )
 
 
@@ -169,7 +179,7 @@ def _run_attention(width: int, heads: int, kv_heads, qk_norm: bool, mode: str, l
                    extra_tokens: int, **_) -> None:
     import torch
 
-    from packdit.models.dit import default_rope
+    from packdit.models.config import default_rope
     from packdit.nn.attention import PackedAttention
 
     module = PackedAttention(width, heads, num_kv_heads=kv_heads, qk_norm=qk_norm, mode=mode, backend="triton",
@@ -179,12 +189,12 @@ def _run_attention(width: int, heads: int, kv_heads, qk_norm: bool, mode: str, l
     _backward(lambda: module(x, seqs), deterministic_too=True)
 
 
-def _run_mlp(width: int, tokens: int, dtype: str, gated: bool, extra_tokens: int, **_) -> None:
+def _run_mlp(width: int, tokens: int, dtype: str, gated: bool, bias: bool, extra_tokens: int, **_) -> None:
     import torch
 
     from packdit.nn.mlp import FusedMLP
 
-    module = FusedMLP(width, 4 * width, backend="triton").to(_torch_dtype(dtype))
+    module = FusedMLP(width, 4 * width, bias=bias, backend="triton").to(_torch_dtype(dtype))
     count = tokens + extra_tokens
     h = torch.randn(count, width, dtype=_torch_dtype(dtype), requires_grad=True)
     residual = {}
@@ -196,7 +206,22 @@ def _run_mlp(width: int, tokens: int, dtype: str, gated: bool, extra_tokens: int
     out.backward(out.detach().clone())
 
 
-_RUNNERS = {"model": _run_model, "attention": _run_attention, "mlp": _run_mlp}
+def _run_norm(width: int, norm_type: str, affine: bool, dtype: str, extra_tokens: int, **_) -> None:
+    """``x + gate * ModulatedNorm(x)`` over 3 modulation rows (one per sample of 300 tokens' sorted index)."""
+    import torch
+
+    from packdit.nn.modulate import GatedResidual, ModulatedNorm
+
+    norm = ModulatedNorm(width, norm_type, elementwise_affine=affine, backend="triton").to(_torch_dtype(dtype))
+    count, rows = 300 + extra_tokens, 3
+    x = torch.randn(count, width, dtype=_torch_dtype(dtype), requires_grad=True)
+    shift, scale, gate = (torch.randn(rows, width, dtype=x.dtype, requires_grad=True) for _ in range(3))
+    index = (torch.arange(count) * rows // count).to(torch.int32)
+    out = GatedResidual(backend="triton")(x, norm(x, shift, scale, index), gate, index)
+    out.backward(out.detach().clone())
+
+
+_RUNNERS = {"model": _run_model, "attention": _run_attention, "mlp": _run_mlp, "norm": _run_norm}
 
 
 def capture(scenarios, archs=(90, 80), extra_tokens: int = 0) -> list[Launch]:

@@ -37,7 +37,8 @@ def _diff(inputs):
     return [k for k in ("h", "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias", "x", "gate") if inputs[k] is not None]
 
 
-@pytest.mark.parametrize("gated, bias, mode", [(True, True, "segment"), (True, False, "frame"), (False, True, "segment")])
+@pytest.mark.parametrize("gated, bias, mode",
+                         [(True, True, "segment"), (True, False, "frame"), (False, True, "segment")])
 def test_fused_mlp_matches_oracle(gated, bias, mode):
     inputs = _mlp_inputs(21, mode, bias=bias, gated=gated)
     check_2x(fused_mlp, mlp_reference, inputs, _diff(inputs))
@@ -102,7 +103,7 @@ class _MLPBlock(torch.nn.Module):
 
     def __init__(self, width: int):
         super().__init__()
-        self.norm = ModulatedNorm(width)
+        self.norm = ModulatedNorm(width, backend="triton")
         self.mlp = FusedMLP(width, 4 * width, backend="triton")
 
     def forward(self, x, shift, scale, gate, index):

@@ -6,7 +6,9 @@ fp16 conversions and layouts, the software pipeline (``num_stages``), ptxas erro
 configuration needs. Here each kernel is compiled through Triton's CUDA backend (MLIR passes and the bundled
 ptxas, down to a cubin) with exactly the specialisation its launcher produces at run time: the launches are
 captured from the real launchers (``kernel_launches``: DiT models, attention in every mode, tile size, head
-dim 64 / 72 / 128 / 256, RoPE on and off, GQA, the MLP's epilogues, bf16 / fp16 / fp32), so constexprs,
+dim 64 / 72 / 128 / 256, RoPE on and off, GQA, the QK-norm / RoPE kernels with either or both, the MLP's
+epilogues with and without bias, LayerNorm / RMSNorm with and without affine parameters into the gated
+residual, bf16 / fp16 / fp32), so constexprs,
 warps, stages, every autotuning configuration and the integers Triton specialises (equal to 1, e.g. a unit
 stride, or divisible by 16, e.g. not head dim 72's head stride) are those of the run.
 
@@ -98,17 +100,33 @@ def test_compiles_and_fits_exhaustive(scenario, arch, every):
 
 # ---------------------------------------------------------------------------------------------- the capture
 def test_capture_compiles_what_runs():
-    """The launch's own specialisation: the GEMM's unit K strides are the constant 1 (not integers divisible by
-    16), head dim 72's head stride is not 16-divisible while the fused-qkv row stride (3 x 1152) is."""
-    launches = shared_workers().captured(_named("DiT-XL/2 long"))
-    by_kernel = {}
+    """The launch's own specialisation, DiT-XL/2 (head dim 72) with RoPE: the GEMM's unit K strides are the
+    constant 1 (not integers divisible by 16); the attention strides arrive in 16-byte units (ALIGN = 8 bf16
+    elements), where the row strides are 16-divisible -- v a view of the fused qkv (3 x 1152 / 8 = 432), q and k
+    the rotated q|k rows (2 x 1152 / 8 = 288) -- and head dim 72's head stride (9) is not, and the head dim runs
+    as 64 + 16 column chunks; RoPE is the QK-norm / RoPE kernel's alone (NORM off: DiT-XL/2 has no QK-norm),
+    whose qkv row stride (3 x 1152 elements) is 16-divisible and head stride (72) not."""
+    launches = shared_workers().captured(_named("DiT-XL/2 rope long"))
+    first = {}
     for launch in launches:
-        by_kernel.setdefault(launch.case(90).name, launch.case(90))
-    gemm, attention = by_kernel["_linear_kernel"], by_kernel["attention_fwd_kernel"]
+        first.setdefault(launch.case(90).name, launch)
+    gemm = first["_linear_kernel"].case(90)
     assert dict(gemm.constexprs)["stride_ak"] == 1 and dict(gemm.constexprs)["stride_wk"] == 1
     assert "stride_am" in gemm.aligned and "M" not in gemm.aligned  # 511 tokens
-    assert dict(attention.signature)["stride_qh"] == "i32" and "stride_qh" not in attention.aligned
-    assert "stride_qn" in attention.aligned and {"Q", "K", "V"} <= set(attention.aligned)
+    for kernel in ("attention_fwd_kernel", "attention_bwd_dkdv_kernel"):
+        attention, strides = first[kernel].case(90), dict(first[kernel].int_args)
+        constexprs = dict(attention.constexprs)
+        assert (constexprs["ALIGN"], constexprs["BLOCK_D0"], constexprs["BLOCK_D1"]) == (8, 64, 16)
+        assert "ROPE" not in constexprs
+        assert (strides["stride_qn"], strides["stride_vn"], strides["stride_qh"]) == (288, 432, 9)
+        assert {"stride_qn", "stride_vn"} <= set(attention.aligned) and "stride_qh" not in attention.aligned
+        assert {"Q", "K", "V"} <= set(attention.aligned)
+    for kernel in ("_qk_norm_rope_fwd_kernel", "_qk_norm_rope_bwd_kernel"):
+        constexprs = dict(first[kernel].case(90).constexprs)
+        assert constexprs["ROPE"] is True and constexprs["NORM"] is False
+    rope, strides = first["_qk_norm_rope_fwd_kernel"].case(90), dict(first["_qk_norm_rope_fwd_kernel"].int_args)
+    assert (strides["stride_xn"], strides["stride_xh"]) == (3 * 1152, 72)
+    assert "stride_xn" in rope.aligned and "stride_xh" not in rope.aligned
 
 
 @pytest.mark.parametrize("name", ["DiT-XL/2 long", "STDiT-XL/2 video"])

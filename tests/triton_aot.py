@@ -40,8 +40,10 @@ import traceback
 # The launchers' checks that a device can run Triton kernels (CUDA, or the CPU under the interpreter). The
 # capture replaces them so that CPU tensors reach the (recorded, not executed) launch.
 _RUNNABLE_CHECKS = (
-    ("packdit.ops._triton_utils", "use_triton", lambda tensor: True),
-    ("packdit.ops.attention", "_check_runnable", lambda tensor: None),
+    ("packdit.ops._triton_utils", "require_triton", lambda op, tensor: None),
+    # the dispatcher's availability table: explicit backend="triton" requests reach the launchers
+    ("packdit.nn.functional", "_UNSUPPORTED",
+     {"triton": lambda device: None, "cuda": lambda device: "the capture records Triton launches only"}),
 )
 # Compile options a launch may pass besides num_warps / num_stages (``triton.Config.all_kwargs``), and defaults.
 _OTHER_OPTION_DEFAULTS = {"num_ctas": 1, "maxnreg": None}
@@ -445,14 +447,14 @@ def case_label(case: CompileCase) -> str:
     n64-rope-w8s3-sm90``)."""
     values = dict(case.constexprs)
     signature = dict(case.signature)
-    dtype = next((signature[name][1:] for name in ("Q", "a_ptr", "x_ptr", "dout_ptr", "pre_ptr", "partials_ptr", "Out")
-                  if name in signature), "")
+    dtype = next((signature[name][1:] for name in ("Q", "X", "a_ptr", "x_ptr", "dout_ptr", "pre_ptr", "partials_ptr",
+                                                   "Out") if name in signature), "")
     parts = [case.name.strip("_").removesuffix("_kernel"), dtype]
     for name, label in (("HEAD_DIM", "d"), ("BLOCK_M", "m"), ("BLOCK_N", "n"), ("BLOCK_K", "k"), ("BLOCK_D", "bd"),
                         ("BLOCK", "b"), ("GROUP", "g"), ("EPILOGUE", "epi")):
         if name in values and not (name == "BLOCK_D" and "HEAD_DIM" in values):
             parts.append(f"{label}{values[name]}")
-    for flag in ("ROPE", "ATOMIC_DQ", "HAS_GRAD_LSE", "IS_RMS", "HAS_WEIGHT", "HAS_BIAS"):
+    for flag in ("NORM", "ROPE", "ATOMIC_DQ", "HAS_GRAD_LSE", "IS_RMS", "HAS_WEIGHT", "HAS_BIAS"):
         if values.get(flag):
             parts.append(flag.lower().removeprefix("has_").removeprefix("is_"))
     parts += [f"w{case.num_warps}s{case.num_stages}", f"sm{case.arch}"]

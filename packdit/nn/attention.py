@@ -4,7 +4,11 @@
 
     q, k, v = split(qkv(x))                     (N, Hq*d), (N, Hk*d), (N, Hk*d), d = dim / num_heads
     q, k = rms_norm(q) * w_q, rms_norm(k) * w_k  per head over d (qk_norm=True), eps 1e-6
-    out = proj(varlen_attention(q, k, v, mode, rope))
+    q, k = R q, R k                              3-D RoPE of each token's (t, h, w) (rope given)
+    out = proj(varlen_attention(q, k, v, mode))
+
+The QK-norm and the rotation of q and k run as one pass over the q|k heads of the qkv output
+(:func:`packdit.nn.functional.qk_norm_rope`), once per layer, outside the attention loops.
 
 ``PackedCrossAttention``: q from x, k/v from a packed context (e.g. per-sample text tokens) with its
 own ``cu_seqlens``; sample b of x attends to segment b of the context.
@@ -22,8 +26,7 @@ from torch import Tensor, nn
 
 from packdit.layout import PackedSeqs
 from packdit.nn import functional as PF
-from packdit.ops.attention import MODES
-from packdit.reference.rope import RoPE3D
+from packdit.rope import RoPE3D
 
 __all__ = ["PackedAttention", "PackedCrossAttention"]
 
@@ -50,6 +53,13 @@ class _QKNorm(nn.Module):
         return F.rms_norm(x, x.shape[-1:], self.weight, eps=_QK_NORM_EPS)
 
 
+def _head_weights(norms: list[tuple[nn.Module, int]]) -> Tensor | None:
+    """``(sum heads, d)`` RMSNorm weights of the ``(norm, heads)`` pairs, or None without QK-norm."""
+    if not isinstance(norms[0][0], _QKNorm):
+        return None
+    return torch.cat([norm.weight.expand(heads, -1) for norm, heads in norms])
+
+
 class PackedAttention(nn.Module):
     """Self-attention over a packed batch; ``forward(x (N, dim), seqs) -> (N, dim)``.
 
@@ -57,18 +67,19 @@ class PackedAttention(nn.Module):
         dim: model width; ``num_heads`` query heads of ``dim / num_heads``; ``num_kv_heads`` (GQA/MQA,
             default ``num_heads``) key/value heads.
         qkv_bias: bias of the fused qkv Linear. qk_norm: per-head RMSNorm of q and k.
-        rope: optional :class:`~packdit.RoPE3D` from ``seqs.positions``, fused into the kernel.
+        rope: optional :class:`~packdit.RoPE3D` from ``seqs.positions``, fused with the QK-norm.
         mode: "full", "spatial" (own frame) or "temporal" (own (h, w) across frames).
-        backend: "triton" (the kernel), "torch" (the reference) or None (the fastest available).
+        backend: "triton" (the kernel), "torch" (the reference) or None (chosen per call, see
+            :mod:`packdit.nn.functional`).
     """
 
     def __init__(self, dim: int, num_heads: int, *, num_kv_heads: int | None = None, qkv_bias: bool = True,
                  qk_norm: bool = False, rope: RoPE3D | None = None, mode: str = "full", backend: str | None = None):
         super().__init__()
-        self.backend = backend
+        self.backend = PF.check_backend(backend, "varlen_attention")
         self.head_dim, self.num_kv_heads = _head_sizes(dim, num_heads, num_kv_heads)
-        if mode not in MODES:
-            raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
+        if mode not in PF.ATTENTION_MODES:
+            raise ValueError(f"mode: expected one of {PF.ATTENTION_MODES}, got {mode!r}")
         if rope is not None:
             rope.check_head_dim(self.head_dim)
         self.num_heads, self.rope, self.mode = num_heads, rope, mode
@@ -77,13 +88,25 @@ class PackedAttention(nn.Module):
         self.k_norm = _QKNorm(self.head_dim) if qk_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: Tensor, seqs: PackedSeqs) -> Tensor:
+    def forward(self, x: Tensor, seqs: PackedSeqs, heads=None) -> Tensor:
+        """x (N, dim) -> (N, dim). Sequence parallelism: with ``heads`` (a
+        :class:`packdit.distributed.SequenceShard`), x holds the shard's tokens of ``seqs``; ``heads.to_heads``
+        trades q, k, v for all tokens of the rank's heads before the attention, ``heads.to_tokens`` trades back."""
         d, hq, hk = self.head_dim, self.num_heads, self.num_kv_heads
-        q, k, v = self.qkv(x).split([hq * d, hk * d, hk * d], dim=-1)
-        q = self.q_norm(q.unflatten(-1, (hq, d)))
-        k = self.k_norm(k.unflatten(-1, (hk, d)))
-        out = PF.attention(q, k, v.unflatten(-1, (hk, d)), seqs.cu_seqlens, seqs.max_seqlen,
-                           mode=self.mode, seqs=seqs, rope=self.rope, backend=self.backend)
+        qk, v = self.qkv(x).split([(hq + hk) * d, hk * d], dim=-1)
+        qk = qk.unflatten(-1, (hq + hk, d))           # q heads, then k heads: one pass normalizes and rotates both
+        weight = _head_weights([(self.q_norm, hq), (self.k_norm, hk)])
+        if weight is not None or self.rope is not None:
+            positions = (seqs if heads is None else heads.local).positions  # of the tokens in x
+            qk = PF.qk_norm_rope(qk, weight, positions, self.rope, eps=_QK_NORM_EPS, backend=self.backend)
+        q, k = qk.split([hq, hk], dim=1)
+        v = v.unflatten(-1, (hk, d))
+        if heads is not None:
+            q, k, v = heads.to_heads(q, k, v)
+        out = PF.varlen_attention(q, k, v, seqs.cu_seqlens, seqs.max_seqlen, mode=self.mode, seqs=seqs,
+                                  backend=self.backend)
+        if heads is not None:
+            out = heads.to_tokens(out)
         return self.proj(out.flatten(1))
 
 
@@ -94,7 +117,7 @@ class PackedCrossAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int, *, context_dim: int | None = None, num_kv_heads: int | None = None,
                  qkv_bias: bool = True, qk_norm: bool = False, backend: str | None = None):
         super().__init__()
-        self.backend = backend
+        self.backend = PF.check_backend(backend, "varlen_attention")
         self.head_dim, self.num_kv_heads = _head_sizes(dim, num_heads, num_kv_heads)
         self.num_heads = num_heads
         self.q = nn.Linear(dim, dim, bias=qkv_bias)
@@ -105,9 +128,13 @@ class PackedCrossAttention(nn.Module):
 
     def forward(self, x: Tensor, seqs: PackedSeqs, context: Tensor, context_cu_seqlens: Tensor,
                 context_max_seqlen: int) -> Tensor:
-        d, hk = self.head_dim, self.num_kv_heads
-        q = self.q_norm(self.q(x).unflatten(-1, (self.num_heads, d)))
+        d, hq, hk = self.head_dim, self.num_heads, self.num_kv_heads
+        q = self.q(x).unflatten(-1, (hq, d))
         k, v = self.kv(context).unflatten(-1, (2 * hk, d)).split([hk, hk], dim=1)
-        out = PF.attention(q, self.k_norm(k), v, seqs.cu_seqlens, seqs.max_seqlen, context_cu_seqlens,
-                           context_max_seqlen, seqs=seqs, backend=self.backend)
+        q_weight, k_weight = _head_weights([(self.q_norm, hq)]), _head_weights([(self.k_norm, hk)])
+        if q_weight is not None:
+            q = PF.qk_norm_rope(q, q_weight, eps=_QK_NORM_EPS, backend=self.backend)
+            k = PF.qk_norm_rope(k, k_weight, eps=_QK_NORM_EPS, backend=self.backend)
+        out = PF.varlen_attention(q, k, v, seqs.cu_seqlens, seqs.max_seqlen, context_cu_seqlens, context_max_seqlen,
+                                  seqs=seqs, backend=self.backend)
         return self.proj(out.flatten(1))

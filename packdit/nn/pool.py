@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from packdit._validate import validate_seqs
 from packdit.layout import PackedSeqs
 from packdit.nn import functional as PF
 
@@ -23,6 +24,7 @@ def segment_pool(x: Tensor, seqs: PackedSeqs, mode: str = "mean") -> Tensor:
     """``x (N, D)`` -> ``(B, D)``: the mean (``mode="mean"``) or sum (``"sum"``) of each sample's tokens."""
     if mode not in ("mean", "sum"):
         raise ValueError(f"mode: expected 'mean' or 'sum', got {mode!r}")
+    validate_seqs(seqs)
     if x.dim() != 2 or x.shape[0] != seqs.num_tokens:
         raise ValueError(f"x: expected ({seqs.num_tokens}, D) tokens of seqs, got {tuple(x.shape)}")
     lengths = seqs.lengths
@@ -41,7 +43,7 @@ class AttentionPool(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, *, backend: str | None = None):
         super().__init__()
-        self.backend = backend
+        self.backend = PF.check_backend(backend, "varlen_attention")
         if dim % num_heads:
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
@@ -50,10 +52,11 @@ class AttentionPool(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: Tensor, seqs: PackedSeqs) -> Tensor:
+        validate_seqs(seqs)
         b, (n, dim) = len(seqs), x.shape
         heads, head_dim = self.num_heads, dim // self.num_heads
         k, v = self.kv(x).view(n, 2, heads, head_dim).unbind(1)
         q = self.probe.expand(b, dim).reshape(b, heads, head_dim)
         cu_seqlens_q = torch.arange(b + 1, dtype=torch.int32, device=x.device)
-        out = PF.attention(q, k, v, cu_seqlens_q, 1, seqs.cu_seqlens, seqs.max_seqlen, backend=self.backend)
+        out = PF.varlen_attention(q, k, v, cu_seqlens_q, 1, seqs.cu_seqlens, seqs.max_seqlen, backend=self.backend)
         return self.proj(out.reshape(b, dim))

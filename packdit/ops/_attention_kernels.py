@@ -1,22 +1,26 @@
-"""Triton kernels of :mod:`packdit.ops.attention`: forward, dK/dV (+ atomic dQ), deterministic dQ.
+"""Triton kernels of :mod:`packdit.ops.attention`: forward, dK/dV (+ atomic dQ), dQ, delta.
 
-Every kernel works on *segments*: segment s attends queries rows ``q_start + i * row_stride``,
-``i < q_len``, to key rows ``k_start + j * row_stride``, ``j < k_len`` (int32 table ``(S, 5)`` =
-``q_start, k_start, q_len, k_len, row_stride``). A sample (mode "full"), a frame (mode "spatial",
-row stride 1) and a spatial position across frames (mode "temporal", row stride H*W) are all
-segments, so the factorized modes read the packed raster layout in place and never visit a key
-outside the segment. A *tile table* ``(n_tiles, 2)`` = ``segment, first row`` maps program ids to
-work, longest segments first; entries with segment -1 (tables sized by an upper bound) exit at once.
+Work: a program computes one tile of the schedule (:mod:`packdit.ops.attention_schedule`): program id 0
+indexes the tile table, whose entry names a group (a sample's equal segments); the group fields give the
+tile's rows. Tile row r is row ``first + r // pack`` of segment ``seg0 + r % pack`` (``pack == 1``: one
+segment's rows ``first..first + BLOCK``; ``pack > 1``: several short segments, frame-major, with the
+block-diagonal mask ``r % pack == c % pack`` between query row r and key column c). Single-row segments
+(``q_len == k_len == 1``) are computed row by row: out = v, lse = scale q.k, dv = sum of dO, no MMA.
 
-Head dim: loads use ``BLOCK_D = max(16, next_power_of_two(D))`` columns with the columns past D masked to
-zero (``tl.arange`` and ``tl.dot`` need powers of two). D = 64/128 waste nothing; D = 72 and 96 pay
-for 128 columns in the two matmuls (+78% / +33% MMA work, no extra memory traffic) -- chosen over
-splitting 72 = 64 + 8 because it keeps one code path, and 8-wide dots are below the 16 minimum of
-``tl.dot`` anyway (a 64 + 16 split would save 37% of the MMA work for D = 72 at twice the code).
+Head dim: a tile holds ``BLOCK_D0 + BLOCK_D1`` columns (see ``_head_blocks`` in attention.py): one power of two
+when the head dim is one (64, 128), else a power of two plus a second, narrower chunk (72 = 64 + 16 with 8
+columns masked, 96 = 64 + 32) whose matmuls are separate ``tl.dot`` calls accumulating into the same scores:
+11% padded MMA work at D = 72 instead of 78% for a 128-column tile. Columns past D read 0 and are not written.
 
-Softmax runs in base 2: ``s2 = (q.k) * scale * log2(e)``, ``p = exp2(s2 - m)``; the stored LSE is
-natural-log, ``lse = ln(sum_j exp(scale q.k_j))`` (flash-attn convention), ``-inf`` for rows with
-no keys (their output is 0).
+Alignment: row and head strides arrive divided by ``ALIGN`` (16 bytes / element size when every stride is a
+multiple of it) and are multiplied back by the constexpr here, so Triton knows each row starts on a 16-byte
+boundary and vectorizes (cp.async) even when the stride itself is not a multiple of 16 (q/k/v of head dim 72
+are views of the fused qkv projection: head stride 72, row stride 3 H 72).
+
+Softmax runs in base 2: scores ``s`` stay unscaled and ``scale * log2(e)`` enters the exponent's FFMA,
+``p = exp2(s * qk_scale - m)`` with ``m`` the running max of ``s * qk_scale`` (no separate multiply per score,
+no rounding of a pre-scaled q). The stored LSE is natural-log, ``lse = ln(sum_j exp(scale q.k_j))``
+(flash-attn convention), ``-inf`` for rows with no keys (their output is 0).
 """
 
 from __future__ import annotations
@@ -24,263 +28,468 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from packdit.ops._triton_utils import LN2, LOG2E
 
+
+# ---------------------------------------------------------------------------------------------- tiles
 @triton.jit
-def _rope_rotate(x, pos_ptr, rows, row_valid, log2_theta, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
-                 AX_T: tl.constexpr, AX_H: tl.constexpr, AX_W: tl.constexpr, INVERSE: tl.constexpr):
-    """Rotate ``x (BLOCK, BLOCK_D)`` fp32 by the 3-D RoPE of rows ``rows`` (R, or R^T if INVERSE).
-
-    Interleaved pairs (2j, 2j+1); pair j of axis a with index i among its d_a/2 pairs turns by
-    ``pos_a * theta ** (-2 i / d_a)`` (see packdit.reference.rope).
-    """
-    pair = tl.arange(0, BLOCK_D // 2)
-    in_t = pair < AX_T // 2
-    in_h = (pair >= AX_T // 2) & (pair < (AX_T + AX_H) // 2)
-    in_w = (pair >= (AX_T + AX_H) // 2) & (pair < (AX_T + AX_H + AX_W) // 2)
-    index = tl.where(in_t, pair, tl.where(in_h, pair - AX_T // 2, pair - (AX_T + AX_H) // 2))
-    width = tl.maximum(tl.where(in_t, AX_T, tl.where(in_h, AX_H, AX_W)), 1)
-    inv_freq = tl.exp2(-(2.0 * index.to(tl.float32) / width) * log2_theta)
-    pos_t = tl.load(pos_ptr + rows * 3 + 0, mask=row_valid, other=0).to(tl.float32)
-    pos_h = tl.load(pos_ptr + rows * 3 + 1, mask=row_valid, other=0).to(tl.float32)
-    pos_w = tl.load(pos_ptr + rows * 3 + 2, mask=row_valid, other=0).to(tl.float32)
-    pos = tl.where(in_t[None, :], pos_t[:, None], tl.where(in_h[None, :], pos_h[:, None], pos_w[:, None]))
-    angle = tl.where((in_t | in_h | in_w)[None, :], pos * inv_freq[None, :], 0.0)
-    cos = tl.cos(angle)
-    sin = tl.sin(angle)
-    if INVERSE:
-        sin = -sin
-    even, odd = tl.split(tl.reshape(x, (BLOCK, BLOCK_D // 2, 2)))
-    return tl.reshape(tl.join(even * cos - odd * sin, even * sin + odd * cos), (BLOCK, BLOCK_D))
-
-
-@triton.jit
-def _load_rows(ptr, rows, row_valid, stride_row, head_offset, cols, HEAD_DIM: tl.constexpr):
-    """``(len(rows), BLOCK_D)`` tile of rows ``rows`` of one head; invalid rows / columns >= D read 0."""
-    offsets = rows.to(tl.int64)[:, None] * stride_row + head_offset + cols[None, :]
-    return tl.load(ptr + offsets, mask=row_valid[:, None] & (cols[None, :] < HEAD_DIM), other=0.0)
+def _tile_of(Groups, Tiles, num_groups, TILE: tl.constexpr):
+    """The work of program ``program_id(0)``: ``(live, q_start, k_start, q_len, k_len, num_segs, seg_stride,
+    row_stride, pack, seg0, first)``; ``live`` is False for surplus programs of an upper-bound tile table."""
+    tile = tl.program_id(0)
+    group = tl.load(Tiles + tile)
+    tile_start = tl.load(Groups + group)
+    q_start = tl.load(Groups + num_groups + group)
+    k_start = tl.load(Groups + 2 * num_groups + group)
+    q_len = tl.load(Groups + 3 * num_groups + group)
+    k_len = tl.load(Groups + 4 * num_groups + group)
+    num_segs = tl.load(Groups + 5 * num_groups + group)
+    seg_stride = tl.load(Groups + 6 * num_groups + group)
+    row_stride = tl.load(Groups + 7 * num_groups + group)
+    pack = tl.load(Groups + 8 * num_groups + group)
+    split = tl.load(Groups + 9 * num_groups + group)
+    local = tile - tile_start
+    seg_block = local // tl.maximum(split, 1)
+    first = (local - seg_block * split) * TILE
+    seg0 = seg_block * pack
+    live = (split > 0) & (seg0 < num_segs)
+    return live, q_start, k_start, q_len, k_len, num_segs, seg_stride, row_stride, pack, seg0, first
 
 
 @triton.jit
-def _segment(Segments, seg):
-    q_start = tl.load(Segments + seg * 5 + 0)
-    k_start = tl.load(Segments + seg * 5 + 1)
-    q_len = tl.load(Segments + seg * 5 + 2)
-    k_len = tl.load(Segments + seg * 5 + 3)
-    row_stride = tl.load(Segments + seg * 5 + 4)
-    return q_start, k_start, q_len, k_len, row_stride
+def _rows(index, frame0, start, length, seg0, num_segs, seg_stride, row_stride, pack):
+    """Rows of tile positions ``index`` whose first frame is ``frame0``: ``(rows, valid, segment)``."""
+    frame = frame0 + index // pack
+    seg = seg0 + index % pack
+    valid = (frame < length) & (seg < num_segs)
+    return start + seg * seg_stride + frame * row_stride, valid, seg
+
+
+@triton.jit
+def _row_ptrs(ptr, rows, stride_row, head_offset, ALIGN: tl.constexpr):
+    """Pointers to column 0 of ``rows`` of one head; strides in units of ALIGN elements."""
+    return ptr + (rows.to(tl.int64) * stride_row + head_offset) * ALIGN
+
+
+@triton.jit
+def _load_chunk(row_ptrs, row_valid, COL0: tl.constexpr, WIDTH: tl.constexpr, HEAD_DIM: tl.constexpr,
+                MASK_ROWS: tl.constexpr):
+    """``(len(row_ptrs), WIDTH)`` columns ``COL0..COL0 + WIDTH`` of each row; invalid rows / columns >= D read 0."""
+    cols = COL0 + tl.arange(0, WIDTH)
+    ptrs = row_ptrs[:, None] + cols[None, :]
+    if COL0 + WIDTH <= HEAD_DIM:
+        if MASK_ROWS:
+            x = tl.load(ptrs, mask=row_valid[:, None], other=0.0)
+        else:
+            x = tl.load(ptrs)
+    else:
+        mask = cols[None, :] < HEAD_DIM
+        if MASK_ROWS:
+            mask = mask & row_valid[:, None]
+        x = tl.load(ptrs, mask=mask, other=0.0)
+    return x
+
+
+@triton.jit
+def _load_head(row_ptrs, row_valid, HEAD_DIM: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr,
+               MASK_ROWS: tl.constexpr):
+    """The two column chunks of a head's rows; the second is a placeholder (the first) when BLOCK_D1 == 0."""
+    x0 = _load_chunk(row_ptrs, row_valid, 0, BLOCK_D0, HEAD_DIM, MASK_ROWS)
+    x1 = x0
+    if BLOCK_D1 > 0:
+        x1 = _load_chunk(row_ptrs, row_valid, BLOCK_D0, BLOCK_D1, HEAD_DIM, MASK_ROWS)
+    return x0, x1
+
+
+@triton.jit
+def _zeros_head(ROWS: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr):
+    """fp32 zero accumulators for the two column chunks (the second a placeholder when BLOCK_D1 == 0)."""
+    x0 = tl.zeros((ROWS, BLOCK_D0), tl.float32)
+    x1 = x0
+    if BLOCK_D1 > 0:
+        x1 = tl.zeros((ROWS, BLOCK_D1), tl.float32)
+    return x0, x1
+
+
+@triton.jit
+def _store_chunk(row_ptrs, row_valid, x, COL0: tl.constexpr, WIDTH: tl.constexpr, HEAD_DIM: tl.constexpr):
+    cols = COL0 + tl.arange(0, WIDTH)
+    tl.store(row_ptrs[:, None] + cols[None, :], x.to(row_ptrs.dtype.element_ty),
+             mask=row_valid[:, None] & (cols < HEAD_DIM)[None, :])
+
+
+@triton.jit
+def _store_head(row_ptrs, row_valid, x0, x1, HEAD_DIM: tl.constexpr, BLOCK_D0: tl.constexpr,
+                BLOCK_D1: tl.constexpr):
+    _store_chunk(row_ptrs, row_valid, x0, 0, BLOCK_D0, HEAD_DIM)
+    if BLOCK_D1 > 0:
+        _store_chunk(row_ptrs, row_valid, x1, BLOCK_D0, BLOCK_D1, HEAD_DIM)
+
+
+@triton.jit
+def _atomic_add_chunk(row_ptrs, row_valid, x, COL0: tl.constexpr, WIDTH: tl.constexpr, HEAD_DIM: tl.constexpr,
+                      MASK_ROWS: tl.constexpr):
+    cols = COL0 + tl.arange(0, WIDTH)
+    mask = (cols < HEAD_DIM)[None, :]
+    if MASK_ROWS:
+        mask = mask & row_valid[:, None]
+    tl.atomic_add(row_ptrs[:, None] + cols[None, :], x, mask=mask, sem="relaxed")
+
+
+@triton.jit
+def _dot_nt(a0, a1, b0, b1, BLOCK_D1: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """``a @ b^T`` over both column chunks: (rows of a) x (rows of b), fp32."""
+    s = tl.dot(a0, tl.trans(b0), input_precision=DOT_PRECISION)
+    if BLOCK_D1 > 0:
+        s = tl.dot(a1, tl.trans(b1), s, input_precision=DOT_PRECISION)
+    return s
+
+
+@triton.jit
+def _dot_nn(p, b0, b1, acc0, acc1, BLOCK_D1: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """``acc += p @ b`` per column chunk."""
+    acc0 = tl.dot(p, b0, acc0, input_precision=DOT_PRECISION)
+    if BLOCK_D1 > 0:
+        acc1 = tl.dot(p, b1, acc1, input_precision=DOT_PRECISION)
+    return acc0, acc1
+
+
+@triton.jit
+def _rowdot(a0, a1, b0, b1, BLOCK_D1: tl.constexpr):
+    """Row-wise ``sum_d a * b`` in fp32 over both chunks."""
+    s = tl.sum(a0.to(tl.float32) * b0.to(tl.float32), 1)
+    if BLOCK_D1 > 0:
+        s += tl.sum(a1.to(tl.float32) * b1.to(tl.float32), 1)
+    return s
+
+
+# ---------------------------------------------------------------------------------------------- forward
+@triton.jit
+def _key_blocks(K, V, k_start, seg_stride, row_stride, pack, seg0, head_offset_k, head_offset_v, stride_kn, stride_vn,
+                BLOCK_N: tl.constexpr, ALIGN: tl.constexpr):
+    """K/V row pointers of the key block at frame 0, their segments, and the pointer steps per frame: key column c is
+    frame c // pack of segment seg0 + c % pack."""
+    cols = tl.arange(0, BLOCK_N)
+    k_seg = seg0 + cols % pack
+    rows = k_start + k_seg * seg_stride + (cols // pack) * row_stride
+    k_ptrs = _row_ptrs(K, rows, stride_kn, head_offset_k, ALIGN)
+    v_ptrs = _row_ptrs(V, rows, stride_vn, head_offset_v, ALIGN)
+    k_step = (row_stride * stride_kn).to(tl.int64) * ALIGN
+    v_step = (row_stride * stride_vn).to(tl.int64) * ALIGN
+    return k_ptrs, v_ptrs, k_step, v_step, k_seg
+
+
+@triton.jit
+def _tail_mask(frame0, k_len, k_seg, q_seg, num_segs, pack, BLOCK_N: tl.constexpr):
+    """``(key_valid (BLOCK_N,), score mask (rows, BLOCK_N))`` of the masked key block at frame ``frame0``: keys inside
+    the segments, each query row seeing its own segment's keys."""
+    cols = tl.arange(0, BLOCK_N)
+    key_valid = (frame0 + cols // pack < k_len) & (k_seg < num_segs) & (cols < (BLOCK_N // pack) * pack)
+    return key_valid, key_valid[None, :] & (k_seg[None, :] == q_seg[:, None])
+
+
+@triton.jit
+def _fwd_block(q0, q1, k_ptrs, v_ptrs, key_valid, mask, m_i, l_i, acc0, acc1, qk_scale,
+               HEAD_DIM: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr, MASKED: tl.constexpr,
+               DOT_PRECISION: tl.constexpr):
+    """One key block of the online softmax. MASKED: ``mask (BLOCK_M, BLOCK_N)`` says which scores exist and
+    rows may have none yet (their max stays -inf); else every score of the block exists."""
+    k0, k1 = _load_head(k_ptrs, key_valid, HEAD_DIM, BLOCK_D0, BLOCK_D1, MASKED)
+    s = _dot_nt(q0, q1, k0, k1, BLOCK_D1, DOT_PRECISION)
+    if MASKED:
+        s = tl.where(mask, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+    if MASKED:
+        m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_new_safe = m_new
+    alpha = tl.exp2(m_i - m_new_safe)
+    p = tl.exp2(s * qk_scale - m_new_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v0, v1 = _load_head(v_ptrs, key_valid, HEAD_DIM, BLOCK_D0, BLOCK_D1, MASKED)
+    acc0, acc1 = _dot_nn(p.to(v0.dtype), v0, v1, acc0 * alpha[:, None], acc1 * alpha[:, None], BLOCK_D1,
+                         DOT_PRECISION)
+    return m_new, l_i, acc0, acc1
 
 
 @triton.jit
 def attention_fwd_kernel(
-    Q, K, V, Out, Lse, Pos, Segments, QTiles,
+    Q, K, V, Out, Lse, QGroups, QTiles, num_groups,
     stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_on, stride_oh, stride_lh,
-    qk_scale_log2, log2_theta, max_len_bucket,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    GROUP: tl.constexpr, ROPE: tl.constexpr, AX_T: tl.constexpr, AX_H: tl.constexpr, AX_W: tl.constexpr,
+    scale, max_len_bucket,
+    HEAD_DIM: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr, TILE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr, ALIGN: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """One program = BLOCK_M rows (part ``program_id(2)`` of a query tile) of one segment x one query head:
-    online softmax over the segment's keys."""
-    tile = tl.program_id(0)
+    """One program = BLOCK_M rows (part ``program_id(2)`` of a TILE-row query tile) x one query head: online
+    softmax over the tile's keys, full key blocks unmasked, then one masked block (the segment's tail, or the
+    whole key set of a packed tile)."""
     head = tl.program_id(1)
     kv_head = head // GROUP
-    seg = tl.load(QTiles + tile * 2)
-    if seg < 0:  # surplus entry of a tile table sized by an upper bound
-        return
-    first = tl.load(QTiles + tile * 2 + 1) + tl.program_id(2) * BLOCK_M
-    q_start, k_start, q_len, k_len, row_stride = _segment(Segments, seg)
-    if first >= q_len:  # part of a segment's last query tile past its end
+    live, q_start, k_start, q_len, k_len, num_segs, seg_stride, row_stride, pack, seg0, first = _tile_of(
+        QGroups, QTiles, num_groups, TILE)
+    index = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
+    if (live == 0) | (first + (tl.program_id(2) * BLOCK_M) // pack >= q_len):
+        return  # surplus program, or a part of a tile past its segment's end
+    q_rows, m_valid, q_seg = _rows(index, first, q_start, q_len, seg0, num_segs, seg_stride, row_stride, pack)
+    q_ptrs = _row_ptrs(Q, q_rows, stride_qn, head * stride_qh, ALIGN)
+    o_ptrs = _row_ptrs(Out, q_rows, stride_on, head * stride_oh, ALIGN)
+    lse_ptrs = Lse + head * stride_lh + q_rows
+    q0, q1 = _load_head(q_ptrs, m_valid, HEAD_DIM, BLOCK_D0, BLOCK_D1, True)
+
+    if (q_len == 1) & (k_len == 1):  # single-row segments: softmax of one score is 1
+        k_rows = k_start + q_seg * seg_stride
+        k0, k1 = _load_head(_row_ptrs(K, k_rows, stride_kn, kv_head * stride_kh, ALIGN), m_valid, HEAD_DIM,
+                            BLOCK_D0, BLOCK_D1, True)
+        v0, v1 = _load_head(_row_ptrs(V, k_rows, stride_vn, kv_head * stride_vh, ALIGN), m_valid, HEAD_DIM,
+                            BLOCK_D0, BLOCK_D1, True)
+        _store_head(o_ptrs, m_valid, v0, v1, HEAD_DIM, BLOCK_D0, BLOCK_D1)
+        tl.store(lse_ptrs, _rowdot(q0, q1, k0, k1, BLOCK_D1) * scale, mask=m_valid)
         return
 
-    cols = tl.arange(0, BLOCK_D)
-    m_index = first + tl.arange(0, BLOCK_M)
-    m_valid = m_index < q_len
-    q_rows = q_start + m_index * row_stride
-    q = _load_rows(Q, q_rows, m_valid, stride_qn, head * stride_qh, cols, HEAD_DIM)
-    if ROPE:
-        q = _rope_rotate(q.to(tl.float32), Pos, q_rows, m_valid, log2_theta, BLOCK_M, BLOCK_D,
-                         AX_T, AX_H, AX_W, False).to(Q.dtype.element_ty)
-
+    qk_scale = scale * LOG2E
+    k_ptrs, v_ptrs, k_step, v_step, k_seg = _key_blocks(K, V, k_start, seg_stride, row_stride, pack, seg0,
+                                                        kv_head * stride_kh, kv_head * stride_vh, stride_kn, stride_vn,
+                                                        BLOCK_N, ALIGN)
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
-    acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
-    for n0 in range(0, k_len, BLOCK_N):
-        n_index = n0 + tl.arange(0, BLOCK_N)
-        n_valid = n_index < k_len
-        k_rows = k_start + n_index * row_stride
-        k = _load_rows(K, k_rows, n_valid, stride_kn, kv_head * stride_kh, cols, HEAD_DIM)
-        if ROPE:
-            k = _rope_rotate(k.to(tl.float32), Pos, k_rows, n_valid, log2_theta, BLOCK_N, BLOCK_D,
-                             AX_T, AX_H, AX_W, False).to(K.dtype.element_ty)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
-        s = tl.where(n_valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_rows(V, k_rows, n_valid, stride_vn, kv_head * stride_vh, cols, HEAD_DIM)
-        acc = acc * alpha[:, None] + tl.dot(p.to(V.dtype.element_ty), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+    acc0, acc1 = _zeros_head(BLOCK_M, BLOCK_D0, BLOCK_D1)
+    full_frames = tl.where(pack == 1, k_len - k_len % BLOCK_N, 0)
+    for n0 in range(0, full_frames, BLOCK_N):
+        m_i, l_i, acc0, acc1 = _fwd_block(q0, q1, k_ptrs + n0 * k_step, v_ptrs + n0 * v_step, m_valid, m_valid,
+                                          m_i, l_i, acc0, acc1, qk_scale, HEAD_DIM, BLOCK_D0, BLOCK_D1, False,
+                                          DOT_PRECISION)
+    if full_frames < k_len:
+        key_valid, mask = _tail_mask(full_frames, k_len, k_seg, q_seg, num_segs, pack, BLOCK_N)
+        m_i, l_i, acc0, acc1 = _fwd_block(q0, q1, k_ptrs + full_frames * k_step, v_ptrs + full_frames * v_step,
+                                          key_valid, mask, m_i, l_i, acc0, acc1, qk_scale, HEAD_DIM, BLOCK_D0,
+                                          BLOCK_D1, True, DOT_PRECISION)
 
     has_keys = l_i > 0.0
-    out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
-    lse = tl.where(has_keys, (m_i + tl.log2(tl.where(has_keys, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
-    out_offsets = q_rows.to(tl.int64)[:, None] * stride_on + head * stride_oh + cols[None, :]
-    tl.store(Out + out_offsets, out.to(Out.dtype.element_ty), mask=m_valid[:, None] & (cols[None, :] < HEAD_DIM))
-    tl.store(Lse + head * stride_lh + q_rows, lse, mask=m_valid)
+    inv_l = 1.0 / tl.where(has_keys, l_i, 1.0)
+    _store_head(o_ptrs, m_valid, acc0 * inv_l[:, None], acc1 * inv_l[:, None], HEAD_DIM, BLOCK_D0, BLOCK_D1)
+    lse = tl.where(has_keys, (m_i + tl.log2(tl.where(has_keys, l_i, 1.0))) * LN2, float("-inf"))
+    tl.store(lse_ptrs, lse, mask=m_valid)
+
+
+# ---------------------------------------------------------------------------------------------- backward
+@triton.jit
+def attention_bwd_delta_kernel(Out, DO, Delta, GradLse, num_rows, stride_on, stride_oh, stride_don, stride_doh,
+                               stride_lh, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+                               HAS_GRAD_LSE: tl.constexpr, ALIGN: tl.constexpr):
+    """``delta[h, n] = sum_d dO[n, h, d] * O[n, h, d] - dlse[h, n]`` (the dlse term makes lse differentiable:
+    d lse / d s = P, so it shifts dS = P * (dP - delta) by +P * dlse)."""
+    head = tl.program_id(1)
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_valid = rows < num_rows
+    o = _load_chunk(_row_ptrs(Out, rows, stride_on, head * stride_oh, ALIGN), row_valid, 0, BLOCK_D, HEAD_DIM, True)
+    do = _load_chunk(_row_ptrs(DO, rows, stride_don, head * stride_doh, ALIGN), row_valid, 0, BLOCK_D, HEAD_DIM, True)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    if HAS_GRAD_LSE:
+        delta -= tl.load(GradLse + head * stride_lh + rows, mask=row_valid, other=0.0)
+    tl.store(Delta + head * stride_lh + rows, delta, mask=row_valid)
+
+
+@triton.jit
+def _pair_heads(kv_head, pair, GROUP: tl.constexpr):
+    """The query head of each query-head pair of kv head ``kv_head`` (a scalar without GQA)."""
+    heads = kv_head
+    if GROUP > 1:
+        heads = kv_head * GROUP + pair % GROUP
+    return heads
+
+
+@triton.jit
+def _dkdv_block(Q, DO, DQ, Lse, Delta, q_rows, heads, stride_qn, stride_qh, stride_don, stride_doh, stride_dqn,
+                stride_dqh, stride_lh, query_valid, same_seg, k0, k1, v0, v1, dk0, dk1, dv0, dv1, scale,
+                HEAD_DIM: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr, ALIGN: tl.constexpr,
+                MASKED: tl.constexpr, ATOMIC_DQ: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One query block of the key-major backward (keys are the MMA rows: every product is a wgmma with
+    M = key rows)::
+
+        sT = k q^T   pT = exp2(sT * scale log2 e - lse log2 e)   dv += pT dO   dpT = v dO^T
+        dsT = pT * (dpT - delta)   dk += dsT q   (ATOMIC_DQ) dQ += scale dsT^T k
+
+    Padded query rows read lse = +inf (pT = 0), so unpacked blocks need no mask; MASKED (packed tiles) zeroes
+    the scores between different segments (``same_seg``) and masks the loads. Block row r is query row
+    ``q_rows[r]`` of query head ``heads[r]``."""
+    q0, q1 = _load_head(_row_ptrs(Q, q_rows, stride_qn, heads * stride_qh, ALIGN), query_valid, HEAD_DIM, BLOCK_D0,
+                        BLOCK_D1, MASKED)
+    do0, do1 = _load_head(_row_ptrs(DO, q_rows, stride_don, heads * stride_doh, ALIGN), query_valid, HEAD_DIM,
+                          BLOCK_D0, BLOCK_D1, MASKED)
+    stats = heads * stride_lh + q_rows
+    if MASKED:
+        lse = tl.load(Lse + stats, mask=query_valid, other=float("inf"))
+        delta = tl.load(Delta + stats, mask=query_valid, other=0.0)
+    else:
+        lse = tl.load(Lse + stats)
+        delta = tl.load(Delta + stats)
+    s_t = _dot_nt(k0, k1, q0, q1, BLOCK_D1, DOT_PRECISION)
+    p_t = tl.exp2(s_t * (scale * LOG2E) - (lse * LOG2E)[None, :])
+    if MASKED:
+        p_t = tl.where(same_seg, p_t, 0.0)
+    dv0, dv1 = _dot_nn(p_t.to(do0.dtype), do0, do1, dv0, dv1, BLOCK_D1, DOT_PRECISION)
+    dp_t = _dot_nt(v0, v1, do0, do1, BLOCK_D1, DOT_PRECISION)
+    ds_t = (p_t * (dp_t - delta[None, :])).to(q0.dtype)
+    dk0, dk1 = _dot_nn(ds_t, q0, q1, dk0, dk1, BLOCK_D1, DOT_PRECISION)
+    if ATOMIC_DQ:
+        dq_ptrs = _row_ptrs(DQ, q_rows, stride_dqn, heads * stride_dqh, ALIGN)
+        ds = tl.trans(ds_t)
+        _atomic_add_chunk(dq_ptrs, query_valid, tl.dot(ds, k0, input_precision=DOT_PRECISION) * scale, 0, BLOCK_D0,
+                          HEAD_DIM, MASKED)
+        if BLOCK_D1 > 0:
+            _atomic_add_chunk(dq_ptrs, query_valid, tl.dot(ds, k1, input_precision=DOT_PRECISION) * scale,
+                              BLOCK_D0, BLOCK_D1, HEAD_DIM, MASKED)
+    return dk0, dk1, dv0, dv1
 
 
 @triton.jit
 def attention_bwd_dkdv_kernel(
-    Q, K, V, DO, Lse, Delta, DQ, DK, DV, Pos, Segments, KTiles,
+    Q, K, V, DO, Lse, Delta, DQ, DK, DV, KGroups, KTiles, num_groups,
     stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_don, stride_doh,
     stride_dqn, stride_dqh, stride_dkn, stride_dkh, stride_dvn, stride_dvh, stride_lh,
-    scale, log2_theta,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    GROUP: tl.constexpr, ROPE: tl.constexpr, AX_T: tl.constexpr, AX_H: tl.constexpr, AX_W: tl.constexpr,
+    scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr, TILE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr, ALIGN: tl.constexpr,
     ATOMIC_DQ: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """One program = BLOCK_N rows (part ``program_id(2)`` of a key tile) of one segment x one kv head, looping
-    over the GROUP query heads that read them and over the segment's query blocks::
-
-        P = exp(scale q k^T - lse)   dV += P^T dO   dS = P * (dO v^T - delta)   dK += scale dS^T q
-        (ATOMIC_DQ) DQ += scale R^T (dS k)   with fp32 atomics
-
-    No two programs write the same dK/dV rows, so dK/dV are deterministic; dQ is, only without ATOMIC_DQ.
-    """
-    tile = tl.program_id(0)
+    """One program = BLOCK_N key rows (part ``program_id(2)`` of a TILE-row key tile) x one kv head, looping over
+    BLOCK_M-row query blocks (see _dkdv_block) whose rows are the (query row, query head) pairs of the GROUP heads
+    that read these keys, row-major: GQA adds rows to the blocks, not a loop around them (a loop over heads around
+    the pipelined block loop spilled 400 B at D = 72). No two programs write the same dK/dV rows, so dK/dV are
+    deterministic; dQ is, only without ATOMIC_DQ."""
     kv_head = tl.program_id(1)
-    seg = tl.load(KTiles + tile * 2)
-    if seg < 0:  # surplus entry of a tile table sized by an upper bound
+    live, q_start, k_start, q_len, k_len, num_segs, seg_stride, row_stride, pack, seg0, first = _tile_of(
+        KGroups, KTiles, num_groups, TILE)
+    index = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
+    if (live == 0) | (first + (tl.program_id(2) * BLOCK_N) // pack >= k_len):
         return
-    first = tl.load(KTiles + tile * 2 + 1) + tl.program_id(2) * BLOCK_N
-    q_start, k_start, q_len, k_len, row_stride = _segment(Segments, seg)
-    if first >= k_len:  # part of a segment's last key tile past its end
-        return
-    qk_scale_log2 = scale * 1.4426950408889634
+    k_rows, n_valid, k_seg = _rows(index, first, k_start, k_len, seg0, num_segs, seg_stride, row_stride, pack)
+    k0, k1 = _load_head(_row_ptrs(K, k_rows, stride_kn, kv_head * stride_kh, ALIGN), n_valid, HEAD_DIM, BLOCK_D0,
+                        BLOCK_D1, True)
+    v0, v1 = _load_head(_row_ptrs(V, k_rows, stride_vn, kv_head * stride_vh, ALIGN), n_valid, HEAD_DIM, BLOCK_D0,
+                        BLOCK_D1, True)
+    dk0, dk1 = _zeros_head(BLOCK_N, BLOCK_D0, BLOCK_D1)
+    dv0, dv1 = _zeros_head(BLOCK_N, BLOCK_D0, BLOCK_D1)
 
-    cols = tl.arange(0, BLOCK_D)
-    col_valid = cols < HEAD_DIM
-    n_index = first + tl.arange(0, BLOCK_N)
-    n_valid = n_index < k_len
-    k_rows = k_start + n_index * row_stride
-    k = _load_rows(K, k_rows, n_valid, stride_kn, kv_head * stride_kh, cols, HEAD_DIM)
-    if ROPE:
-        k = _rope_rotate(k.to(tl.float32), Pos, k_rows, n_valid, log2_theta, BLOCK_N, BLOCK_D,
-                         AX_T, AX_H, AX_W, False).to(K.dtype.element_ty)
-    v = _load_rows(V, k_rows, n_valid, stride_vn, kv_head * stride_vh, cols, HEAD_DIM)
-    dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
-    dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
-    for g in range(GROUP):
-        head = kv_head * GROUP + g
-        for m0 in range(0, q_len, BLOCK_M):
-            m_index = m0 + tl.arange(0, BLOCK_M)
-            m_valid = m_index < q_len
-            q_rows = q_start + m_index * row_stride
-            q = _load_rows(Q, q_rows, m_valid, stride_qn, head * stride_qh, cols, HEAD_DIM)
-            if ROPE:
-                q = _rope_rotate(q.to(tl.float32), Pos, q_rows, m_valid, log2_theta, BLOCK_M, BLOCK_D,
-                                 AX_T, AX_H, AX_W, False).to(Q.dtype.element_ty)
-            do = _load_rows(DO, q_rows, m_valid, stride_don, head * stride_doh, cols, HEAD_DIM)
-            lse = tl.load(Lse + head * stride_lh + q_rows, mask=m_valid, other=float("inf"))
-            delta = tl.load(Delta + head * stride_lh + q_rows, mask=m_valid, other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
-            p = tl.exp2(s - lse[:, None] * 1.4426950408889634)
-            p = tl.where(n_valid[None, :], p, 0.0)
-            dv += tl.dot(tl.trans(p.to(DO.dtype.element_ty)), do, input_precision=DOT_PRECISION)
-            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-            ds = p * (dp - delta[:, None])
-            dk += tl.dot(tl.trans(ds.to(Q.dtype.element_ty)), q, input_precision=DOT_PRECISION)
-            if ATOMIC_DQ:
-                dq = tl.dot(ds.to(K.dtype.element_ty), k, input_precision=DOT_PRECISION) * scale
-                if ROPE:
-                    dq = _rope_rotate(dq, Pos, q_rows, m_valid, log2_theta, BLOCK_M, BLOCK_D,
-                                      AX_T, AX_H, AX_W, True)
-                dq_offsets = q_rows.to(tl.int64)[:, None] * stride_dqn + head * stride_dqh + cols[None, :]
-                tl.atomic_add(DQ + dq_offsets, dq, mask=m_valid[:, None] & col_valid[None, :])
-    dk = dk * scale
-    if ROPE:
-        dk = _rope_rotate(dk, Pos, k_rows, n_valid, log2_theta, BLOCK_N, BLOCK_D, AX_T, AX_H, AX_W, True)
-    store_mask = n_valid[:, None] & col_valid[None, :]
-    dk_offsets = k_rows.to(tl.int64)[:, None] * stride_dkn + kv_head * stride_dkh + cols[None, :]
-    dv_offsets = k_rows.to(tl.int64)[:, None] * stride_dvn + kv_head * stride_dvh + cols[None, :]
-    tl.store(DK + dk_offsets, dk.to(DK.dtype.element_ty), mask=store_mask)
-    tl.store(DV + dv_offsets, dv.to(DV.dtype.element_ty), mask=store_mask)
+    if (q_len == 1) & (k_len == 1):  # single-row segments: p = 1, ds = dO.v - delta, dv = dO
+        q_rows = q_start + k_seg * seg_stride
+        for g in tl.static_range(GROUP):
+            head = kv_head * GROUP + g
+            q0, q1 = _load_head(_row_ptrs(Q, q_rows, stride_qn, head * stride_qh, ALIGN), n_valid, HEAD_DIM,
+                                BLOCK_D0, BLOCK_D1, True)
+            do0, do1 = _load_head(_row_ptrs(DO, q_rows, stride_don, head * stride_doh, ALIGN), n_valid, HEAD_DIM,
+                                  BLOCK_D0, BLOCK_D1, True)
+            ds = _rowdot(do0, do1, v0, v1, BLOCK_D1) - tl.load(Delta + head * stride_lh + q_rows, mask=n_valid,
+                                                               other=0.0)
+            dv0 += do0.to(tl.float32)
+            dk0 += ds[:, None] * q0.to(tl.float32)
+            if BLOCK_D1 > 0:
+                dv1 += do1.to(tl.float32)
+                dk1 += ds[:, None] * q1.to(tl.float32)
+            if ATOMIC_DQ:  # the only contribution to these dQ rows: a plain store
+                _store_head(_row_ptrs(DQ, q_rows, stride_dqn, head * stride_dqh, ALIGN), n_valid,
+                            (scale * ds)[:, None] * k0.to(tl.float32), (scale * ds)[:, None] * k1.to(tl.float32),
+                            HEAD_DIM, BLOCK_D0, BLOCK_D1)
+    else:
+        # Block row r of the block at m0 is the query-head pair m0 + r: query row q = (m0 + r) // GROUP (row
+        # q // pack of segment seg0 + q % pack) of head kv_head * GROUP + (m0 + r) % GROUP.
+        pairs = GROUP * pack * q_len
+        full_pairs = tl.where(pack == 1, pairs - pairs % BLOCK_M, 0)
+        # The full blocks, unmasked.
+        q_base = q_start + seg0 * seg_stride
+        for m0 in range(0, full_pairs, BLOCK_M):
+            pair = m0 + tl.arange(0, BLOCK_M)
+            dk0, dk1, dv0, dv1 = _dkdv_block(
+                Q, DO, DQ, Lse, Delta, q_base + (pair // GROUP) * row_stride, _pair_heads(kv_head, pair, GROUP),
+                stride_qn, stride_qh, stride_don, stride_doh, stride_dqn, stride_dqh, stride_lh, n_valid, n_valid, k0,
+                k1, v0, v1, dk0, dk1, dv0, dv1, scale, HEAD_DIM, BLOCK_D0, BLOCK_D1, ALIGN, False, ATOMIC_DQ,
+                DOT_PRECISION)
+        # Then the rest, masked: a segment's tail (< BLOCK_M pairs), or a packed tile (pack * q_len <= BLOCK_M rows
+        # per head), where a key sees the queries of its own segment only; unrolled, not a loop.
+        for block in tl.static_range(GROUP):
+            m0 = full_pairs + block * BLOCK_M
+            if m0 < pairs:
+                pair = m0 + tl.arange(0, BLOCK_M)
+                q_rows, query_valid, q_seg = _rows(pair // GROUP, 0, q_start, q_len, seg0, num_segs, seg_stride,
+                                                   row_stride, pack)
+                dk0, dk1, dv0, dv1 = _dkdv_block(
+                    Q, DO, DQ, Lse, Delta, q_rows, _pair_heads(kv_head, pair, GROUP), stride_qn, stride_qh, stride_don,
+                    stride_doh, stride_dqn, stride_dqh, stride_lh, query_valid & (pair < pairs),
+                    k_seg[:, None] == q_seg[None, :], k0, k1, v0, v1, dk0, dk1, dv0, dv1, scale, HEAD_DIM, BLOCK_D0,
+                    BLOCK_D1, ALIGN, True, ATOMIC_DQ, DOT_PRECISION)
+    _store_head(_row_ptrs(DK, k_rows, stride_dkn, kv_head * stride_dkh, ALIGN), n_valid, dk0 * scale, dk1 * scale,
+                HEAD_DIM, BLOCK_D0, BLOCK_D1)
+    _store_head(_row_ptrs(DV, k_rows, stride_dvn, kv_head * stride_dvh, ALIGN), n_valid, dv0, dv1, HEAD_DIM, BLOCK_D0,
+                BLOCK_D1)
+
+
+@triton.jit
+def _dq_block(q0, q1, do0, do1, lse2, delta, k_ptrs, v_ptrs, key_valid, mask, dq0, dq1, qk_scale,
+              HEAD_DIM: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr, MASKED: tl.constexpr,
+              DOT_PRECISION: tl.constexpr):
+    """One key block of dQ: ``p = exp2(q k^T * qk_scale - lse2)``, ``dq += (p * (dO v^T - delta)) k``."""
+    k0, k1 = _load_head(k_ptrs, key_valid, HEAD_DIM, BLOCK_D0, BLOCK_D1, MASKED)
+    v0, v1 = _load_head(v_ptrs, key_valid, HEAD_DIM, BLOCK_D0, BLOCK_D1, MASKED)
+    p = tl.exp2(_dot_nt(q0, q1, k0, k1, BLOCK_D1, DOT_PRECISION) * qk_scale - lse2[:, None])
+    if MASKED:
+        p = tl.where(mask, p, 0.0)
+    ds = p * (_dot_nt(do0, do1, v0, v1, BLOCK_D1, DOT_PRECISION) - delta[:, None])
+    return _dot_nn(ds.to(k0.dtype), k0, k1, dq0, dq1, BLOCK_D1, DOT_PRECISION)
 
 
 @triton.jit
 def attention_bwd_dq_kernel(
-    Q, K, V, DO, Lse, Delta, DQ, Pos, Segments, QTiles,
+    Q, K, V, DO, Lse, Delta, DQ, QGroups, QTiles, num_groups,
     stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_don, stride_doh,
     stride_dqn, stride_dqh, stride_lh,
-    scale, log2_theta,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    GROUP: tl.constexpr, ROPE: tl.constexpr, AX_T: tl.constexpr, AX_H: tl.constexpr, AX_W: tl.constexpr,
+    scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr, TILE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr, ALIGN: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     """One program = BLOCK_M rows (part ``program_id(2)`` of a query tile) x one query head:
-    ``dQ = scale R^T sum_blocks (P * (dO v^T - delta)) k``, recomputing P from the saved LSE; one writer per
-    dQ element, so bitwise deterministic."""
-    tile = tl.program_id(0)
+    ``dQ = scale sum_blocks (P * (dO v^T - delta)) k``, recomputing P from the saved LSE; one writer per dQ
+    element, so bitwise deterministic."""
     head = tl.program_id(1)
     kv_head = head // GROUP
-    seg = tl.load(QTiles + tile * 2)
-    if seg < 0:  # surplus entry of a tile table sized by an upper bound
+    live, q_start, k_start, q_len, k_len, num_segs, seg_stride, row_stride, pack, seg0, first = _tile_of(
+        QGroups, QTiles, num_groups, TILE)
+    index = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
+    if (live == 0) | (first + (tl.program_id(2) * BLOCK_M) // pack >= q_len):
         return
-    first = tl.load(QTiles + tile * 2 + 1) + tl.program_id(2) * BLOCK_M
-    q_start, k_start, q_len, k_len, row_stride = _segment(Segments, seg)
-    if first >= q_len:  # part of a segment's last query tile past its end
-        return
-    qk_scale_log2 = scale * 1.4426950408889634
-
-    cols = tl.arange(0, BLOCK_D)
-    m_index = first + tl.arange(0, BLOCK_M)
-    m_valid = m_index < q_len
-    q_rows = q_start + m_index * row_stride
-    q = _load_rows(Q, q_rows, m_valid, stride_qn, head * stride_qh, cols, HEAD_DIM)
-    if ROPE:
-        q = _rope_rotate(q.to(tl.float32), Pos, q_rows, m_valid, log2_theta, BLOCK_M, BLOCK_D,
-                         AX_T, AX_H, AX_W, False).to(Q.dtype.element_ty)
-    do = _load_rows(DO, q_rows, m_valid, stride_don, head * stride_doh, cols, HEAD_DIM)
-    lse = tl.load(Lse + head * stride_lh + q_rows, mask=m_valid, other=float("inf"))
+    q_rows, m_valid, q_seg = _rows(index, first, q_start, q_len, seg0, num_segs, seg_stride, row_stride, pack)
+    dq_ptrs = _row_ptrs(DQ, q_rows, stride_dqn, head * stride_dqh, ALIGN)
+    q0, q1 = _load_head(_row_ptrs(Q, q_rows, stride_qn, head * stride_qh, ALIGN), m_valid, HEAD_DIM, BLOCK_D0,
+                        BLOCK_D1, True)
+    do0, do1 = _load_head(_row_ptrs(DO, q_rows, stride_don, head * stride_doh, ALIGN), m_valid, HEAD_DIM, BLOCK_D0,
+                          BLOCK_D1, True)
     delta = tl.load(Delta + head * stride_lh + q_rows, mask=m_valid, other=0.0)
-    dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
-    for n0 in range(0, k_len, BLOCK_N):
-        n_index = n0 + tl.arange(0, BLOCK_N)
-        n_valid = n_index < k_len
-        k_rows = k_start + n_index * row_stride
-        k = _load_rows(K, k_rows, n_valid, stride_kn, kv_head * stride_kh, cols, HEAD_DIM)
-        if ROPE:
-            k = _rope_rotate(k.to(tl.float32), Pos, k_rows, n_valid, log2_theta, BLOCK_N, BLOCK_D,
-                             AX_T, AX_H, AX_W, False).to(K.dtype.element_ty)
-        v = _load_rows(V, k_rows, n_valid, stride_vn, kv_head * stride_vh, cols, HEAD_DIM)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
-        p = tl.exp2(s - lse[:, None] * 1.4426950408889634)
-        p = tl.where(n_valid[None, :], p, 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(K.dtype.element_ty), k, input_precision=DOT_PRECISION)
-    dq = dq * scale
-    if ROPE:
-        dq = _rope_rotate(dq, Pos, q_rows, m_valid, log2_theta, BLOCK_M, BLOCK_D, AX_T, AX_H, AX_W, True)
-    dq_offsets = q_rows.to(tl.int64)[:, None] * stride_dqn + head * stride_dqh + cols[None, :]
-    tl.store(DQ + dq_offsets, dq.to(DQ.dtype.element_ty), mask=m_valid[:, None] & (cols[None, :] < HEAD_DIM))
 
+    if (q_len == 1) & (k_len == 1):  # single-row segments: ds = dO.v - delta, dq = scale ds k
+        k_rows = k_start + q_seg * seg_stride
+        k0, k1 = _load_head(_row_ptrs(K, k_rows, stride_kn, kv_head * stride_kh, ALIGN), m_valid, HEAD_DIM,
+                            BLOCK_D0, BLOCK_D1, True)
+        v0, v1 = _load_head(_row_ptrs(V, k_rows, stride_vn, kv_head * stride_vh, ALIGN), m_valid, HEAD_DIM,
+                            BLOCK_D0, BLOCK_D1, True)
+        ds = scale * (_rowdot(do0, do1, v0, v1, BLOCK_D1) - delta)
+        _store_head(dq_ptrs, m_valid, ds[:, None] * k0.to(tl.float32), ds[:, None] * k1.to(tl.float32), HEAD_DIM,
+                    BLOCK_D0, BLOCK_D1)
+        return
 
-@triton.jit
-def attention_bwd_delta_kernel(Out, DO, Delta, GradLse, num_rows, stride_on, stride_oh, stride_don, stride_doh,
-                               stride_lh, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
-                               HAS_GRAD_LSE: tl.constexpr):
-    """``delta[h, n] = sum_d dO[n, h, d] * O[n, h, d] - dlse[h, n]`` (the dlse term makes lse differentiable:
-    d lse / d s = P, so it shifts dS = P * (dP - delta) by +P * dlse)."""
-    block = tl.program_id(0)
-    head = tl.program_id(1)
-    rows = block * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_valid = rows < num_rows
-    cols = tl.arange(0, BLOCK_D)
-    o = _load_rows(Out, rows, row_valid, stride_on, head * stride_oh, cols, HEAD_DIM).to(tl.float32)
-    do = _load_rows(DO, rows, row_valid, stride_don, head * stride_doh, cols, HEAD_DIM).to(tl.float32)
-    delta = tl.sum(o * do, 1)
-    if HAS_GRAD_LSE:
-        delta -= tl.load(GradLse + head * stride_lh + rows, mask=row_valid, other=0.0)
-    tl.store(Delta + head * stride_lh + rows, delta, mask=row_valid)
+    qk_scale = scale * LOG2E
+    lse2 = tl.load(Lse + head * stride_lh + q_rows, mask=m_valid, other=float("inf")) * LOG2E
+    k_ptrs, v_ptrs, k_step, v_step, k_seg = _key_blocks(K, V, k_start, seg_stride, row_stride, pack, seg0,
+                                                        kv_head * stride_kh, kv_head * stride_vh, stride_kn, stride_vn,
+                                                        BLOCK_N, ALIGN)
+    dq0, dq1 = _zeros_head(BLOCK_M, BLOCK_D0, BLOCK_D1)
+    full_frames = tl.where(pack == 1, k_len - k_len % BLOCK_N, 0)
+    for n0 in range(0, full_frames, BLOCK_N):
+        dq0, dq1 = _dq_block(q0, q1, do0, do1, lse2, delta, k_ptrs + n0 * k_step, v_ptrs + n0 * v_step, m_valid,
+                             m_valid, dq0, dq1, qk_scale, HEAD_DIM, BLOCK_D0, BLOCK_D1, False, DOT_PRECISION)
+    if full_frames < k_len:
+        key_valid, mask = _tail_mask(full_frames, k_len, k_seg, q_seg, num_segs, pack, BLOCK_N)
+        dq0, dq1 = _dq_block(q0, q1, do0, do1, lse2, delta, k_ptrs + full_frames * k_step,
+                             v_ptrs + full_frames * v_step, key_valid, mask, dq0, dq1, qk_scale, HEAD_DIM, BLOCK_D0,
+                             BLOCK_D1, True, DOT_PRECISION)
+    _store_head(dq_ptrs, m_valid, dq0 * scale, dq1 * scale, HEAD_DIM, BLOCK_D0, BLOCK_D1)

@@ -21,26 +21,29 @@ buffer per reduced gradient at D = 3072 (vs 800 MB for per-token contributions).
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
+from packdit._backends import triton_interpreting as interpreting
+from packdit._backends import triton_unsupported
 from packdit._validate import checks_enabled
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Base-2 softmax constants for kernels (exp(x) = exp2(x * LOG2E), ln(x) = log2(x) * LN2).
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
 
 
-def interpreting() -> bool:
-    """True when Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def use_triton(t: Tensor) -> bool:
-    """Whether the Triton kernels can run on ``t``'s device (CUDA, or any device under the interpreter)."""
-    return t.is_cuda or (interpreting() and t.device.type == "cpu")
+def require_triton(op: str, t: Tensor) -> None:
+    """``ValueError`` naming why unless the Triton kernels can run on ``t``'s device (CUDA, or the CPU under
+    ``TRITON_INTERPRET=1``); the dispatcher (:mod:`packdit.nn.functional`) falls back instead."""
+    reason = triton_unsupported(t.device)
+    if reason:
+        raise ValueError(f"packdit.ops: the Triton kernel of {op} is not supported because {reason}; "
+                         f"packdit.{op} chooses the PyTorch reference automatically")
 
 
 def autotune_configs(configs: list[triton.Config]) -> list[triton.Config]:
@@ -75,9 +78,9 @@ def check_index(name: str, index: Tensor, num_tokens: int, num_rows: int, device
                 values: bool = True) -> None:
     """``index`` (N,) int32: the modulation row of each token, in ``[0, num_rows)``.
 
-    With ``values`` (False in fake implementations), the value range is checked on CPU tensors while :func:`packdit.checks` is on; it is not checked on
-    a GPU (a device->host sync per layer is too costly): there the kernels read nothing outside the
-    table and give NaN outputs for tokens whose row is out of range.
+    With ``values`` (False in fake implementations), the value range is checked on CPU tensors while
+    :func:`packdit.checks` is on; it is not checked on a GPU (a device->host sync per layer is too costly):
+    there the kernels read nothing outside the table and give NaN outputs for tokens whose row is out of range.
     """
     if not isinstance(index, Tensor) or index.dtype != torch.int32:
         raise ValueError(f"{name}: expected an int32 tensor, got {getattr(index, 'dtype', type(index).__name__)}")

@@ -1,333 +1,299 @@
 """``varlen_attention``: attention inside the samples of a packed batch, with factorized spacetime modes
-and fused 3-D RoPE, in Triton.
+and 3-D RoPE, in Triton.
 
 Math (per query head h, kv head ``h // (Hq/Hk)``; ``q (Nq, Hq, D)``, ``k, v (Nk, Hk, D)``)::
 
     out[i] = sum_{j in keys(i)} softmax_j(scale * <R_i q_i, R_j k_j>) v_j      lse[h, i] = ln sum_j exp(...)
 
-with ``R`` the optional 3-D rotary embedding of each token's ``(t, h, w)`` (identity without rope)
-and ``keys(i)`` the tokens of i's sample (``mode="full"``), of i's frame (``"spatial"``) or at i's
-spatial position in every frame of its sample (``"temporal"``).
+with ``R`` the optional 3-D rotary embedding of each token's ``(t, h, w)`` (identity without rope) and
+``keys(i)`` the tokens of i's sample (``mode="full"``), of i's frame (``"spatial"``) or at i's spatial
+position in every frame of its sample (``"temporal"``).
 
-Pipeline, one layout at a time:
+Oracle: :func:`packdit.reference.varlen_attention` after :func:`packdit.reference.rope.apply_rope_3d`.
+Algorithm: FlashAttention-2 (Dao, arXiv 2307.08691): online softmax forward, LSE-recomputing backward with a
+key-major dK/dV pass; packing of variable-length samples after NaViT (arXiv 2307.06304).
 
-1. ``packdit::attention_schedule`` turns ``cu_seqlens`` (+ ``grid`` for the factorized modes) into a
-   segment table, query/key tile tables (longest segment first, so the long videos start in the first
-   wave and the short images fill the tail) and the tile sizes. It copies the layout to the host once,
-   which is also where the value checks (monotone, ``cu_seqlens[-1] == N``, ``max_seqlen`` large enough,
-   no dropped tokens for the factorized modes) happen. In eager mode the result is cached on
-   :class:`~packdit.layout.PackedSeqs` (``seqs.cached``), so a model pays it once per batch, not per
-   layer. Under ``torch.compile`` the op is opaque to the tracer (its outputs have data-dependent
-   sizes, unbacked SymInts) and AOTAutograd's CSE merges the identical calls of all layers into one
-   per compiled step. Eager calls with plain ``cu_seqlens`` (no ``seqs``) rebuild it every call: with
-   one small device->host copy (and the value checks) by default, or, inside ``packdit.checks(False)``,
-   from device ops only (no sync, no value checks; tile sizes from the ``max_seqlen`` bucket and tile
-   tables padded to the upper bound ``ceil(N / BLOCK) + B``, whose surplus programs exit at once).
-2. ``packdit::varlen_attention_fwd`` runs the forward kernel, grid ``(query tiles, Hq, parts)``.
-3. ``packdit::varlen_attention_bwd``: delta kernel, then the dK/dV kernel, grid ``(key tiles, Hk, parts)``,
-   and dQ either by fp32 atomics inside it (default, fastest) or by a separate dQ kernel, grid
-   ``(query tiles, Hq, parts)``, when ``packdit.use_deterministic(True)`` or
-   ``torch.use_deterministic_algorithms(True)`` is on (two runs give bitwise equal gradients). ``parts``
-   is 1 unless a tile's rows would take more shared memory than fits (wide heads, see _FWD_TILE_BYTES and
-   _BWD_TILE_BYTES).
+Pipeline, per layout and mode:
 
-Query tile size (BLOCK_M) per layout: the largest of 128/64/32/16 whose padded rows
-``sum_s ceil(L_s / BLOCK_M) * BLOCK_M`` exceed the useful rows ``sum_s L_s`` by at most 1/8. A 144p
-16:9 image is 9 x 16 = 144 tokens: 128-row tiles give 2 tiles = 256 rows (44% of them padding),
-32-row tiles 160 rows (10%). A batch of such images runs at BLOCK_M = 16/32, while a mix that also
-holds 480p (30 x 53 = 1,590 tokens) and 720p (45 x 80 = 3,600) images pads under 8% at 128 and keeps
-128, as does a video (17 x 1,590 tokens: 0.4%). Larger tiles read each K/V block once per more query
-rows (K/V traffic halves per doubling of BLOCK_M), smaller ones waste fewer padded rows; the 1/8
-threshold is a starting heuristic, to be tuned with the GPU benchmark. The key tile of dK/dV
-(BLOCK_KT) follows the same rule over the key lengths. The inner key block (BLOCK_N, warps, stages)
-is autotuned on a GPU, keyed on head dim, BLOCK_M and the max-length bucket; the interpreter runs one
-fixed configuration. Mode "temporal" makes segments of T <= ~33 rows (one per spatial position): they
-run at BLOCK_M = 16 with one program per (position, head), correct but far below MMA efficiency --
-packing several positions per program is the next step for that mode.
+1. The schedule (:mod:`packdit.ops.attention_schedule`): group and tile tables, tile sizes. Built on the host
+   from the layout's host metadata (``seqs.seqlens``, ``seqs.grids``) and cached on the
+   :class:`~packdit.layout.PackedSeqs`, so a model builds it once per batch and reads nothing back from the
+   device. Plain ``cu_seqlens`` without ``seqs``: one device->host copy with value checks, or, inside
+   ``packdit.checks(False)``, device ops only. Under ``torch.compile`` it is the opaque op
+   ``packdit::attention_schedule`` (data-dependent sizes), which AOTAutograd's CSE builds once per step.
+2. RoPE, if any: q and k are rotated once by :func:`packdit.ops.qk_norm_rope.qk_norm_rope` (the attention
+   loops never see it; ``PackedAttention`` fuses the rotation into its QK-norm).
+3. ``packdit::varlen_attention_fwd``: the forward kernel, grid ``(query tiles, Hq, parts)``.
+4. ``packdit::varlen_attention_bwd``: delta kernel, then the key-major dK/dV kernel, grid
+   ``(key tiles, Hk, parts)``, with dQ either accumulated in fp32 atomics inside it (default) or computed by
+   the dQ kernel, grid ``(query tiles, Hq, parts)``, when ``packdit.use_deterministic(True)`` or
+   ``torch.use_deterministic_algorithms(True)`` is on (bitwise reproducible). ``parts`` is 1 unless a tile's
+   rows would take more shared memory than fits (wide fp32 heads, see _FWD_TILE_BYTES and _BWD_TILE_BYTES).
 """
 
 from __future__ import annotations
 
 import functools
-import math
-import os
 from typing import Optional
 
-import numpy as np
 import torch
+import triton
 from torch import Tensor
 
-from packdit._validate import checks_enabled
+from packdit._validate import checks_enabled, validate_cu_seqlens, validate_seqs
 from packdit.determinism import deterministic_enabled
 from packdit.layout import PackedSeqs
-from packdit.reference.rope import RoPE3D
+from packdit.ops import _triton_utils as tu
+from packdit.ops import attention_schedule as sched
+from packdit.ops.attention_schedule import MODES, AttentionSchedule
+from packdit.ops.qk_norm_rope import qk_norm_rope
+from packdit.rope import RoPE3D
 
-__all__ = ["varlen_attention", "RoPE3D", "MODES"]
+__all__ = ["varlen_attention", "MODES"]
 
-MODES = ("full", "spatial", "temporal")
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_HEAD_DIM = 256
-_TILE_SIZES = (128, 64, 32, 16)
-_MAX_PADDING = 1 / 8
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-_LOG2_E = 1.4426950408889634
 # fp32 inputs multiply in full fp32: tf32 (10-bit mantissa) errors are ~1e3x fp32 torch's, far outside the
 # 2x rule; fp16/bf16 dots ignore the setting.
 _DOT_PRECISION = "ieee"
+# The forward program's query rows (rows x head columns x element size) are capped at 64 KB: an fp32 query tile
+# of 128 x 256 (D = 256) leaves no autotuning configuration within an A100's 163 KiB. A schedule tile with more
+# rows runs as several programs (grid axis 2); bf16 / fp16 tiles are never split.
+_FWD_TILE_BYTES = 64 * 1024
+# The dK/dV program keeps its key tile's K and V rows, the dQ program its query tile's Q and dO rows, next to the
+# pipelined inner blocks. Capping each at 32 KB (rows x head columns x element size) and pipelining wider rows
+# less deep (_bwd_num_stages) keeps both kernels within an A100's 163 KiB per block: the dK/dV kernel on a bf16
+# tile of 128 x 256 (D = 256) needs 296 KB at 3 stages, more than an H100's 227 KiB.
+_BWD_TILE_BYTES = 32 * 1024
+# Inner blocks of the backward: the dK/dV program streams 64-row query blocks (the N dimension of its
+# key-major wgmmas), the dQ program 64-key blocks. 64 = PACK_ROWS, so a packed tile's rows fit one block.
+_BWD_INNER = sched.PACK_ROWS
 
 
-# ---------------------------------------------------------------------------------------------- schedule
-def _tile_size(lengths: np.ndarray) -> int:
-    """Largest tile in _TILE_SIZES whose padded rows exceed the useful rows by at most _MAX_PADDING."""
-    useful = int(lengths.sum())
-    for size in _TILE_SIZES:
-        padded = int((-(-lengths // size) * size).sum())
-        if padded <= useful * (1 + _MAX_PADDING):
-            return size
-    return _TILE_SIZES[-1]
+# ---------------------------------------------------------------------------------------------- launch shapes
+def _head_blocks(head_dim: int) -> tuple[int, int]:
+    """``(BLOCK_D0, BLOCK_D1)`` column chunks of a head: the largest power of two <= D (>= 16, ``tl.dot``'s
+    minimum K), plus the next power of two >= the rest when that is narrower than doubling the first; else one
+    chunk of ``next_power_of_2(D)``. 72 -> (64, 16): 80 columns, 11% padded MMA work instead of 78% at 128;
+    96 -> (64, 32); 64, 128 -> one chunk; 120 -> (128, 0)."""
+    padded = max(16, triton.next_power_of_2(head_dim))
+    first = padded if padded == head_dim or head_dim < 16 else padded // 2
+    rest = head_dim - first
+    second = max(16, triton.next_power_of_2(rest)) if rest > 0 else 0
+    return (first, second) if first + second < padded else (padded, 0)
 
 
-def _tiles(lengths: np.ndarray, active: np.ndarray, size: int) -> np.ndarray:
-    """``(n, 2)`` int32 (segment, first row) of the ``active`` segments, longest first."""
-    order = np.argsort(-lengths, kind="stable")
-    order = order[active[order]]
-    counts = -(-lengths[order] // size)
-    seg = np.repeat(order, counts)
-    first = (np.arange(seg.shape[0]) - np.repeat(np.cumsum(counts) - counts, counts)) * size
-    return np.stack([seg, first], 1).astype(np.int32).reshape(-1, 2)
+def _head_columns(head_dim: int) -> int:
+    return sum(_head_blocks(head_dim))
 
 
-def _check_cu_seqlens(name: str, cu: np.ndarray, num_tokens: int, max_seqlen: int) -> None:
-    if cu[0] != 0 or (np.diff(cu) < 0).any():
-        raise ValueError(f"{name}: expected non-decreasing offsets starting at 0, got {cu[:8].tolist()}...")
-    if cu[-1] != num_tokens:
-        raise ValueError(f"{name}: last entry {int(cu[-1])} must equal the number of tokens {num_tokens}")
-    lengths = np.diff(cu)
-    if lengths.size and lengths.max() > max_seqlen:
-        raise ValueError(f"{name}: a segment has {int(lengths.max())} tokens, more than max_seqlen={max_seqlen}")
+def _fwd_rows(block: int, head_dim: int, itemsize: int) -> int:
+    """Rows of a ``block``-row schedule tile that one forward program takes (see _FWD_TILE_BYTES)."""
+    return min(block, _FWD_TILE_BYTES // (_head_columns(head_dim) * itemsize))
 
 
-def _segments(cu_q: np.ndarray, cu_k: np.ndarray, grids: Optional[np.ndarray], mode: str) -> np.ndarray:
-    """``(S, 5)`` int64 segment table: q_start, k_start, q_len, k_len, row_stride."""
-    if mode == "full":
-        lq, lk = np.diff(cu_q), np.diff(cu_k)
-        return np.stack([cu_q[:-1], cu_k[:-1], lq, lk, np.ones_like(lq)], 1)
-    frames, hw = grids[:, 0], grids[:, 1] * grids[:, 2]
-    bad = np.nonzero(np.diff(cu_q) != frames * hw)[0]
-    if bad.size:
-        b = int(bad[0])
-        raise ValueError(f"seqs: mode={mode!r} needs every token of a sample's grid; sample {b} has "
-                         f"{int(cu_q[b + 1] - cu_q[b])} tokens for grid {grids[b].tolist()} (tokens were dropped)")
-    if mode == "spatial":      # one segment per frame: HW contiguous rows
-        sample = np.repeat(np.arange(len(frames)), frames)
-        index = np.arange(sample.shape[0]) - np.repeat(np.cumsum(frames) - frames, frames)
-        start, length, stride = cu_q[:-1][sample] + index * hw[sample], hw[sample], np.ones_like(sample)
-    else:                      # one segment per spatial position: T rows, H*W apart
-        sample = np.repeat(np.arange(len(frames)), hw)
-        index = np.arange(sample.shape[0]) - np.repeat(np.cumsum(hw) - hw, hw)
-        start, length, stride = cu_q[:-1][sample] + index, frames[sample], hw[sample]
-    return np.stack([start, start, length, length, stride], 1).reshape(-1, 5)
+def _bwd_rows(block: int, head_dim: int, itemsize: int) -> int:
+    """Rows of a ``block``-row schedule tile that one dK/dV or dQ program takes (see _BWD_TILE_BYTES)."""
+    return min(block, _BWD_TILE_BYTES // (_head_columns(head_dim) * itemsize))
 
 
-@torch.library.custom_op("packdit::attention_schedule", mutates_args=())
-def attention_schedule(
-    cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, grid: Optional[Tensor], num_q: int, num_k: int,
-    max_seqlen_q: int, max_seqlen_k: int, mode: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(segments (S, 5) int32, q_tiles (Tq, 2) int32, k_tiles (Tk, 2) int32`` on the device, and
-    ``params (5,)`` int64 on the CPU: ``BLOCK_M, BLOCK_KT``, max query and key segment lengths, and 1 if some
-    key rows are in no key tile (keys of an empty query segment: their dK/dV are zero-filled), else 0."""
-    cu_q = cu_seqlens_q.cpu().numpy().astype(np.int64)
-    cu_k = cu_seqlens_k.cpu().numpy().astype(np.int64)
-    _check_cu_seqlens("cu_seqlens_q", cu_q, num_q, max_seqlen_q)
-    _check_cu_seqlens("cu_seqlens_k", cu_k, num_k, max_seqlen_k)
-    grids = None if grid is None else grid.cpu().numpy().astype(np.int64).reshape(-1, 3)
-    seg = _segments(cu_q, cu_k, grids, mode)
-    q_len, k_len = seg[:, 2], seg[:, 3]
-    block_m = _tile_size(q_len[q_len > 0])
-    block_kt = _tile_size(k_len[(k_len > 0) & (q_len > 0)])
-    q_tiles = _tiles(q_len, q_len > 0, block_m)
-    k_tiles = _tiles(k_len, (k_len > 0) & (q_len > 0), block_kt)
-    device = cu_seqlens_q.device
-    keys_uncovered = int(k_len[(k_len > 0) & (q_len > 0)].sum()) < num_k
-    params = torch.tensor([block_m, block_kt, int(q_len.max(initial=0)), int(k_len.max(initial=0)), keys_uncovered])
-    return (torch.from_numpy(seg.astype(np.int32)).to(device), torch.from_numpy(q_tiles).to(device),
-            torch.from_numpy(k_tiles).to(device), params)
+def _dkdv_rows(block: int, head_dim: int, itemsize: int, group: int) -> int:
+    """Key rows of one dK/dV program: 128 up to 96 head columns without GQA, else 64 up to 128 columns, else 32.
+    The program holds dK and dV in fp32 registers beside the (keys x 64 query rows) scores; compiled for sm_90
+    (bf16, 8 warps, atomic dQ): 128 keys take 255 registers at D = 72 (40 B of stack, stored and reloaded once
+    per program outside the loops) and spill 120 B at D = 128 or 288 B at D = 72 with 3 query heads per kv head;
+    64 keys at D = 128 take 250 registers."""
+    columns = _head_columns(head_dim)
+    rows = 128 if columns <= 96 and group == 1 else 64 if columns <= 128 else 32
+    return min(_bwd_rows(block, head_dim, itemsize), rows)
 
 
-@attention_schedule.register_fake
-def _(cu_seqlens_q, cu_seqlens_k, grid, num_q, num_k, max_seqlen_q, max_seqlen_k, mode):
-    ctx = torch.library.get_ctx()
-    return (cu_seqlens_q.new_empty((ctx.new_dynamic_size(), 5)), cu_seqlens_q.new_empty((ctx.new_dynamic_size(), 2)),
-            cu_seqlens_q.new_empty((ctx.new_dynamic_size(), 2)), torch.empty(5, dtype=torch.int64, device="cpu"))
+def _bwd_num_warps(rows: int, head_dim: int) -> int:
+    """Warps of the dQ programs on a GPU: one warpgroup (wgmma's M = 64) per 64 tile rows, and two from 128 head
+    columns up (the second halves each thread's share of the fp32 accumulator)."""
+    return 8 if rows >= 128 or _head_columns(head_dim) >= 128 else 4
 
 
-def _tile_for_longest(max_len: int) -> int:
-    """Tile size from the longest segment alone: the largest of 128/64/32/16 that the longest segment fills
-    at least 4 times (a 144-token image gets 32, as under the padding rule; 1,024+ tokens get 128)."""
-    return next((size for size in _TILE_SIZES if max_len >= 4 * size), _TILE_SIZES[-1])
+def _dkdv_num_warps(rows: int) -> int:
+    """Warps of the dK/dV programs on a GPU: 8 from 64 key rows up (at 4 warps, 64 keys x 80 columns with atomic
+    dQ spill 48 B; 8 warps split the fp32 dK/dV accumulators over twice the threads)."""
+    return 8 if rows >= 64 else 4
 
 
-def _device_tiles(lengths: Tensor, active: Tensor, size: int, num_rows: int) -> Tensor:
-    """Tile table built with device ops only, sized by the host bound ``ceil(num_rows / size) + S`` (each
-    segment adds at most one partial tile); longest segment first, surplus rows ``(-1, 0)``."""
-    num_segments = lengths.shape[0]
-    capacity = -(-num_rows // size) + num_segments
-    if num_segments == 0 or capacity == 0:
-        return lengths.new_zeros((0, 2))
-    order = torch.argsort(torch.where(active, lengths, -1), descending=True, stable=True)
-    counts = torch.where(active, (lengths + size - 1) // size, 0)[order]
-    ends = torch.cumsum(counts, 0)
-    tile = torch.arange(capacity, device=lengths.device, dtype=ends.dtype)
-    rank = torch.searchsorted(ends, tile, right=True)
-    used = rank < num_segments
-    rank = rank.clamp(max=num_segments - 1)
-    segment = torch.where(used, order[rank], -1)
-    first = torch.where(used, (tile - ends[rank] + counts[rank]) * size, 0)
-    return torch.stack([segment, first], 1).to(torch.int32)
+def _bwd_num_stages(head_dim: int, itemsize: int) -> int:
+    """Pipeline depth of the backward kernels' inner 64-row blocks on a GPU: 3 up to 256-byte rows, 2 up to 256
+    bf16 columns, 1 beyond (a dK/dV program at D = 256 holds 64 KB of K and V rows beside 64 KB per stage)."""
+    row_bytes = _head_columns(head_dim) * itemsize
+    return 3 if row_bytes <= 256 else 2 if row_bytes < 512 else 1
 
 
-def _device_schedule(cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, num_q: int, num_k: int, max_seqlen_q: int,
-                     max_seqlen_k: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Mode "full" schedule of plain ``cu_seqlens`` without a device->host copy (and without value checks):
-    what :func:`attention_schedule` returns, with tile sizes from the ``max_seqlen`` bucket, tile tables
-    padded to their upper bound, and dK/dV always zero-filled first."""
-    lq = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).long()
-    lk = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).long()
-    segments = torch.stack([cu_seqlens_q[:-1].long(), cu_seqlens_k[:-1].long(), lq, lk, torch.ones_like(lq)], 1)
-    block_m, block_kt = _tile_for_longest(max_seqlen_q), _tile_for_longest(max_seqlen_k)
-    q_tiles = _device_tiles(lq, lq > 0, block_m, num_q)
-    k_tiles = _device_tiles(lk, (lk > 0) & (lq > 0), block_kt, num_k)
-    params = torch.tensor([block_m, block_kt, max_seqlen_q, max_seqlen_k, 1])
-    return segments.to(torch.int32), q_tiles, k_tiles, params
+def _bwd_options(warps: int, head_dim: int, itemsize: int) -> dict:
+    if tu.interpreting():
+        return {}
+    return {"num_warps": warps, "num_stages": _bwd_num_stages(head_dim, itemsize)}
 
 
-# ---------------------------------------------------------------------------------------------- launchers
+def _alignment(itemsize: int, strides) -> int:
+    """Elements per 16 bytes if every stride is a multiple of it (the kernels then know every row starts on a
+    16-byte boundary and vectorize), else the largest power of two that divides them all."""
+    align = 16 // itemsize
+    while align > 1 and any(s % align for s in strides):
+        align //= 2
+    return align
+
+
+def _strides(align: int, *tensors: Tensor) -> list[int]:
+    """Row and head strides of each ``(rows, heads, D)`` tensor in units of ``align`` elements."""
+    return [s // align for t in tensors for s in t.stride()[:2]]
+
+
+def fwd_configs() -> list:
+    """The forward kernel's autotuning configurations (inner key block BLOCK_N, warps, stages), first the one the
+    interpreter runs; BLOCK_N >= 64 so a packed tile's keys fit one block (attention_schedule.PACK_ROWS)."""
+    return [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s)
+            for n, w, s in ((64, 4, 3), (64, 4, 2), (128, 4, 2), (64, 8, 3), (64, 8, 2), (128, 8, 2))]
+
+
+def _prune_fwd_configs(configs, named_args, **kwargs) -> list:
+    """One warpgroup (4 warps) per 64 query rows (wgmma's M), two for 128; 3 stages up to 128 head columns, 2 for
+    wider heads (D = 256 at 3 stages needs 256 KB of shared memory); 128-key blocks only where scores and
+    accumulator fit the registers: compiled for sm_90 (bf16), 128 x 128 scores spill beside a 128-column
+    accumulator (104 B at 8 warps), 64 x 128 beside 80 columns (72 B at 4 warps); 128 x 128 beside 80 columns
+    takes 255 registers without spilling."""
+    rows, columns = kwargs["BLOCK_M"], kwargs["BLOCK_D0"] + kwargs["BLOCK_D1"]
+    warps = 8 if rows >= 128 else 4
+    widest = 96 if warps == 8 else 64
+
+    def keep(config):
+        if config.kwargs["BLOCK_N"] == 128:
+            return columns <= widest
+        return config.num_stages == (3 if columns <= 128 else 2)
+
+    return [c for c in configs if c.num_warps == warps and keep(c)]
+
+
+@functools.cache
+def _fwd_kernel():
+    """The forward kernel, autotuned on a GPU (one configuration under the interpreter)."""
+    from packdit.ops import _attention_kernels
+
+    return triton.autotune(tu.autotune_configs(fwd_configs()), key=["HEAD_DIM", "BLOCK_M", "max_len_bucket"],
+                           prune_configs_by={"early_config_prune": _prune_fwd_configs})(
+        _attention_kernels.attention_fwd_kernel)
+
+
 @functools.cache
 def _kernels():
-    """The Triton kernels, imported on first launch so that ``import packdit`` does not import Triton."""
+    """The Triton kernels, imported on first launch."""
     from packdit.ops import _attention_kernels
 
     return _attention_kernels
 
 
-def _fwd_configs() -> list:
-    """The forward kernel's autotuning configurations (inner key block BLOCK_N, warps, stages)."""
-    import triton
-
-    return [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s)
-            for n, w, s in ((64, 4, 3), (64, 8, 3), (32, 4, 2), (128, 8, 2))]
-
-
-@functools.cache
-def _fwd_kernel():
-    """The forward kernel, autotuned on a GPU; the interpreter cannot autotune (no do_bench, no driver),
-    so it runs one fixed configuration (_FIXED_FWD)."""
-    import triton
-
-    kernel = _kernels().attention_fwd_kernel
-    if _INTERPRET:
-        return kernel
-    return triton.autotune(_fwd_configs(), key=["HEAD_DIM", "BLOCK_M", "max_len_bucket"])(kernel)
+# ---------------------------------------------------------------------------------------------- schedule
+def _host_lengths(name: str, cu_seqlens: Tensor, num_tokens: int, max_seqlen: int) -> list[int]:
+    """Segment lengths from one device->host copy of ``cu_seqlens``, value-checked."""
+    host = validate_cu_seqlens(cu_seqlens, num_tokens, name)
+    lengths = [end - start for start, end in zip(host, host[1:])]
+    if lengths and max(lengths) > max_seqlen:
+        raise ValueError(f"{name}: a segment has {max(lengths)} tokens, more than max_seqlen={max_seqlen}")
+    return lengths
 
 
-_FIXED_FWD = {"BLOCK_N": 32, "num_warps": 4} if _INTERPRET else {}
-# The forward program's query rows (rows x BLOCK_D x element size) are capped at 64 KB: an fp32 query tile of
-# 128 x 256 (D = 256) leaves no autotuning configuration within an A100's 163 KiB. A schedule tile with more
-# rows runs as several programs (grid axis 2); bf16 / fp16 tiles are never split.
-_FWD_TILE_BYTES = 64 * 1024
-# Backward inner block: the dK/dV program holds two (BLOCK_KT, BLOCK_D) fp32 accumulators (64 KB at
-# 128 x 64) in registers, so the query blocks it streams stay at 32 rows; the dQ program likewise streams
-# 32-key blocks. 8 warps from BLOCK_D = 128 up keep the accumulators from spilling.
-_BWD_INNER = 32
-# The dK/dV program keeps its key tile's K and V rows, the dQ program its query tile's Q and dO rows, in
-# shared memory next to the pipelined inner blocks. Capping each at 32 KB (rows x BLOCK_D x element size) and
-# pipelining wider rows less deep (_bwd_num_stages) keeps both kernels within an A100's 163 KiB per block: the
-# dK/dV kernel on a bf16 tile of 128 x 256 (D = 256) needs 296 KB at 3 stages, more than an H100's 227 KiB.
-# A schedule tile with more rows runs as several programs (grid axis 2), each taking _bwd_rows of them.
-_BWD_TILE_BYTES = 32 * 1024
+def _copied_schedule(cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, grid: Optional[Tensor], num_q: int, num_k: int,
+                     max_seqlen_q: int, max_seqlen_k: int, mode: str, self_attention: bool) -> AttentionSchedule:
+    """The schedule of device layout tensors: one device->host copy, with the value checks."""
+    q_lens = _host_lengths("cu_seqlens_q", cu_seqlens_q, num_q, max_seqlen_q)
+    k_lens = None if self_attention else _host_lengths("cu_seqlens_k", cu_seqlens_k, num_k, max_seqlen_k)
+    grids = None if grid is None else grid.tolist()
+    if grids is not None:
+        bad = next((b for b, ((t, h, w), n) in enumerate(zip(grids, q_lens)) if t * h * w != n), None)
+        if bad is not None:
+            raise ValueError(f"seqs: mode={mode!r} needs every token of a sample's grid; sample {bad} has "
+                             f"{q_lens[bad]} tokens for grid {grids[bad]} (tokens were dropped)")
+    return sched.host_schedule(mode, q_lens, k_lens, grids, num_k, cu_seqlens_q.device)
 
 
-def _block_d(head_dim: int) -> int:
-    """Head-dim columns a kernel tile holds: the next power of two, at least 16 (``tl.dot``'s minimum K)."""
-    return max(16, _next_power_of_2(head_dim))
+@torch.library.custom_op("packdit::attention_schedule", mutates_args=())
+def attention_schedule(
+    cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, grid: Optional[Tensor], num_q: int, num_k: int, max_seqlen_q: int,
+    max_seqlen_k: int, mode: str, self_attention: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, int, int, int, int]:
+    """:class:`AttentionSchedule` fields of device layout tensors (for compiled graphs, where the layout's host
+    metadata is not traced): one device->host copy per compiled step."""
+    schedule = _copied_schedule(cu_seqlens_q, cu_seqlens_k, grid, num_q, num_k, max_seqlen_q, max_seqlen_k, mode,
+                                self_attention)
+    *tensors, block_m, block_kt, max_k_len, uncovered = schedule.as_tuple()
+    return (*tensors, block_m, block_kt, max_k_len, int(uncovered))
 
 
-def _next_power_of_2(n: int) -> int:
-    return 1 << max(0, n - 1).bit_length()
+@attention_schedule.register_fake
+def _(cu_seqlens_q, cu_seqlens_k, grid, num_q, num_k, max_seqlen_q, max_seqlen_k, mode, self_attention):
+    ctx = torch.library.get_ctx()
+    fields = len(sched.GROUP_FIELDS)
+    tensors = [cu_seqlens_q.new_empty(shape) for shape in ((fields, ctx.new_dynamic_size()), (ctx.new_dynamic_size(),),
+                                                           (fields, ctx.new_dynamic_size()), (ctx.new_dynamic_size(),))]
+    return (*tensors, *(ctx.new_dynamic_size() for _ in range(4)))
 
 
-def _fwd_rows(block: int, head_dim: int, itemsize: int) -> int:
-    """Rows of a ``block``-row schedule tile that one forward program takes (see _FWD_TILE_BYTES)."""
-    return min(block, _FWD_TILE_BYTES // (_block_d(head_dim) * itemsize))
+def _schedule(q: Tensor, k: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int,
+              mode: str, seqs: Optional[PackedSeqs], self_attention: bool) -> tuple:
+    """``(q_groups, q_tiles, k_groups, k_tiles, [block_m, block_kt, max_k_len, keys_uncovered])``."""
+    num_q, num_k = q.shape[0], k.shape[0]
+    grid = seqs.grid if mode != "full" else None
+    if torch.compiler.is_compiling():
+        *tensors, block_m, block_kt, max_k_len, uncovered = attention_schedule(
+            cu_seqlens_q, cu_seqlens_k, grid, num_q, num_k, max_seqlen_q, max_seqlen_k, mode, self_attention)
+        return (*tensors, [block_m, block_kt, max_k_len, uncovered])
+
+    def copied():
+        return _copied_schedule(cu_seqlens_q, cu_seqlens_k, grid, num_q, num_k, max_seqlen_q, max_seqlen_k, mode,
+                                self_attention)
+
+    if seqs is not None and self_attention:
+        if seqs.max_seqlen > max_seqlen_q:
+            raise ValueError(f"max_seqlen_q: a segment has {seqs.max_seqlen} tokens, more than "
+                             f"max_seqlen={max_seqlen_q}")
+        schedule = seqs.cached(("attention_schedule", mode), lambda: sched.host_schedule(
+            mode, seqs.seqlens, None, seqs.grids if mode != "full" else None, num_k, q.device))
+    elif not checks_enabled():
+        schedule = sched.device_schedule(cu_seqlens_q, cu_seqlens_k, num_q, num_k, max_seqlen_q, max_seqlen_k)
+    elif seqs is not None:  # cross-attention: the key lengths are device values; once per layout and key packing
+        schedule = seqs.cached(("attention_schedule", mode, cu_seqlens_k), copied)
+    else:
+        schedule = copied()
+    *tensors, block_m, block_kt, max_k_len, uncovered = schedule.as_tuple()
+    return (*tensors, [block_m, block_kt, max_k_len, int(uncovered)])
 
 
-def _bwd_rows(block: int, head_dim: int, itemsize: int) -> int:
-    """Rows of a ``block``-row schedule tile that one dK/dV or dQ program takes (see _BWD_TILE_BYTES)."""
-    return min(block, _BWD_TILE_BYTES // (_block_d(head_dim) * itemsize))
-
-
-def _bwd_num_warps(head_dim: int) -> int:
-    """Warps of the backward dK/dV and dQ kernels on a GPU."""
-    return 8 if _block_d(head_dim) >= 128 else 4
-
-
-def _bwd_num_stages(head_dim: int, itemsize: int) -> int:
-    """Pipeline depth of the backward dK/dV and dQ kernels' inner blocks on a GPU: shallower for wider rows."""
-    row_bytes = _block_d(head_dim) * itemsize
-    return 3 if row_bytes <= 256 else 2 if row_bytes <= 512 else 1
-
-
-def _bwd_options(head_dim: int, itemsize: int) -> dict:
-    return {} if _INTERPRET else {"num_warps": _bwd_num_warps(head_dim),
-                                  "num_stages": _bwd_num_stages(head_dim, itemsize)}
-
-
-def _rope_args(rope: Optional[RoPE3D]) -> dict:
-    axes = rope.axes_dims if rope is not None else (0, 0, 0)
-    return {"ROPE": rope is not None, "AX_T": axes[0], "AX_H": axes[1], "AX_W": axes[2]}
-
-
-def _rope_of(rope_theta: float, rope_axes: list[int]) -> Optional[RoPE3D]:
-    return RoPE3D(rope_theta, tuple(rope_axes)) if any(rope_axes) else None
-
-
-def _check_runnable(q: Tensor) -> None:
-    if q.device.type == "cpu" and not _INTERPRET:
-        raise ValueError("q: the Triton kernels need a CUDA device; on the CPU set TRITON_INTERPRET=1 before "
-                         "importing packdit (slow, for tests) or use packdit.reference.varlen_attention")
-
-
+# ---------------------------------------------------------------------------------------------- custom ops
 @torch.library.custom_op("packdit::varlen_attention_fwd", mutates_args=())
 def varlen_attention_fwd(
-    q: Tensor, k: Tensor, v: Tensor, segments: Tensor, q_tiles: Tensor, k_tiles: Tensor, params: Tensor,
-    positions: Optional[Tensor], scale: float, rope_theta: float, rope_axes: list[int],
+    q: Tensor, k: Tensor, v: Tensor, q_groups: Tensor, q_tiles: Tensor, k_groups: Tensor, k_tiles: Tensor,
+    sizes: list[int], scale: float,
 ) -> tuple[Tensor, Tensor]:
-    """``(out (Nq, Hq, D) q.dtype, lse (Hq, Nq) fp32)``; ``k_tiles`` is carried for the backward."""
-    _check_runnable(q)
+    """``(out (Nq, Hq, D) q.dtype, lse (Hq, Nq) fp32)``; the key-side tables are carried for the backward.
+    ``sizes``: ``[block_m, block_kt, max_k_len, keys_uncovered]`` of the schedule."""
+    tu.require_triton("varlen_attention", q)
     num_q, num_heads, head_dim = q.shape
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(num_heads, num_q, dtype=torch.float32, device=q.device)
-    block_m, _, max_q_len, _, _ = params.tolist()
+    block_m, _, max_k_len, _ = sizes
     if q_tiles.shape[0] == 0:
-        lse.fill_(-math.inf)
+        lse.fill_(-float("inf"))
         return out.zero_(), lse
-    rope = _rope_of(rope_theta, rope_axes)
-    kernels_args = _rope_args(rope)
-    query_rows = _fwd_rows(block_m, head_dim, q.element_size())
-    _fwd_kernel()[(q_tiles.shape[0], num_heads, block_m // query_rows)](
-        q, k, v, out, lse, positions if positions is not None else segments, segments, q_tiles,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        out.stride(0), out.stride(1), lse.stride(0),
-        scale * _LOG2_E, math.log2(rope.theta) if rope else 0.0, _next_power_of_2(max_q_len),
-        HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), BLOCK_M=query_rows,
-        GROUP=num_heads // k.shape[1], DOT_PRECISION=_DOT_PRECISION, **kernels_args, **_FIXED_FWD,
+    block_d0, block_d1 = _head_blocks(head_dim)
+    align = _alignment(q.element_size(), [*q.stride()[:2], *k.stride()[:2], *v.stride()[:2], *out.stride()[:2]])
+    rows = _fwd_rows(block_m, head_dim, q.element_size())
+    _fwd_kernel()[(q_tiles.shape[0], num_heads, block_m // rows)](
+        q, k, v, out, lse, q_groups, q_tiles, q_groups.shape[1], *_strides(align, q, k, v, out), lse.stride(0),
+        scale, triton.next_power_of_2(max_k_len), HEAD_DIM=head_dim, BLOCK_D0=block_d0, BLOCK_D1=block_d1,
+        TILE=block_m, BLOCK_M=rows, GROUP=num_heads // k.shape[1], ALIGN=align, DOT_PRECISION=_DOT_PRECISION,
     )
     return out, lse
 
 
 @varlen_attention_fwd.register_fake
-def _(q, k, v, segments, q_tiles, k_tiles, params, positions, scale, rope_theta, rope_axes):
+def _(q, k, v, q_groups, q_tiles, k_groups, k_tiles, sizes, scale):
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(
         (q.shape[1], q.shape[0]), dtype=torch.float32)
 
@@ -335,57 +301,57 @@ def _(q, k, v, segments, q_tiles, k_tiles, params, positions, scale, rope_theta,
 @torch.library.custom_op("packdit::varlen_attention_bwd", mutates_args=())
 def varlen_attention_bwd(
     grad_out: Tensor, grad_lse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-    segments: Tensor, q_tiles: Tensor, k_tiles: Tensor, params: Tensor, positions: Optional[Tensor],
-    scale: float, rope_theta: float, rope_axes: list[int], deterministic: bool,
+    q_groups: Tensor, q_tiles: Tensor, k_groups: Tensor, k_tiles: Tensor, sizes: list[int], scale: float,
+    deterministic: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(dq, dk, dv)`` of :func:`varlen_attention_fwd` given ``grad_out`` (and ``grad_lse``, may be None)."""
-    _check_runnable(q)
+    tu.require_triton("varlen_attention", q)
     num_q, num_heads, head_dim = q.shape
     kv_heads = k.shape[1]
-    block_m, block_kt, _, _, keys_uncovered = params.tolist()
+    block_m, block_kt, _, keys_uncovered = sizes
     grad_out = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
-    rope = _rope_of(rope_theta, rope_axes)
-    shared = dict(HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), GROUP=num_heads // kv_heads,
-                  DOT_PRECISION=_DOT_PRECISION, **_rope_args(rope))
-    log2_theta = math.log2(rope.theta) if rope else 0.0
-    pos = positions if positions is not None else segments
+    kernels = _kernels()
+    itemsize = q.element_size()
+    block_d0, block_d1 = _head_blocks(head_dim)
 
     delta = torch.empty_like(lse)
     has_grad_lse = grad_lse is not None
     grad_lse = grad_lse.contiguous() if has_grad_lse else lse
-    block_rows = 64
-    kernels = _kernels()
-    kernels.attention_bwd_delta_kernel[(-(-num_q // block_rows), num_heads)](
-        out, grad_out, delta, grad_lse, num_q, out.stride(0), out.stride(1), grad_out.stride(0),
-        grad_out.stride(1), lse.stride(0), HEAD_DIM=head_dim, BLOCK_D=shared["BLOCK_D"], BLOCK_R=block_rows,
-        HAS_GRAD_LSE=has_grad_lse,
+    align = _alignment(itemsize, [*out.stride()[:2], *grad_out.stride()[:2]])
+    delta_rows = 64
+    kernels.attention_bwd_delta_kernel[(triton.cdiv(num_q, delta_rows), num_heads)](
+        out, grad_out, delta, grad_lse, num_q, *_strides(align, out, grad_out), lse.stride(0), HEAD_DIM=head_dim,
+        BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BLOCK_R=delta_rows, HAS_GRAD_LSE=has_grad_lse,
+        ALIGN=align,
     )
+
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     if keys_uncovered:
         dk.zero_()
         dv.zero_()
     atomic_dq = not deterministic
-    dq = torch.zeros(q.shape, dtype=torch.float32 if atomic_dq else q.dtype, device=q.device) if atomic_dq \
-        else torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    common_strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-                      grad_out.stride(0), grad_out.stride(1))
-    options = _bwd_options(head_dim, q.element_size())
+    dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if atomic_dq else torch.empty_like(q)
+    inputs = (q, k, v, grad_out)
+    align = _alignment(itemsize, [s for t in (*inputs, dq, dk, dv) for s in t.stride()[:2]])
+    shared = dict(HEAD_DIM=head_dim, BLOCK_D0=block_d0, BLOCK_D1=block_d1, GROUP=num_heads // kv_heads, ALIGN=align,
+                  DOT_PRECISION=_DOT_PRECISION)
     if k_tiles.shape[0]:
-        key_rows = _bwd_rows(block_kt, head_dim, q.element_size())
+        key_rows = _dkdv_rows(block_kt, head_dim, itemsize, num_heads // kv_heads)
         kernels.attention_bwd_dkdv_kernel[(k_tiles.shape[0], kv_heads, block_kt // key_rows)](
-            q, k, v, grad_out, lse, delta, dq, dk, dv, pos, segments, k_tiles, *common_strides,
-            dq.stride(0), dq.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), lse.stride(0),
-            scale, log2_theta, BLOCK_M=_BWD_INNER, BLOCK_N=key_rows, ATOMIC_DQ=atomic_dq, **shared, **options,
+            *inputs, lse, delta, dq, dk, dv, k_groups, k_tiles, k_groups.shape[1],
+            *_strides(align, *inputs, dq, dk, dv), lse.stride(0), scale, TILE=block_kt, BLOCK_M=_BWD_INNER,
+            BLOCK_N=key_rows, ATOMIC_DQ=atomic_dq, **shared,
+            **_bwd_options(_dkdv_num_warps(key_rows), head_dim, itemsize),
         )
     if atomic_dq:
         return dq.to(q.dtype), dk, dv
     if q_tiles.shape[0]:
-        query_rows = _bwd_rows(block_m, head_dim, q.element_size())
+        query_rows = _bwd_rows(block_m, head_dim, itemsize)
         kernels.attention_bwd_dq_kernel[(q_tiles.shape[0], num_heads, block_m // query_rows)](
-            q, k, v, grad_out, lse, delta, dq, pos, segments, q_tiles, *common_strides,
-            dq.stride(0), dq.stride(1), lse.stride(0), scale, log2_theta,
-            BLOCK_M=query_rows, BLOCK_N=_BWD_INNER, **shared, **options,
+            *inputs, lse, delta, dq, q_groups, q_tiles, q_groups.shape[1], *_strides(align, *inputs, dq),
+            lse.stride(0), scale, TILE=block_m, BLOCK_M=query_rows, BLOCK_N=_BWD_INNER, **shared,
+            **_bwd_options(_bwd_num_warps(query_rows, head_dim), head_dim, itemsize),
         )
     else:
         dq.zero_()
@@ -393,28 +359,24 @@ def varlen_attention_bwd(
 
 
 @varlen_attention_bwd.register_fake
-def _(grad_out, grad_lse, q, k, v, out, lse, segments, q_tiles, k_tiles, params, positions, scale, rope_theta,
-      rope_axes, deterministic):
+def _(grad_out, grad_lse, q, k, v, out, lse, q_groups, q_tiles, k_groups, k_tiles, sizes, scale, deterministic):
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
             torch.empty_like(k, memory_format=torch.contiguous_format),
             torch.empty_like(v, memory_format=torch.contiguous_format))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, segments, q_tiles, k_tiles, params, positions, scale, rope_theta, rope_axes = inputs
+    q, k, v, q_groups, q_tiles, k_groups, k_tiles, sizes, scale = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, segments, q_tiles, k_tiles, params, positions)
-    ctx.scale, ctx.rope_theta, ctx.rope_axes = scale, rope_theta, rope_axes
+    ctx.save_for_backward(q, k, v, out, lse, q_groups, q_tiles, k_groups, k_tiles)
+    ctx.sizes, ctx.scale = sizes, scale
 
 
 def _backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse, segments, q_tiles, k_tiles, params, positions = ctx.saved_tensors
-    deterministic = deterministic_enabled()
-    dq, dk, dv = varlen_attention_bwd(
-        grad_out, grad_lse, q, k, v, out, lse, segments, q_tiles, k_tiles, params, positions,
-        ctx.scale, ctx.rope_theta, ctx.rope_axes, deterministic,
-    )
-    return dq, dk, dv, None, None, None, None, None, None, None, None
+    q, k, v, out, lse, q_groups, q_tiles, k_groups, k_tiles = ctx.saved_tensors
+    dq, dk, dv = varlen_attention_bwd(grad_out, grad_lse, q, k, v, out, lse, q_groups, q_tiles, k_groups, k_tiles,
+                                      ctx.sizes, ctx.scale, deterministic_enabled())
+    return dq, dk, dv, None, None, None, None, None, None
 
 
 varlen_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -426,7 +388,7 @@ def _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, mode, seqs, rope):
         if not isinstance(t, Tensor) or t.dim() != 3:
             raise ValueError(f"{name}: expected a (tokens, heads, head_dim) tensor, got "
                              f"{tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
-        if t.dtype not in _DTYPES:
+        if t.dtype not in tu.FLOAT_DTYPES:
             raise ValueError(f"{name}: expected float16, bfloat16 or float32, got {t.dtype}")
         if t.dtype != q.dtype or t.device != q.device:
             raise ValueError(f"{name}: expected {q.dtype} on {q.device} like q, got {t.dtype} on {t.device}")
@@ -463,6 +425,8 @@ def _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, mode, seqs, rope):
         raise ValueError(f"seqs: mode={mode!r}{' and rope' if rope is not None else ''} need the PackedSeqs "
                          "layout (grid and positions)")
     if seqs is not None:
+        if not isinstance(seqs, PackedSeqs):
+            raise ValueError(f"seqs: expected a packdit.PackedSeqs, got {type(seqs).__name__}")
         if seqs.cu_seqlens.shape != cu_seqlens_q.shape or seqs.positions.shape[0] != q.shape[0]:
             raise ValueError(f"seqs: layout of {len(seqs)} samples / {seqs.positions.shape[0]} tokens does not "
                              f"match cu_seqlens_q ({cu_seqlens_q.shape[0] - 1} samples) and q ({q.shape[0]} tokens)")
@@ -472,6 +436,16 @@ def _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, mode, seqs, rope):
         if not isinstance(rope, RoPE3D):
             raise ValueError(f"rope: expected a packdit.RoPE3D, got {type(rope).__name__}")
         rope.check_head_dim(head_dim)
+
+
+def _check_layout(seqs: PackedSeqs, cu_seqlens_q: Tensor) -> None:
+    """With checks on, once per layout object: ``seqs`` is consistent (:func:`packdit.validate_seqs`,
+    memoized) and describes ``cu_seqlens_q``."""
+    if not checks_enabled() or torch.compiler.is_compiling():
+        return
+    validate_seqs(seqs)
+    if cu_seqlens_q is not seqs.cu_seqlens and not torch.equal(cu_seqlens_q, seqs.cu_seqlens):
+        raise ValueError("cu_seqlens_q: differs from seqs.cu_seqlens; pass the layout's own offsets")
 
 
 def varlen_attention(
@@ -500,37 +474,30 @@ def varlen_attention(
         scale: softmax scale, default ``D ** -0.5``.
         mode: "full" (whole sample), "spatial" (own frame), "temporal" (own (h, w) across frames); the
             factorized modes need ``seqs`` without dropped tokens.
-        seqs: the query layout; needed for mode != "full" and rope, and lets the schedule be cached.
+        seqs: the query layout (``seqs.cu_seqlens`` must be ``cu_seqlens_q``); needed for mode != "full" and
+            rope; its host metadata makes the schedule free of device->host copies and cached per layout.
         rope: :class:`RoPE3D` applied to q and k from ``seqs.positions`` (self-attention only).
         return_lse: also return the log-sum-exp (differentiable).
 
     Empty segments produce nothing; a query segment with an empty key segment gives zeros and lse = -inf.
-    Argument metadata (dtypes, shapes, devices, strides) is checked on every call at no device cost; value
-    checks (monotone ``cu_seqlens``, last entry = N, ``max_seqlen`` large enough, no dropped tokens for the
-    factorized modes) run where the schedule is built: once per ``seqs`` in eager mode, once per compiled
-    step, every call for plain ``cu_seqlens``, never inside ``packdit.checks(False)`` without ``seqs``.
+    Argument metadata (dtypes, shapes, devices, strides) is checked on every call at no device cost. Value
+    checks run while :func:`packdit.checks` is on: once per ``seqs`` object (``packdit.validate_seqs``,
+    memoized) and on every call for plain ``cu_seqlens`` (one device->host copy: monotone, last entry = N,
+    ``max_seqlen`` large enough, no dropped tokens for the factorized modes). Inside ``packdit.checks(False)``
+    nothing is read back from the device.
+
+    Equivalent PyTorch: ``packdit.reference.varlen_attention`` (after ``apply_rope_3d`` of q and k).
     """
     _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, mode, seqs, rope)
+    if seqs is not None:
+        _check_layout(seqs, cu_seqlens_q)
     self_attention = cu_seqlens_k is None
     cu_k = cu_seqlens_q if self_attention else cu_seqlens_k
     max_k = max_seqlen_q if self_attention else (max_seqlen_k if max_seqlen_k is not None else k.shape[0])
-    grid = seqs.grid if mode != "full" else None
-
-    def schedule():
-        return attention_schedule(cu_seqlens_q, cu_k, grid, q.shape[0], k.shape[0], max_seqlen_q, max_k, mode)
-
-    if torch.compiler.is_compiling():
-        segments, q_tiles, k_tiles, params = schedule()
-    elif seqs is not None:
-        segments, q_tiles, k_tiles, params = seqs.cached(("attention_schedule", mode, cu_seqlens_q, cu_k), schedule)
-    elif not checks_enabled():
-        segments, q_tiles, k_tiles, params = _device_schedule(cu_seqlens_q, cu_k, q.shape[0], k.shape[0],
-                                                              max_seqlen_q, max_k)
-    else:
-        segments, q_tiles, k_tiles, params = schedule()
+    *tables, sizes = _schedule(q, k, cu_seqlens_q, cu_k, max_seqlen_q, max_k, mode, seqs, self_attention)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    out, lse = varlen_attention_fwd(
-        q, k, v, segments, q_tiles, k_tiles, params, seqs.positions if rope is not None else None, scale,
-        rope.theta if rope is not None else 0.0, list(rope.axes_dims) if rope is not None else [0, 0, 0],
-    )
+    if rope is not None:
+        q = qk_norm_rope(q, None, seqs.positions, rope)
+        k = qk_norm_rope(k, None, seqs.positions, rope)
+    out, lse = varlen_attention_fwd(q, k, v, *tables, sizes, scale)
     return (out, lse) if return_lse else out

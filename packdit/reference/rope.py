@@ -21,37 +21,13 @@ Pairs past ``dt + dh + dw`` have angle 0. Positions are the true ``(t, h, w)`` o
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["RoPE3D", "rope_angles", "apply_rope_3d"]
+from packdit.rope import RoPE3D
 
-
-@dataclasses.dataclass(frozen=True)
-class RoPE3D:
-    """Rotary embedding over (t, h, w): ``theta`` base, ``axes_dims = (dt, dh, dw)`` head dims per axis."""
-
-    theta: float = 10000.0
-    axes_dims: tuple[int, int, int] = (16, 24, 24)
-
-    def __post_init__(self):
-        dims = tuple(int(d) for d in self.axes_dims)
-        if len(dims) != 3 or any(d < 0 or d % 2 for d in dims):
-            raise ValueError(f"axes_dims: expected three non-negative even ints (dt, dh, dw), got {self.axes_dims}")
-        if not self.theta > 0:
-            raise ValueError(f"theta: expected a positive base, got {self.theta}")
-        object.__setattr__(self, "axes_dims", dims)
-
-    @property
-    def rotated_dims(self) -> int:
-        return sum(self.axes_dims)
-
-    def check_head_dim(self, head_dim: int) -> None:
-        if self.rotated_dims > head_dim:
-            raise ValueError(f"rope: axes_dims {self.axes_dims} rotate {self.rotated_dims} dims, more than "
-                             f"head_dim {head_dim}")
+__all__ = ["RoPE3D", "rope_angles", "apply_rope_3d", "qk_norm_rope_reference"]
 
 
 def rope_angles(positions: Tensor, rope: RoPE3D, head_dim: int, dtype: torch.dtype = torch.float64) -> Tensor:
@@ -75,3 +51,12 @@ def apply_rope_3d(x: Tensor, positions: Tensor, rope: RoPE3D) -> Tensor:
     even, odd = pairs[..., 0], pairs[..., 1]
     rotated = torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1)
     return rotated.flatten(-2).to(x.dtype)
+
+
+def qk_norm_rope_reference(x: Tensor, weight: Tensor | None = None, positions: Tensor | None = None,
+                           rope: RoPE3D | None = None, eps: float = 1e-6) -> Tensor:
+    """Per-head RMSNorm of ``x (N, H, D)`` with ``weight (H, D)`` (if given), then the rotation of
+    :func:`apply_rope_3d` (if ``rope``): ``rope(x / rms(x) * weight)``, result in x.dtype."""
+    if weight is not None:
+        x = (F.rms_norm(x, x.shape[-1:], eps=eps) * weight).to(x.dtype)
+    return x if rope is None else apply_rope_3d(x, positions, rope)
