@@ -195,7 +195,9 @@ def linear_configs(dtype: str, epilogue: int, has_bias: bool, arch: int):
     """Autotuning configurations of the GEMM for one epilogue (launch arguments of ``mlp._linear``)."""
     key = ("linear", dtype, epilogue, has_bias, arch)
     gated = epilogue == mlp._EPILOGUE_GATED
-    absent = {} if gated else dict(res_ptr=None, gate_ptr=None, index_ptr=None)
+    absent = {} if gated else dict(src_ptr=None, gate_ptr=None, index_ptr=None)
+    if epilogue == mlp._EPILOGUE_BIAS:
+        absent["aux_ptr"] = None
     if not has_bias:
         absent["bias_ptr"] = None
     flags = dict(EPILOGUE=epilogue, HAS_BIAS=has_bias, IEEE=dtype == "fp32")
