@@ -43,6 +43,14 @@ def use_triton(t: Tensor) -> bool:
     return t.is_cuda or (interpreting() and t.device.type == "cpu")
 
 
+def tma_capable(device: torch.device) -> bool:
+    """Whether kernels may use TMA tensor descriptors on ``device``: sm_90+ CUDA devices, and the CPU under the
+    interpreter (which emulates them). Tools that compile launches ahead of time for a target replace this."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device)[0] >= 9
+    return device.type == "cpu" and interpreting()
+
+
 def autotune_configs(configs: list[triton.Config]) -> list[triton.Config]:
     """All configs on a GPU; only the first under the interpreter, where benchmarking cannot run."""
     return configs[:1] if interpreting() else configs
