@@ -300,12 +300,9 @@ def _sm_count(device_index: int) -> int:
 def _tma_compatible(*tensors: Tensor) -> bool:
     """Whether the TMA kernel can run: sm_90+ (or the interpreter) and every 2-D operand with a 16-byte aligned
     base, a contiguous last dimension and a row stride of a multiple of 16 bytes, none of them empty."""
-    device = tensors[0].device
-    if not (device.type == "cpu" and tu.interpreting()) and not (
-            device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9):
-        return False
-    return all(t.numel() > 0 and t.data_ptr() % 16 == 0 and t.stride(1) == 1
-               and (t.stride(0) * t.element_size()) % 16 == 0 for t in tensors)
+    describable = (t.numel() > 0 and t.data_ptr() % 16 == 0 and t.stride(1) == 1
+                   and (t.stride(0) * t.element_size()) % 16 == 0 for t in tensors)
+    return tu.tma_capable(tensors[0].device) and all(describable)
 
 
 def _linear(a: Tensor, w: Tensor, bias: Optional[Tensor], epilogue: int, *, w_kn: bool = False,
