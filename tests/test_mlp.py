@@ -63,7 +63,8 @@ def gemm_launches(monkeypatch):
     return spies
 
 
-GELU, BIAS, GATED = mlp_ops._EPILOGUE_GELU, mlp_ops._EPILOGUE_BIAS, mlp_ops._EPILOGUE_GATED
+GELU, BIAS, GATED, GELU_GRAD = (mlp_ops._EPILOGUE_GELU, mlp_ops._EPILOGUE_BIAS, mlp_ops._EPILOGUE_GATED,
+                                mlp_ops._EPILOGUE_GELU_GRAD)
 
 
 # hidden 100 (fp32 rows of 400 bytes) lets TMA describe every operand; hidden 102 (408 bytes, not a multiple of
@@ -75,7 +76,8 @@ def test_fused_mlp_matches_oracle(gated, bias, mode, hidden, kernel, gemm_launch
     inputs = _mlp_inputs(21, mode, bias=bias, gated=gated, hidden=hidden)
     check_2x(fused_mlp, mlp_reference, inputs, _diff(inputs))
     other = "pointer" if kernel == "tma" else "tma"
-    assert gemm_launches[kernel].epilogues == [GELU, GATED if gated else BIAS]
+    # Each of the three GEMMs runs once per pass (check_2x runs the kernel forward and backward once).
+    assert gemm_launches[kernel].epilogues == [GELU, GATED if gated else BIAS, GELU_GRAD]
     assert gemm_launches[other].epilogues == []
 
 
@@ -94,7 +96,7 @@ def test_persistent_gemm_runs_several_tiles_per_program(gemm_launches):
     block_m, block_n = (mlp_ops._TMA_TILE_CONFIGS[0].kwargs[k] for k in ("BLOCK_M", "BLOCK_N"))
     assert -(-n // block_m) * -(-hidden // block_n) > 2 * mlp_ops._num_programs(inputs["h"].device)
     check_2x(fused_mlp, mlp_reference, inputs, _diff(inputs))
-    assert gemm_launches["tma"].epilogues == [GELU, GATED]
+    assert gemm_launches["tma"].epilogues == [GELU, GATED, GELU_GRAD]
 
 
 def test_gelu_tanh_backward_matches_torch():

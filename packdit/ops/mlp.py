@@ -30,19 +30,21 @@ GELU temporaries) then hold BLOCK_N / SUBTILES columns beside the accumulator, w
 free of register spills and the wgmma pipeline unserialised.
 
 Memory: autograd keeps ``pre`` (N*H elements, the one (N, H) activation saved) and recomputes ``act``
-and ``gelu'(pre)`` in one elementwise pass in the backward; ``act`` is freed after fc2. Saving act as well would add another N*H (4 N*D at
+in the backward; ``act`` is freed after fc2. Saving act as well would add another N*H (4 N*D at
 mlp_ratio 4) per block for no fewer GEMMs. The gated variant also saves ``f`` (N*D_out, a quarter of
 ``pre`` at mlp_ratio 4), needed for dgate, instead of redoing the fc2 GEMM.
 
 Backward::
 
     df = dout * gate[index], dgate[r] = sum_{index[i]=r} dout_i * f_i, dx = dout   (gated_residual_backward)
-    dact = df @ fc2_weight                         torch.matmul (cuBLAS)
-    act, dpre = gelu(pre), dact * gelu'(pre)       one Triton elementwise pass
-    dfc2_weight = df^T @ act, dfc2_bias = sum df   cuBLAS / torch.sum
+    dpre = (df @ fc2_weight) * gelu'(pre), act = gelu(pre)   dgrad GEMM, epilogue: GELU gradient (Triton)
+    dfc2_weight = df^T @ act, dfc2_bias = sum df             cuBLAS / torch.sum
     dfc1_weight = dpre^T @ h, dfc1_bias = sum dpre, dh = dpre @ fc1_weight
 
-The five backward GEMMs use cuBLAS. The dgate reduction is deterministic
+The GELU gradient is the epilogue of the dgrad GEMM: it reads ``pre`` and writes ``dpre`` and ``act``, so
+``dact`` (N, H) is never written to memory nor read back (one read and one write of N*H elements fewer
+than a separate elementwise pass). The other four GEMMs use cuBLAS: they have no epilogue and need
+transposed operands (df^T, dpre^T), which cuBLAS runs near peak. The dgate reduction is deterministic
 (fixed-order segmented sum); the Triton GEMMs have no split-K; the weight gradients are cuBLAS GEMMs and
 ``torch.sum``, deterministic for a fixed shape (cuBLAS given ``CUBLAS_WORKSPACE_CONFIG``, as PyTorch's
 deterministic mode requires).
@@ -70,6 +72,7 @@ __all__ = ["fused_mlp", "gelu_tanh_backward"]
 _EPILOGUE_BIAS = 0
 _EPILOGUE_GELU = 1
 _EPILOGUE_GATED = 2
+_EPILOGUE_GELU_GRAD = 3
 
 
 def _config(block_m: int, block_n: int, block_k: int, warps: int, stages: int, subtiles: int, **kw) -> triton.Config:
@@ -158,7 +161,8 @@ def _epilogue_tile(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """The epilogue of one (BLOCK_M, BLOCK_N) fp32 accumulator tile (``_EPILOGUE_*``; u = acc + bias):
-    0 BIAS: out = u. 1 GELU: aux = u, out = gelu_tanh(u). 2 GATED: aux = u, out = src + gate[index] * u."""
+    0 BIAS: out = u. 1 GELU: aux = u, out = gelu_tanh(u). 2 GATED: aux = u, out = src + gate[index] * u.
+    3 GELU_GRAD: out = u * gelu_tanh'(src), aux = gelu_tanh(src) (src = pre)."""
     cols = off_n + tl.arange(0, BLOCK_N)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
@@ -167,7 +171,7 @@ def _epilogue_tile(
     elif EPILOGUE == 1:
         _store_tile(aux, stride_aux, acc, off_m, off_n, M, N, BLOCK_M, BLOCK_N, TMA)
         out_value = tu.gelu_tanh(acc)
-    else:
+    elif EPILOGUE == 2:
         _store_tile(aux, stride_aux, acc, off_m, off_n, M, N, BLOCK_M, BLOCK_N, TMA)
         rows = off_m + tl.arange(0, BLOCK_M)
         row = tl.load(index_ptr + rows, mask=rows < M, other=0).to(tl.int64)
@@ -176,6 +180,11 @@ def _epilogue_tile(
         gate = tl.load(gate_ptr + row[:, None] * stride_gate + cols[None, :], mask=row_mask, other=float("nan"))
         res = _load_tile(src, stride_src, off_m, off_n, M, N, BLOCK_M, BLOCK_N, TMA)
         out_value = res.to(tl.float32) + gate.to(tl.float32) * acc
+    else:
+        pre = _load_tile(src, stride_src, off_m, off_n, M, N, BLOCK_M, BLOCK_N, TMA).to(tl.float32)
+        act, grad = tu.gelu_tanh_and_grad(pre)
+        _store_tile(aux, stride_aux, act, off_m, off_n, M, N, BLOCK_M, BLOCK_N, TMA)
+        out_value = acc * grad
     _store_tile(out, stride_out, out_value, off_m, off_n, M, N, BLOCK_M, BLOCK_N, TMA)
 
 
@@ -309,7 +318,7 @@ def _linear(a: Tensor, w: Tensor, bias: Optional[Tensor], epilogue: int, *, w_kn
             src: Optional[Tensor] = None, gate: Optional[Tensor] = None,
             index: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
     """``(out, aux)`` of ``acc = a @ w^T + bias`` (``a @ w`` with ``w_kn``: w is (K, N)) and the epilogue
-    (``_EPILOGUE_*``; src: the residual x for GATED); aux is None for BIAS.
+    (``_EPILOGUE_*``; src: the residual x for GATED, pre for GELU_GRAD); aux is None for BIAS.
 
     Runs the persistent TMA kernel where :func:`_tma_compatible`, else the pointer kernel."""
     m, k = a.shape
@@ -434,6 +443,21 @@ def _(pre, dact):
         pre, memory_format=torch.contiguous_format)
 
 
+@torch.library.custom_op("packdit::fused_mlp_gelu_dgrad", mutates_args=())
+def _gelu_dgrad_op(df: Tensor, fc2_weight: Tensor, pre: Tensor) -> tuple[Tensor, Tensor]:
+    """``(dpre, act)``: ``dpre = (df @ fc2_weight) * gelu_tanh'(pre)``, ``act = gelu_tanh(pre)``, the GELU gradient
+    as the epilogue of the dgrad GEMM (df (N, D_out), fc2_weight (D_out, H), pre (N, H))."""
+    if not tu.use_triton(df):
+        return gelu_tanh_backward(pre, df @ fc2_weight)
+    return _linear(df.contiguous(), fc2_weight, None, _EPILOGUE_GELU_GRAD, w_kn=True, src=pre)
+
+
+@_gelu_dgrad_op.register_fake
+def _(df, fc2_weight, pre):
+    return torch.empty_like(pre, memory_format=torch.contiguous_format), torch.empty_like(
+        pre, memory_format=torch.contiguous_format)
+
+
 def _setup_context(ctx, inputs, output):
     h, fc1_weight, fc1_bias, fc2_weight, fc2_bias, x, gate, index = inputs
     _, pre, f = output
@@ -456,7 +480,7 @@ def _backward(ctx, dout, _dpre, _df):
         dx = dout
     else:
         df = dout
-    dpre, act = gelu_tanh_backward(pre, df @ fc2_weight)
+    dpre, act = _gelu_dgrad_op(df, fc2_weight, pre)
     dfc2_weight = df.t() @ act
     dfc1_weight = dpre.t() @ h
     dh = dpre @ fc1_weight
