@@ -54,7 +54,6 @@ Runs Triton on CUDA tensors (and on CPU under ``TRITON_INTERPRET=1``); elsewhere
 
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
@@ -294,18 +293,6 @@ def _gelu_tanh_bwd(pre_ptr, dact_ptr, dpre_ptr, act_ptr, numel, BLOCK: tl.conste
     tl.store(dpre_ptr + offs, (dact * grad).to(dpre_ptr.dtype.element_ty), mask=mask)
 
 
-def _num_programs(device: torch.device) -> int:
-    """Programs of the persistent GEMM: one per SM; 4 under the interpreter (several tiles per program)."""
-    if device.type != "cuda":
-        return 4
-    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-
-
-@functools.cache
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def _tma_compatible(*tensors: Tensor) -> bool:
     """Whether the TMA kernel can run: sm_90+ (or the interpreter) and every 2-D operand with a 16-byte aligned
     base, a contiguous last dimension and a row stride of a multiple of 16 bytes, none of them empty."""
@@ -335,7 +322,7 @@ def _linear(a: Tensor, w: Tensor, bias: Optional[Tensor], epilogue: int, *, w_kn
         # Block shapes are placeholders, set per configuration by _set_block_shapes.
         a_desc, w_desc, out_desc, aux_desc, src_desc = (
             None if t is None else TensorDescriptor.from_tensor(t, [1, 1]) for t in (a, w, out, aux, src))
-        programs = _num_programs(a.device)
+        programs = tu.num_sms(a.device)
 
         def persistent_grid(meta):
             return (min(programs, triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])),)
