@@ -1,98 +1,242 @@
-"""Section ``attention``: packed varlen attention, packdit's Triton kernel vs the PyTorch / flash-attn peers.
+"""Section ``attention``: packed varlen attention, packdit's Triton kernel vs the strongest peers.
 
-Providers (same q, k, v, outputs checked equal before timing):
-    packdit        packdit.varlen_attention (Triton)
-    torch-varlen   torch.nn.attention.varlen.varlen_attn (flash varlen inside PyTorch; CUDA only)
-    flex           FlexAttention with a document mask (block mask built once, flex_attention compiled)
-    sdpa-loop      one F.scaled_dot_product_attention call per sample
-    sdpa-padded    pad to (B, H, L_max, D), SDPA with a key-padding mask, unpad (copies included)
-    flash-attn     flash_attn.flash_attn_varlen_func, when the package is installed
+Cases: mix x head dim (64, 72, 128) x RoPE (off / on) x mode (full / spatial / temporal), most valuable
+first (video-mix, full attention; then RoPE, the factorized modes, long videos, images). Model width 1152
+(heads = 1152 / head dim, as DiT-XL/STDiT), bf16, a 49k-token pack per mix from ``workloads.take_tokens``.
 
-Useful FLOPs: ``4 * sum_b L_b^2 * D * H`` forward, x3.5 forward+backward (backward = 2.5x forward).
-For each (mix, head dim, pass) ``vs_best_peer`` is packdit's TFLOP/s over the strongest peer's. The
-mode rows time spatial / temporal attention against full attention on the same batch next to their
-block-sparse FLOP ratio ``sum (frames * (HW)^2) / sum L^2`` (spatial), ``sum (HW * T^2) / sum L^2``
-(temporal).
+Providers, on the same q, k, v:
+    packdit        packdit.varlen_attention (Triton), RoPE fused into the kernel
+    fa3            FlashAttention-3 varlen (``flash_attn_interface.flash_attn_varlen_func``), when installed
+    torch-varlen   torch.nn.attention.varlen.varlen_attn (FlashAttention-2 inside PyTorch)
+    flash-attn     FlashAttention-2 varlen (``flash_attn.flash_attn_varlen_func``), when installed
+    flex           FlexAttention with a document mask (compiled; head dim 128 on video-mix only: one
+                   compile per shape and mask, ~30 s each)
+    sdpa-loop      one F.scaled_dot_product_attention call per sample (full mode, RoPE off)
+    sdpa-padded    pad to (B, H, L_max, D), one SDPA call with a key-padding mask, unpad (copies timed)
+The varlen peers run the factorized modes as plain varlen attention: spatial = one segment per frame
+(frames are contiguous), temporal = tokens gathered into (h, w, t) order, one segment per spatial
+position, and scattered back (the gathers are timed). With RoPE on, the peers get q and k already
+rotated, outside the timed call (a conservative comparison: their RoPE costs nothing). At head dim 72,
+``torch-varlen-d96`` runs torch-varlen on q, k, v zero-padded to head dim 96 (what a model pays where
+a kernel has no 72).
 
-GPU: bf16, model width 1152 (heads = 1152 / head dim, as DiT-XL), mixes images / video-mix /
-long-videos from ``workloads.take_tokens`` with a 49k-token budget (16k with --quick; a long video
-alone can exceed it), 5 timed calls per point, flex at head dim 64 only: about 3 minutes on an H100
-(estimated, not yet measured). CPU (quick): the Triton kernel cannot run outside the
-interpreter, so only the reference and the torch peers run on tiny fp32 layouts -- a smoke test of
-the section, not a performance claim.
+Before timing, every provider's output and its gradients dq, dk, dv (for a random dO) are checked
+against the fp32 reference (``packdit.reference.varlen_attention`` after ``apply_rope_3d``), with the
+2x rule against the same reference run in bf16 (``common.verify_outputs``); a provider that disagrees
+is refused and not timed. Useful FLOPs: ``4 * D * H * pairs`` forward, x3.5 forward+backward
+(backward = 2.5x forward), pairs = sum L^2 (full), sum T (HW)^2 (spatial), sum HW T^2 (temporal).
+``vs_best_peer`` is packdit's TFLOP/s over the best peer's on the same case and pass.
+
+CPU (quick): tiny fp32 layouts, head dim 64; the reference and the SDPA peers are verified and timed
+(no performance claims). Under ``TRITON_INTERPRET=1`` (the test suite) packdit's kernel is verified on
+one tiny case and not timed.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import os
+from collections.abc import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
-from common import Context, measure, print_table
+from common import Context, OutputMismatch, forward_and_grads, measure, print_table, refused_row, verify_outputs
 from workloads import take_tokens
 
 import packdit
 from packdit import reference
 from packdit.layout import PackedSeqs
+from packdit.models.dit import default_rope
 
 MODEL_WIDTH = 1152
-GPU_MIXES = ("images", "video-mix", "long-videos")
-GPU_HEAD_DIMS = (64, 72, 128)
-# Tiny layouts for the CPU smoke run: images (144..576 tokens) and small videos.
-CPU_LAYOUTS = {"cpu-images": [(1, 9, 16), (1, 12, 20), (1, 6, 8)],
-               "cpu-videos": [(3, 6, 8), (2, 6, 8), (1, 8, 8)]}
+HEAD_DIMS = (128, 72, 64)
+MODES = ("full", "spatial", "temporal")
+TOKEN_BUDGET = 49_152
 BACKWARD_FACTOR = 3.5
-FLEX_HEAD_DIM = 64
+FLEX_CASES = {("video-mix", 128)}  # (mix, head dim) where flex is compiled
+CPU_LAYOUTS = {"cpu-videos": [(3, 6, 8), (2, 6, 8), (1, 8, 8)], "cpu-images": [(1, 9, 16), (1, 12, 20), (1, 6, 8)]}
+INTERPRETER_LAYOUT = [(2, 3, 4), (1, 4, 4)]  # small enough for the Triton interpreter (~1 s fwd+bwd)
+CPU_HEADS = 2
+GRAD_NAMES = ["out", "dq", "dk", "dv"]
+# relative error allowed on top of 2x the same-precision reference's error
+TOLERANCE = {torch.bfloat16: 2e-3, torch.float32: 1e-5}
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    mix: str
+    head_dim: int
+    rope: bool
+    mode: str
+
+    @property
+    def heads(self) -> int:
+        return CPU_HEADS if self.mix in CPU_LAYOUTS or self.mix == "interpreter" else MODEL_WIDTH // self.head_dim
+
+
+@dataclasses.dataclass(frozen=True)
+class Provider:
+    """``fn(q, k, v) -> out``; ``fused_rope``: it applies RoPE itself (else it gets rotated q and k)."""
+
+    name: str
+    fn: Callable
+    fused_rope: bool = False
+    timed: bool = True
+
+
+def _cases(ctx: Context) -> list[Case]:
+    if not ctx.is_gpu:
+        interpreted = [Case("interpreter", 64, True, "full")] if _interpreter() else []
+        return ([Case("cpu-videos", 64, True, mode) for mode in MODES] + [Case("cpu-images", 64, False, "full")]
+                + interpreted)
+    ordered = [Case("video-mix", d, False, "full") for d in HEAD_DIMS]
+    ordered += [Case("long-videos", 128, False, "full")]
+    ordered += [Case("video-mix", d, True, "full") for d in HEAD_DIMS]
+    ordered += [Case("video-mix", d, rope, mode) for mode in MODES[1:] for rope in (False, True) for d in HEAD_DIMS]
+    ordered += [Case("images", d, rope, "full") for rope in (False, True) for d in HEAD_DIMS]
+    ordered += [Case("long-videos", d, rope, mode) for mode in MODES for rope in (False, True) for d in HEAD_DIMS]
+    return list(dict.fromkeys(ordered))
+
+
+def _layout(ctx: Context, mix: str) -> PackedSeqs:
+    if mix in CPU_LAYOUTS:
+        grids = CPU_LAYOUTS[mix]
+    elif mix == "interpreter":
+        grids = INTERPRETER_LAYOUT
+    else:
+        shapes = take_tokens(mix, TOKEN_BUDGET, seed=0)
+        grids = [(s[1] if len(s) == 4 else 1, s[-2] // 2, s[-1] // 2) for s in shapes]
+    return PackedSeqs.from_grids(grids, device=ctx.device)
+
+
+# ---------------------------------------------------------------------------------------------- segments
+@dataclasses.dataclass(frozen=True)
+class Segments:
+    """A mode's attention groups as plain varlen segments: ``cu (S+1,) int32``, the longest, and for the
+    temporal mode the token order that makes each group contiguous (``gather``) and its inverse."""
+
+    cu: torch.Tensor
+    max_len: int
+    gather: torch.Tensor | None = None
+    scatter: torch.Tensor | None = None
+
+
+def _segments(seqs: PackedSeqs, mode: str) -> Segments:
+    device = seqs.device
+    if mode == "full":
+        return Segments(seqs.cu_seqlens, seqs.max_seqlen)
+    grids, starts = seqs.grids, seqs.cu_seqlens.tolist()
+    if mode == "spatial":  # (t, h, w) raster order: every frame's h*w tokens are contiguous
+        sizes = [h * w for t, h, w in grids for _ in range(t)]
+        gather = None
+    else:
+        sizes = [t for t, h, w in grids for _ in range(h * w)]
+        gather = np.concatenate([start + np.arange(t * h * w).reshape(t, h * w).T.reshape(-1)
+                                 for start, (t, h, w) in zip(starts, grids)] or [np.zeros(0, np.int64)])
+    cu = torch.tensor(np.concatenate([[0], np.cumsum(sizes)]), dtype=torch.int32, device=device)
+    if gather is None:
+        return Segments(cu, max(sizes, default=0))
+    gather_t = torch.as_tensor(gather, device=device)
+    return Segments(cu, max(sizes, default=0), gather_t, torch.argsort(gather_t))
+
+
+def _on_segments(attend: Callable, segments: Segments) -> Callable:
+    """``attend(q, k, v, cu, max_len)`` on the mode's segments, gathering/scattering the temporal order."""
+    cu, max_len, gather, scatter = segments.cu, segments.max_len, segments.gather, segments.scatter
+
+    def fn(q, k, v):
+        if gather is None:
+            return attend(q, k, v, cu, max_len)
+        return attend(q[gather], k[gather], v[gather], cu, max_len)[scatter]
+
+    return fn
 
 
 # ---------------------------------------------------------------------------------------------- providers
-def _packdit(q, k, v, seqs, mode="full"):
-    return packdit.varlen_attention(q, k, v, seqs.cu_seqlens, seqs.max_seqlen, mode=mode, seqs=seqs)
+def _torch_varlen(q, k, v, cu, max_len):
+    from torch.nn.attention.varlen import varlen_attn
+
+    return varlen_attn(q, k, v, cu, cu, max_len, max_len)
 
 
-def _reference(q, k, v, seqs):
-    return reference.varlen_attention(q, k, v, seqs.cu_seqlens)
+def _padded_head_dim(attend: Callable, head_dim: int) -> Callable:
+    """``attend`` on q, k, v zero-padded to ``head_dim``; q pre-scaled so the softmax scale stays D ** -0.5."""
+
+    def fn(q, k, v, cu, max_len):
+        pad = (0, head_dim - q.shape[-1])
+        q = q * math.sqrt(head_dim / q.shape[-1])
+        return attend(F.pad(q, pad), F.pad(k, pad), F.pad(v, pad), cu, max_len)[..., :v.shape[-1]]
+
+    return fn
 
 
-def _sdpa_loop(q, k, v, seqs):
-    cu = seqs.cached("bench_cu_host", lambda: seqs.cu_seqlens.tolist())
+def _fa3(q, k, v, cu, max_len):
+    from flash_attn_interface import flash_attn_varlen_func
+
+    out = flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len)
+    return out[0] if isinstance(out, tuple) else out  # older FA3 builds also return the lse
+
+
+def _fa2(q, k, v, cu, max_len):
+    from flash_attn import flash_attn_varlen_func
+
+    return flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len)
+
+
+def _sdpa_loop(q, k, v, cu, max_len):
+    bounds = cu.tolist()
     outs = [F.scaled_dot_product_attention(q[a:b].transpose(0, 1), k[a:b].transpose(0, 1), v[a:b].transpose(0, 1))
-            for a, b in zip(cu, cu[1:]) if b > a]
+            for a, b in zip(bounds, bounds[1:]) if b > a]
     return torch.cat([o.transpose(0, 1) for o in outs])
 
 
-def _sdpa_padded_fn(seqs):
+def _sdpa_padded(segments: Segments) -> Callable:
     """SDPA on a padded (B, H, L_max, D) batch with a key-padding mask; the pad / unpad copies are timed."""
-    sample = seqs.segment_ids.long()
-    row = torch.arange(seqs.num_tokens, device=sample.device) - seqs.cu_seqlens.long()[sample]
-    num, length = len(seqs), seqs.max_seqlen
-    key_valid = (torch.arange(length, device=sample.device)[None, :] < seqs.lengths[:, None])[:, None, None, :]
+    cu = segments.cu.long()
+    lengths = cu.diff()
+    sample = torch.repeat_interleave(torch.arange(len(lengths), device=cu.device), lengths)
+    row = torch.arange(len(sample), device=cu.device) - cu[sample]
+    key_valid = (torch.arange(segments.max_len, device=cu.device)[None, :] < lengths[:, None])[:, None, None, :]
 
     def pad(x):
-        padded = x.new_zeros(num, length, *x.shape[1:])
+        padded = x.new_zeros(len(lengths), segments.max_len, *x.shape[1:])
         padded[sample, row] = x
         return padded.transpose(1, 2)
 
-    def fn(q, k, v, _seqs):
+    def fn(q, k, v, _cu, _max_len):
         out = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), attn_mask=key_valid)
         return out.transpose(1, 2)[sample, row]
 
     return fn
 
 
-def _flex_fn(seqs):
+def _group_ids(seqs: PackedSeqs, mode: str) -> torch.Tensor:
+    """(N,) id of each token's attention group: its sample (full), frame (spatial) or (sample, h, w) (temporal)."""
+    segment = seqs.segment_ids.long()
+    if mode == "full":
+        return segment
+    pos = seqs.positions.long()
+    grid = seqs.grid.long()[segment]
+    if mode == "spatial":
+        return (seqs.cu_seqlens.long()[segment] + pos[:, 0] * grid[:, 1] * grid[:, 2])
+    return seqs.cu_seqlens.long()[segment] + pos[:, 1] * grid[:, 2] + pos[:, 2]
+
+
+def _flex(seqs: PackedSeqs, mode: str) -> Callable:
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-    doc = seqs.segment_ids
+    group = _group_ids(seqs, mode)
 
-    def same_sample(b, h, q_idx, kv_idx):
-        return doc[q_idx] == doc[kv_idx]
+    def same_group(b, h, q_idx, kv_idx):
+        return group[q_idx] == group[kv_idx]
 
     n = seqs.num_tokens
-    block_mask = create_block_mask(same_sample, None, None, n, n, device=doc.device)
+    block_mask = create_block_mask(same_group, None, None, n, n, device=group.device, _compile=True)
     compiled = torch.compile(flex_attention, dynamic=False)
 
-    def fn(q, k, v, _seqs):
+    def fn(q, k, v):
         out = compiled(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
                        block_mask=block_mask)
         return out[0].transpose(0, 1)
@@ -100,128 +244,176 @@ def _flex_fn(seqs):
     return fn
 
 
-def _torch_varlen_fn():
-    from torch.nn.attention.varlen import varlen_attn
+def _packdit(seqs: PackedSeqs, case: Case) -> Callable:
+    rope = default_rope(case.head_dim) if case.rope else None
 
-    def fn(q, k, v, seqs):
-        return varlen_attn(q, k, v, seqs.cu_seqlens, seqs.cu_seqlens, seqs.max_seqlen, seqs.max_seqlen)
-
-    return fn
-
-
-def _flash_attn_fn():
-    from flash_attn import flash_attn_varlen_func
-
-    def fn(q, k, v, seqs):
-        return flash_attn_varlen_func(q, k, v, seqs.cu_seqlens, seqs.cu_seqlens, seqs.max_seqlen, seqs.max_seqlen)
+    def fn(q, k, v):
+        return packdit.varlen_attention(q, k, v, seqs.cu_seqlens, seqs.max_seqlen, mode=case.mode, seqs=seqs,
+                                        rope=rope)
 
     return fn
 
 
-def _providers(ctx: Context, seqs: PackedSeqs, head_dim: int) -> tuple[dict, dict]:
-    """name -> fn(q, k, v, seqs), and name -> reason for the providers that cannot run here."""
-    fns, skipped = {}, {}
+def _reference(seqs: PackedSeqs, case: Case, fused_rope: bool) -> Callable:
+    """The oracle: RoPE (when fused) then ``packdit.reference.varlen_attention`` in the mode."""
+    rope = default_rope(case.head_dim) if case.rope and fused_rope else None
+    grid = None if case.mode == "full" else seqs.grid
+
+    def fn(q, k, v):
+        if rope is not None:
+            q, k = reference.apply_rope_3d(q, seqs.positions, rope), reference.apply_rope_3d(k, seqs.positions, rope)
+        return reference.varlen_attention(q, k, v, seqs.cu_seqlens, mode=case.mode, grid=grid)
+
+    return fn
+
+
+def _interpreter() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _providers(ctx: Context, seqs: PackedSeqs, case: Case) -> tuple[list[Provider], dict]:
+    """The providers of a case, and name -> reason for those that cannot run it."""
+    if case.mix == "interpreter":
+        return [Provider("packdit", _packdit(seqs, case), fused_rope=True, timed=False)], {}
+    segments = _segments(seqs, case.mode)
+    providers, skipped = [], {}
     if ctx.is_gpu:
-        fns["packdit"] = _packdit
-        for name, make in (("torch-varlen", _torch_varlen_fn), ("flash-attn", _flash_attn_fn)):
+        providers.append(Provider("packdit", _packdit(seqs, case), fused_rope=True))
+        for name, attend in (("fa3", _fa3), ("torch-varlen", _torch_varlen), ("flash-attn", _fa2)):
             try:
-                fns[name] = make()
+                attend(*(torch.zeros(1, 1, 64, device=ctx.device, dtype=torch.bfloat16),) * 3,
+                       torch.tensor([0, 1], dtype=torch.int32, device=ctx.device), 1)
             except ImportError as e:
-                skipped[name] = f"not importable: {e}"
-        if head_dim != FLEX_HEAD_DIM:
-            skipped["flex"] = f"timed at head dim {FLEX_HEAD_DIM} only (one flex compile per shape, ~30 s each)"
+                skipped[name] = f"not installed ({e})"
+                continue
+            except Exception as e:  # noqa: BLE001 -- installed but unusable here: say why
+                skipped[name] = f"unusable: {type(e).__name__}: {e}"
+                continue
+            providers.append(Provider(name, _on_segments(attend, segments)))
+        if case.head_dim == 72 and "torch-varlen" not in skipped:
+            providers.append(Provider("torch-varlen-d96", _on_segments(_padded_head_dim(_torch_varlen, 96), segments)))
+        if (case.mix, case.head_dim) in FLEX_CASES:
+            providers.append(Provider("flex", _flex(seqs, case.mode)))
         else:
-            fns["flex"] = _flex_fn(seqs)
+            skipped["flex"] = "compiled for head dim 128 on video-mix only (one compile per shape and mask)"
     else:
-        fns["reference"] = _reference
-        for name in ("packdit", "torch-varlen", "flash-attn"):
-            skipped[name] = "CUDA only"
-        skipped["flex"] = "compiling flex_attention for the CPU exceeds the quick run's time"
-    fns["sdpa-loop"] = _sdpa_loop
-    padded_bytes = len(seqs) * seqs.max_seqlen * (MODEL_WIDTH // head_dim) * head_dim * 2 * 4
+        providers.append(Provider("reference", _reference(seqs, case, fused_rope=True), fused_rope=True))
+        for name in ("packdit", "fa3", "torch-varlen", "flash-attn", "flex"):
+            skipped[name] = "CUDA only (packdit: verified under TRITON_INTERPRET=1 on the interpreter case)"
+    if case.mode == "full" and not case.rope:
+        providers.append(Provider("sdpa-loop", _on_segments(_sdpa_loop, segments)))
+    padded_bytes = (len(segments.cu) - 1) * segments.max_len ** 2 * case.heads * 4
     if padded_bytes < 8 * 2**30:
-        fns["sdpa-padded"] = _sdpa_padded_fn(seqs)
+        providers.append(Provider("sdpa-padded", _on_segments(_sdpa_padded(segments), segments)))
     else:
-        skipped["sdpa-padded"] = f"padded batch needs {padded_bytes / 2**30:.0f} GiB"
-    return fns, skipped
+        skipped["sdpa-padded"] = f"the padded scores need {padded_bytes / 2**30:.0f} GiB"
+    return providers, skipped
 
 
 # ---------------------------------------------------------------------------------------------- measurement
-def _flops(seqs: PackedSeqs, heads: int, head_dim: int, mode: str = "full") -> float:
-    pairs = 0
-    for (t, h, w), length in zip(seqs.grids, seqs.seqlens):
-        pairs += {"full": length * length, "spatial": t * (h * w) ** 2, "temporal": h * w * t * t}[mode]
-    return 4.0 * pairs * head_dim * heads
+def _pairs(seqs: PackedSeqs, mode: str) -> int:
+    return sum({"full": (t * h * w) ** 2, "spatial": t * (h * w) ** 2, "temporal": h * w * t * t}[mode]
+               for t, h, w in seqs.grids)
 
 
-def _inputs(seqs: PackedSeqs, heads: int, head_dim: int, dtype, device):
-    g = torch.Generator(device=device).manual_seed(0)
-    return [torch.randn(seqs.num_tokens, heads, head_dim, device=device, dtype=dtype, generator=g) for _ in range(4)]
-
-
-def _time(fn, q, k, v, grad, seqs, ctx, backward: bool, repeats: int):
-    warmup = 3 if ctx.is_gpu else 1
+def _time(ctx: Context, fn: Callable, inputs, grad, backward: bool):
+    warmup, repeats = (3, 5) if ctx.is_gpu else (0, 2)
     if not backward:
         with torch.no_grad():
-            return measure(lambda: fn(q, k, v, seqs), device=ctx.device, warmup=warmup, repeats=repeats)
-    leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
-
-    def step():
-        fn(*leaves, seqs).backward(grad)
-
-    return measure(step, device=ctx.device, warmup=warmup, repeats=repeats)
+            return measure(lambda: fn(*inputs), device=ctx.device, warmup=warmup, repeats=repeats)
+    leaves = [t.detach().requires_grad_(True) for t in inputs]
+    return measure(lambda: torch.autograd.grad(fn(*leaves), leaves, grad), device=ctx.device, warmup=warmup,
+                   repeats=repeats)
 
 
-def _layouts(ctx: Context):
-    if not ctx.is_gpu:
-        return {name: PackedSeqs.from_grids(grids, device=ctx.device) for name, grids in CPU_LAYOUTS.items()}
-    budget = 16_384 if ctx.quick else 49_152
-    layouts = {}
-    for mix in GPU_MIXES:
-        shapes = take_tokens(mix, budget, seed=0)
-        grids = [(s[1] if len(s) == 4 else 1, s[-2] // 2, s[-1] // 2) for s in shapes]
-        layouts[mix] = PackedSeqs.from_grids(grids, device=ctx.device)
-    return layouts
+class _Expected:
+    """The reference outputs and gradients of a case: fp32 (the oracle) and in the test dtype (for the
+    2x rule), on raw inputs (for providers that fuse RoPE) and on rotated ones (for the others)."""
+
+    def __init__(self, seqs: PackedSeqs, case: Case, inputs, grad):
+        q, k, v = inputs
+        self.inputs = {True: inputs}
+        if case.rope:
+            rope = default_rope(case.head_dim)
+            q, k = reference.apply_rope_3d(q, seqs.positions, rope), reference.apply_rope_3d(k, seqs.positions, rope)
+        self.inputs[False] = (q, k, v)
+        self.values = {}
+        for fused in (True, False) if case.rope else (True,):
+            ref = _reference(seqs, case, fused_rope=fused)
+            oracle = forward_and_grads(ref, self.inputs[fused], grad, dtype=torch.float32)
+            same_precision = None if q.dtype == torch.float32 else forward_and_grads(ref, self.inputs[fused], grad)
+            self.values[fused] = (oracle, same_precision)
+        self.values.setdefault(False, self.values[True])
+
+
+def _run_case(ctx: Context, case: Case, seqs: PackedSeqs, label: str) -> list[dict]:
+    dtype = torch.bfloat16 if ctx.is_gpu else torch.float32
+    gen = torch.Generator(device=ctx.device).manual_seed(0)
+    q, k, v, grad = (torch.randn(seqs.num_tokens, case.heads, case.head_dim, device=ctx.device, dtype=dtype,
+                                 generator=gen) for _ in range(4))
+    expected = _Expected(seqs, case, (q, k, v), grad)
+    base = {"device": label, "mix": case.mix, "mode": case.mode, "rope": case.rope, "head_dim": case.head_dim,
+            "heads": case.heads, "tokens": seqs.num_tokens, "samples": len(seqs), "max_seqlen": seqs.max_seqlen,
+            "dtype": str(dtype).removeprefix("torch.")}
+    providers, skipped = _providers(ctx, seqs, case)
+    rows = []
+    rows += [{**base, "provider": name, "pass": "-", "note": f"skipped: {why}"} for name, why in skipped.items()]
+    flops = 4.0 * case.head_dim * case.heads * _pairs(seqs, case.mode)
+    for provider in providers:
+        row = {**base, "provider": provider.name}
+        if ctx.out_of_time():
+            rows.append({**row, "pass": "-", "note": "skipped: time budget spent"})
+            continue
+        want, peer = expected.values[provider.fused_rope]
+        inputs = expected.inputs[provider.fused_rope]
+        try:
+            got = forward_and_grads(provider.fn, inputs, grad)
+        except Exception as e:  # noqa: BLE001 -- a peer that cannot run this case: record why, go on
+            rows.append({**row, "pass": "-", "note": f"failed: {type(e).__name__}: {str(e)[:200]}"})
+            continue
+        try:
+            err = verify_outputs(f"attention/{case.mix}/{case.mode}/rope={case.rope}/d{case.head_dim}/{provider.name}",
+                                 got, want, tol=TOLERANCE[dtype], peer=peer, names=GRAD_NAMES)
+        except OutputMismatch as e:
+            rows.append(refused_row({**row, "pass": "-"}, e))
+            continue
+        if not provider.timed:
+            rows.append({**row, "pass": "-", "rel_err": err, "note": "verified (Triton interpreter), not timed"})
+            continue
+        for backward in (False, True):
+            timing = _time(ctx, provider.fn, inputs, grad, backward)
+            useful = flops * (BACKWARD_FACTOR if backward else 1.0)
+            rows.append({**row, "pass": "fwd+bwd" if backward else "fwd", "ms": timing.median_ms,
+                         "p20_ms": timing.p20_ms, "p80_ms": timing.p80_ms, "TFLOPs": useful / timing.median_ms / 1e9,
+                         "rel_err": err, "note": "rope applied outside the timed call"
+                         if case.rope and not provider.fused_rope else ""})
+    return rows
 
 
 def run(ctx: Context) -> list[dict]:
-    dtype = torch.bfloat16 if ctx.is_gpu else torch.float32
-    head_dims = GPU_HEAD_DIMS if ctx.is_gpu else (64,)
-    repeats = 5 if ctx.is_gpu else 3
-    label = ctx.env.get("gpu", "CPU (no performance claims)") if ctx.is_gpu else "CPU (no performance claims)"
-    tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
-    rows = []
-    for mix, seqs in _layouts(ctx).items():
-        for head_dim in head_dims:
-            heads = MODEL_WIDTH // head_dim if ctx.is_gpu else 4
-            q, k, v, grad = _inputs(seqs, heads, head_dim, dtype, ctx.device)
-            fns, skipped = _providers(ctx, seqs, head_dim)
-            want = reference.varlen_attention(q.float(), k.float(), v.float(), seqs.cu_seqlens)
-            base = {"device": label, "mix": mix, "tokens": seqs.num_tokens, "samples": len(seqs),
-                    "max_seqlen": seqs.max_seqlen, "head_dim": head_dim, "heads": heads, "dtype": str(dtype)[6:]}
-            for name, reason in skipped.items():
-                rows.append({**base, "provider": name, "pass": "-", "note": f"skipped: {reason}"})
-            for name, fn in fns.items():
-                with torch.no_grad():
-                    err = (fn(q, k, v, seqs).float() - want).abs().max().item()
-                if err > tol:
-                    raise AssertionError(f"attention/{mix}/{name}/d{head_dim}: output differs from the reference "
-                                         f"by {err:.3g} > {tol}")
-                for backward in (False, True):
-                    timing = _time(fn, q, k, v, grad, seqs, ctx, backward, repeats)
-                    flops = _flops(seqs, heads, head_dim) * (BACKWARD_FACTOR if backward else 1.0)
-                    rows.append({**base, "provider": name, "pass": "fwd+bwd" if backward else "fwd",
-                                 "ms": timing.median_ms, "TFLOPs": flops / timing.median_ms / 1e9,
-                                 "max_abs_err": err, "note": ""})
+    if ctx.is_gpu:  # flex recompiles per shape and mask: keep them compiled instead of falling back to eager
+        import torch._dynamo
+
+        config = torch._dynamo.config
+        name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+        setattr(config, name, max(getattr(config, name), 64))
+    label = ctx.env.get("gpu") if ctx.is_gpu else "CPU (no performance claims)"
+    layouts, rows = {}, []
+    for case in _cases(ctx):
+        if ctx.out_of_time():
+            rows.append({"device": label, "mix": case.mix, "mode": case.mode, "rope": case.rope,
+                         "head_dim": case.head_dim, "provider": "-", "pass": "-", "note": "skipped: time budget spent"})
+            continue
+        if case.mix not in layouts:
+            layouts[case.mix] = _layout(ctx, case.mix)
+        rows += _run_case(ctx, case, layouts[case.mix], label)
     _add_peer_ratios(rows)
-    if ctx.is_gpu:
-        rows += _mode_rows(ctx, _layouts(ctx)["video-mix"], dtype, repeats, label)
-    print_table(f"attention ({label})", [r for r in rows if r["pass"] != "-"],
-                ["mix", "head_dim", "pass", "provider", "ms", "TFLOPs", "vs_best_peer", "mode", "time_vs_full",
-                 "flops_vs_full"])
+    print_table(f"attention ({label}; TFLOP/s of useful FLOPs)", [r for r in rows if "TFLOPs" in r],
+                ["mix", "mode", "rope", "head_dim", "pass", "provider", "ms", "TFLOPs", "vs_best_peer", "best_peer",
+                 "rel_err"])
     for r in rows:
-        if r["pass"] == "-":
-            print(f"  {r['mix']} d{r['head_dim']} {r['provider']}: {r['note']}")
+        if r["pass"] == "-" and r.get("note", "").startswith(("skipped: time", "failed", "verified")):
+            print(f"  {r['mix']} {r['mode']} rope={r['rope']} d{r['head_dim']} {r['provider']}: {r['note']}")
     return rows
 
 
@@ -229,53 +421,37 @@ def _add_peer_ratios(rows: list[dict]) -> None:
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         if "TFLOPs" in r:
-            groups.setdefault((r["mix"], r["head_dim"], r["pass"]), []).append(r)
+            groups.setdefault((r["mix"], r["mode"], r["rope"], r["head_dim"], r["pass"]), []).append(r)
     for group in groups.values():
-        peers = [r["TFLOPs"] for r in group if r["provider"] != "packdit"]
-        best = max(peers, default=math.nan)
+        peers = [r for r in group if r["provider"] not in ("packdit", "reference")]
+        best = max(peers, key=lambda r: r["TFLOPs"], default=None)
         for r in group:
-            r["vs_best_peer"] = r["TFLOPs"] / best if r["provider"] == "packdit" and peers else math.nan
-
-
-def _mode_rows(ctx: Context, seqs: PackedSeqs, dtype, repeats: int, label: str) -> list[dict]:
-    """Spatial / temporal vs full attention on one video batch: time ratio next to the FLOP ratio."""
-    head_dim, heads = 64, MODEL_WIDTH // 64
-    q, k, v, grad = _inputs(seqs, heads, head_dim, dtype, ctx.device)
-    rows, full_ms = [], {}
-    for mode in ("full", "spatial", "temporal"):
-        def fn(a, b, c, s, mode=mode):
-            return _packdit(a, b, c, s, mode)
-        for backward in (False, True):
-            timing = _time(fn, q, k, v, grad, seqs, ctx, backward, repeats)
-            pass_ = "fwd+bwd" if backward else "fwd"
-            full_ms.setdefault(pass_, timing.median_ms)
-            flops = _flops(seqs, heads, head_dim, mode) * (BACKWARD_FACTOR if backward else 1.0)
-            rows.append({"device": label, "mix": "video-mix", "tokens": seqs.num_tokens, "head_dim": head_dim,
-                         "heads": heads, "dtype": str(dtype)[6:], "provider": f"packdit-{mode}", "mode": mode,
-                         "pass": pass_, "ms": timing.median_ms, "TFLOPs": flops / timing.median_ms / 1e9,
-                         "time_vs_full": timing.median_ms / full_ms[pass_],
-                         "flops_vs_full": _flops(seqs, heads, head_dim, mode) / _flops(seqs, heads, head_dim),
-                         "note": ""})
-    return rows
+            if r["provider"] == "packdit" and best is not None:
+                r["vs_best_peer"], r["best_peer"] = r["TFLOPs"] / best["TFLOPs"], best["provider"]
 
 
 def plot(rows: list[dict], path) -> None:
     import matplotlib.pyplot as plt
 
-    timed = [r for r in rows if "TFLOPs" in r and "mode" not in r]
-    groups = list(dict.fromkeys((r["mix"], r["head_dim"], r["pass"]) for r in timed))
-    providers = list(dict.fromkeys(r["provider"] for r in timed))
-    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(groups)), 4))
-    width = 0.8 / max(1, len(providers))
-    for i, name in enumerate(providers):
-        values = {(r["mix"], r["head_dim"], r["pass"]): r["TFLOPs"] for r in timed if r["provider"] == name}
-        ax.bar([g + i * width for g in range(len(groups))], [values.get(key, 0.0) for key in groups], width,
-               label=name)
-    ax.set_xticks([g + 0.4 - width / 2 for g in range(len(groups))],
-                  [f"{m}\nd{d} {p}" for m, d, p in groups], fontsize=7)
-    ax.set_ylabel("useful TFLOP/s")
-    ax.set_title(f"packed attention ({rows[0]['device'] if rows else ''})")
-    ax.legend(fontsize=7)
+    timed = [r for r in rows if "TFLOPs" in r]
+    passes = ("fwd", "fwd+bwd")
+    fig, axes = plt.subplots(2, 1, figsize=(max(8, 0.5 * len(timed) / 4), 7), squeeze=False)
+    for ax, pass_ in zip(axes[:, 0], passes):
+        subset = [r for r in timed if r["pass"] == pass_]
+        groups = list(dict.fromkeys((r["mix"], r["mode"], r["rope"], r["head_dim"]) for r in subset))
+        providers = list(dict.fromkeys(r["provider"] for r in subset))
+        width = 0.8 / max(1, len(providers))
+        for i, name in enumerate(providers):
+            values = {(r["mix"], r["mode"], r["rope"], r["head_dim"]): r["TFLOPs"] for r in subset
+                      if r["provider"] == name}
+            ax.bar([g + i * width for g in range(len(groups))], [values.get(key, 0.0) for key in groups], width,
+                   label=name)
+        ax.set_xticks([g + 0.4 - width / 2 for g in range(len(groups))],
+                      [f"{m}\n{mode}{' rope' if rope else ''} d{d}" for m, mode, rope, d in groups], fontsize=6,
+                      rotation=90)
+        ax.set_ylabel(f"{pass_}: useful TFLOP/s")
+        ax.legend(fontsize=6, ncol=4)
+    axes[0, 0].set_title(f"packed attention ({rows[0]['device'] if rows else ''})")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -1,7 +1,12 @@
-"""Shared benchmark plumbing: environment record, timing, results files, console tables.
+"""Shared benchmark plumbing: environment record, output verification, timing, results files, tables.
 
 Every section returns a list of flat dict rows; ``write_results`` stores them as
 ``<out>/<device-slug>/<section>.json`` (rows + environment) and ``.csv`` (rows).
+
+Before a section times an implementation it checks that it computes what its reference computes
+(:func:`verify_outputs`, with :func:`forward_and_grads` for the gradients of a timed backward). An
+implementation that disagrees is not timed: the section records a row with a ``refused`` field (the
+mismatch message) instead, and ``run.py`` exits non-zero when any row was refused.
 """
 
 from __future__ import annotations
@@ -10,16 +15,18 @@ import csv
 import dataclasses
 import datetime
 import json
+import math
 import os
 import platform
 import re
 import statistics
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "benchmarks" / "results"
@@ -27,21 +34,31 @@ DEFAULT_OUT = ROOT / "benchmarks" / "results"
 
 @dataclasses.dataclass(frozen=True)
 class Context:
-    """What a section needs to know about the run."""
+    """What a section needs to know about the run; ``deadline`` (``time.monotonic()``) ends its soft budget."""
 
     device: torch.device
     quick: bool
     env: dict
     out_dir: Path
+    deadline: float | None = None
 
     @property
     def is_gpu(self) -> bool:
         return self.device.type == "cuda"
 
+    def time_left(self) -> float:
+        """Seconds left of the section's budget (inf without one)."""
+        return math.inf if self.deadline is None else self.deadline - time.monotonic()
+
+    def out_of_time(self, reserve: float = 0.0) -> bool:
+        """True once fewer than ``reserve`` seconds of the budget are left: start no new case."""
+        return self.time_left() < reserve
+
 
 def _git_commit() -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=5)
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                             timeout=5)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
                                capture_output=True, text=True, timeout=5).stdout.strip()
         return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
@@ -93,6 +110,92 @@ def device_slug(env: dict) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
+class OutputMismatch(AssertionError):
+    """An implementation's outputs (or gradients) differ from its reference: it must not be timed."""
+
+
+def _relative_error(actual: Tensor, expected: Tensor) -> float:
+    """``||actual - expected|| / ||expected||`` (Frobenius, fp32 accumulation; absolute when expected is 0);
+    inf when actual holds a NaN/inf where expected is finite."""
+    a, e = actual.detach(), expected.detach()
+    if torch.equal(a, e):
+        return 0.0
+    if a.is_floating_point() and bool((torch.isfinite(e) & ~torch.isfinite(a)).any()):
+        return math.inf
+    e = e.float()
+    diff = torch.linalg.vector_norm(torch.nan_to_num(a.float() - e)).item()
+    scale = torch.linalg.vector_norm(torch.nan_to_num(e)).item()
+    return diff / scale if scale > 0 else diff
+
+
+def verify_outputs(label: str, actual: Tensor | Sequence[Tensor | None], expected: Tensor | Sequence[Tensor | None],
+                   *, tol: float, peer: Tensor | Sequence[Tensor | None] | None = None,
+                   names: Sequence[str] | None = None) -> float:
+    """Refuse to time ``label`` unless it computes what ``expected`` holds; returns the largest relative error.
+
+    ``actual``, ``expected`` and ``peer`` are one tensor or equally long sequences of tensors in the same order
+    (e.g. ``[out, dq, dk, dv]`` from :func:`forward_and_grads`); ``None`` entries must be ``None`` in both.
+    ``expected`` is the reference, ideally in higher precision (fp32/fp64 on upcast inputs). For every tensor
+    i the relative error ``err_i = ||actual_i - expected_i|| / ||expected_i||`` (Frobenius norm; absolute when
+    ``expected_i`` is all zeros, inf for a NaN/inf where the reference is finite) must satisfy
+
+        err_i <= tol                              (no peer)
+        err_i <= 2 * err(peer_i) + tol            (peer: the same outputs from a trusted implementation in the
+                                                    precision under test -- the flash-attention 2x rule)
+
+    Raises :class:`OutputMismatch` naming the label, the tensor (``names[i]`` or its index), both errors, the
+    shapes, and the largest elementwise difference. Typical ``tol``: 1e-4 for fp32 kernels against an fp64
+    reference, 2e-2 for bf16 without a peer, 2e-3 with one.
+    """
+    single = isinstance(actual, Tensor)
+    actual, expected = ([actual], [expected]) if single else (list(actual), list(expected))
+    peers = [None] * len(expected) if peer is None else ([peer] if isinstance(peer, Tensor) else list(peer))
+    names = list(names) if names is not None else [f"output {i}" for i in range(len(expected))]
+    if not len(actual) == len(expected) == len(peers) == len(names):
+        raise ValueError(f"{label}: {len(actual)} outputs, {len(expected)} references, {len(peers)} peer outputs "
+                         f"and {len(names)} names; expected equal counts")
+    worst = 0.0
+    for name, got, want, ref_peer in zip(names, actual, expected, peers):
+        if got is None or want is None:
+            if got is not want:
+                raise OutputMismatch(f"{label}: {name} is {'missing' if got is None else 'unexpected'}; not timed")
+            continue
+        if got.shape != want.shape:
+            raise OutputMismatch(f"{label}: {name} has shape {tuple(got.shape)}, the reference {tuple(want.shape)}; "
+                                 "not timed")
+        err = _relative_error(got, want)
+        allowed = tol + (2 * _relative_error(ref_peer, want) if ref_peer is not None else 0.0)
+        if not err <= allowed:
+            max_diff = (got.detach().float() - want.detach().float()).abs().nan_to_num(math.inf).max().item() \
+                if got.numel() else 0.0
+            raise OutputMismatch(f"{label}: {name} differs from the reference: relative error {err:.3g} > allowed "
+                                 f"{allowed:.3g} (max |diff| {max_diff:.3g}, shape {tuple(got.shape)}); not timed")
+        worst = max(worst, err)
+    return worst
+
+
+def forward_and_grads(fn: Callable[..., Tensor], inputs: Sequence[Tensor], grad_out: Tensor, *args,
+                      dtype: torch.dtype | None = None) -> list[Tensor]:
+    """``[out, d inputs[0], d inputs[1], ...]`` of ``out = fn(*inputs, *args)`` and ``out.backward(grad_out)``.
+
+    The inputs are copied to fresh leaves (cast to ``dtype`` first when given, e.g. ``torch.float64`` for a
+    reference); the floating-point ones get gradients, the others get ``None``. The results are detached.
+    """
+    leaves = []
+    for x in inputs:
+        x = x.detach().to(dtype) if dtype is not None and x.is_floating_point() else x.detach()
+        leaves.append(x.clone().requires_grad_(x.is_floating_point()))
+    out = fn(*leaves, *args)
+    out.backward(grad_out.to(out.dtype))
+    return [out.detach()] + [x.grad if x.is_floating_point() else None for x in leaves]
+
+
+def refused_row(base: dict, error: OutputMismatch) -> dict:
+    """The row a section records instead of timings when :func:`verify_outputs` refused an implementation."""
+    print(f"  REFUSED {error}")
+    return {**base, "refused": str(error)}
+
+
 @dataclasses.dataclass(frozen=True)
 class Timing:
     median_ms: float
@@ -129,9 +232,15 @@ def measure(fn: Callable[[], object], *, device: torch.device, warmup: int = 3, 
     return Timing(statistics.median(times), q[0], q[3], min(times), max(times), len(times))
 
 
-def write_results(ctx: Context, section: str, rows: list[dict]) -> list[Path]:
-    """``<out>/<slug>/<section>.json`` (env + rows) and ``.csv``; returns the paths written."""
-    folder = ctx.out_dir / device_slug(ctx.env)
+def results_dir(ctx: Context, slug: str | None = None) -> Path:
+    """``<out>/<slug>`` for a full run, ``<out>/<slug>-quick`` for a quick one (git ignores those). ``slug``: the
+    results folder, default the device's (``device_slug``); a static section names its own."""
+    return ctx.out_dir / ((slug or device_slug(ctx.env)) + ("-quick" if ctx.quick else ""))
+
+
+def write_results(ctx: Context, section: str, rows: list[dict], slug: str | None = None) -> list[Path]:
+    """``<results_dir>/<section>.json`` (env + rows) and ``.csv``; returns the paths written."""
+    folder = results_dir(ctx, slug)
     folder.mkdir(parents=True, exist_ok=True)
     json_path, csv_path = folder / f"{section}.json", folder / f"{section}.csv"
     json_path.write_text(json.dumps({"section": section, "quick": ctx.quick, "env": ctx.env, "rows": rows}, indent=2))

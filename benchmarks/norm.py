@@ -65,8 +65,9 @@ def run(ctx: Context) -> list[dict]:
             gbps = moved / t.median_ms / 1e6
             rows.append({"impl": peer, "tokens": n, "D": d, "segments": segments, "dtype": str(dtype),
                          "fwd_bwd_ms": t.median_ms, "GBps": gbps, "pct_hbm_peak": 100 * gbps / peak if peak else None})
-    print_table(f"norm + modulate fwd+bwd ({ctx.env.get('gpu') or 'CPU, quick: torch path only, no performance claims'})",
-                rows, ["impl", "tokens", "D", "segments", "fwd_bwd_ms", "GBps", "pct_hbm_peak"])
+    device = ctx.env.get("gpu") or "CPU, quick: torch path only, no performance claims"
+    print_table(f"norm + modulate fwd+bwd ({device})", rows,
+                ["impl", "tokens", "D", "segments", "fwd_bwd_ms", "GBps", "pct_hbm_peak"])
     return rows
 
 

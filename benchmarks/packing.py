@@ -1,11 +1,25 @@
-"""Section ``packing``: load balance and padding of batching strategies, and the planner's speed.
+"""Section ``packing``: load balance, padding and sample fidelity of batching strategies, and the planner's speed.
 
-For each mix and rank count, every strategy of :mod:`packdit.packing.baselines` plans the same sample
-stream (capacity 131,072 tokens per rank, FLOP cost model of hidden size 3072, samples longer than the
-capacity split off for context parallelism); the lookahead planner runs at windows 1..32. Reported:
-balance efficiency E = useful cost / (ranks * sum over steps of the slowest rank's cost), padding if
-packs were padded to the capacity / to the step's largest pack, steps, max reorder distance (steps),
-and the planning time (C++ planner and its Python fallback). CPU only: planning runs on the host.
+Every strategy of :mod:`packdit.packing.baselines` plans the same sample stream per mix and rank count
+(capacity 131,072 tokens per rank, FLOP cost model of hidden size 3072; samples longer than the capacity
+are split off for context parallelism in every strategy), the lookahead planner at windows 1..32:
+
+* ``pad-to-batch-max``: a padded trainer, each batch padded to its own longest sample;
+  ``pad-to-max`` pads to the stream's longest sample (a fixed batch shape), for reference;
+* ``shape-buckets``: Open-Sora's bucket sampler -- samples resized/cropped to the bucket table of
+  ``workloads.bucket_shape``, per-bucket batch sizes for equal step time under the memory cap, shuffled
+  batch order, every rank drawing its batches independently;
+* ``shape-buckets+lookahead``: the same batches, assigned to steps by the planner's cost-aware windows;
+* ``navit-greedy``, ``per-step-lpt``, ``lookahead``: packing, every sample at its own shape.
+
+Reported per plan: balance efficiency E = useful cost / (ranks * sum over steps of the slowest rank's
+cost) (useful: the cost of the samples as trained, i.e. after bucket resizing), padding (fraction of the
+tokens the ranks compute that are padding), padding if packs were padded to the capacity, steps, max
+reorder distance (steps), the fraction of samples -- and of the stream's tokens -- whose resolution or
+duration the strategy changes, the tokens trained over the stream's tokens, and the planning time.
+Every plan is checked before it is reported (each sample exactly once, or split off as too long; every
+rank's samples within the capacity; ``ranks`` bins per step), and the C++ planner's plan against the
+Python fallback's on the stream it times; a plan that fails is refused. CPU only: planning runs on the host.
 """
 
 from __future__ import annotations
@@ -14,9 +28,9 @@ import time
 
 import numpy as np
 import torch
-from common import Context, measure, print_table
+from common import Context, OutputMismatch, measure, print_table, refused_row, verify_outputs
 from tqdm import tqdm
-from workloads import MIXES, sample_lengths
+from workloads import MIXES, bucket_shape, latent_shapes, num_patches
 
 from packdit.packing import implementation, plan_steps
 from packdit.packing.baselines import STRATEGIES
@@ -25,43 +39,87 @@ CAPACITY, HIDDEN = 131_072, 3072
 RANKS = (8, 64)
 WINDOWS = (1, 2, 4, 8, 16, 32)
 DEFAULT_MIX = "video-mix"
+BUCKET_STRATEGIES = ("shape-buckets", "shape-buckets+lookahead")
+COLUMNS = ["mix", "ranks", "strategy", "E", "padding", "padding_to_capacity", "steps", "max_reorder_distance",
+           "changed_samples", "changed_tokens", "tokens_trained", "long_samples"]
 
 
-def _row(mix, ranks, strategy, window, plan, seconds) -> dict:
+class Stream:
+    """A mix's samples: original token counts, and the bucketed token counts and bucket ids (shape index)."""
+
+    def __init__(self, mix: str, num_samples: int):
+        shapes = latent_shapes(mix, num_samples, seed=0)
+        bucketed = {s: bucket_shape(s) for s in set(shapes)}  # a few hundred distinct shapes
+        self.lengths = np.array([num_patches(s) for s in shapes])
+        bucket_ids = {shape: k for k, shape in enumerate(sorted(set(bucketed.values())))}
+        self.buckets = np.array([bucket_ids[bucketed[s]] for s in shapes])
+        self.changed = np.array([bucketed[s] != s for s in shapes])
+        # samples too long for the capacity keep their length, so every strategy splits off the same ones
+        bucket_lengths = np.array([num_patches(bucketed[s]) for s in shapes])
+        self.bucket_lengths = np.where(self.lengths > CAPACITY, self.lengths, bucket_lengths)
+
+
+def _row(mix, ranks, strategy, window, plan, seconds, stream: Stream) -> dict:
     s = plan.stats
+    planned = np.ones(len(plan.lengths), dtype=bool)
+    planned[list(plan.long_samples)] = False
+    changed = stream.changed[planned] if strategy in BUCKET_STRATEGIES else np.zeros(planned.sum(), dtype=bool)
+    own = stream.lengths[planned]
     return {"mix": mix, "ranks": ranks, "strategy": strategy, "window": window,
-            "E": s.balance_efficiency, "padding_to_capacity": s.padding_to_capacity,
-            "padding_to_step_max": s.padding_to_step_max, "steps": s.num_steps,
-            "max_reorder_distance": s.max_reorder_distance, "samples": s.num_samples,
-            "long_samples": s.num_long_samples, "plan_ms": seconds * 1e3}
+            "E": s.balance_efficiency, "padding": 1.0 - plan.lengths[planned].sum() / plan.bin_tokens.sum(),
+            "padding_to_capacity": s.padding_to_capacity, "padding_to_step_max": s.padding_to_step_max,
+            "steps": s.num_steps, "max_reorder_distance": s.max_reorder_distance, "samples": s.num_samples,
+            "long_samples": s.num_long_samples, "changed_samples": float(changed.mean()),
+            "changed_tokens": float(own[changed].sum() / own.sum()),
+            "tokens_trained": float(plan.lengths[planned].sum() / own.sum()), "plan_ms": seconds * 1e3}
 
 
-def _timed_plan(fn, lengths, **kwargs):
+def check_plan(label: str, plan, capacity: int) -> None:
+    """Raise :class:`OutputMismatch` unless every sample is planned exactly once (or listed as too long) and every
+    rank's samples fit ``capacity`` tokens, ``plan.ranks`` bins per step."""
+    seen = np.sort(np.concatenate([plan.order, np.asarray(plan.long_samples, dtype=np.int64)]))
+    if not np.array_equal(seen, np.arange(len(plan.lengths))):
+        raise OutputMismatch(f"{label}: the plan does not hold every sample exactly once; not reported")
+    bin_tokens = np.add.reduceat(np.append(plan.lengths[plan.order], 0), plan.bin_offsets[:-1]) \
+        * (np.diff(plan.bin_offsets) > 0)
+    if (bin_tokens > capacity).any() or (len(plan.bin_offsets) - 1) % plan.ranks:
+        raise OutputMismatch(f"{label}: a rank's samples exceed the capacity of {capacity} tokens, or a step does "
+                             f"not have {plan.ranks} bins; not reported")
+
+
+def _plan(name: str, stream: Stream, ranks: int, window: int | None):
+    kwargs = dict(capacity=CAPACITY, ranks=ranks, hidden_size=HIDDEN, split_long=True)
+    lengths = stream.lengths
+    if name in BUCKET_STRATEGIES:
+        lengths, kwargs["buckets"] = stream.bucket_lengths, stream.buckets
+    if window:
+        kwargs["window"] = window
     t0 = time.perf_counter()
-    plan = fn(lengths, capacity=CAPACITY, hidden_size=HIDDEN, split_long=True, **kwargs)
+    plan = STRATEGIES[name](lengths, **kwargs)
     return plan, time.perf_counter() - t0
 
 
 def run(ctx: Context) -> list[dict]:
-    num_samples = 50_000 if ctx.quick else 500_000
-    rows = []
+    num_samples = 20_000 if ctx.quick else 500_000
     runs = [(mix, ranks, name, window) for mix in MIXES for ranks in RANKS for name in STRATEGIES
             for window in (WINDOWS if name == "lookahead" else (None,))]
-    lengths = {mix: np.array(sample_lengths(mix, num_samples, seed=0)) for mix in MIXES}
+    streams = {mix: Stream(mix, num_samples) for mix in MIXES}
+    rows = []
     for mix, ranks, name, window in tqdm(runs, desc="packing plans", unit="plan", leave=False):
-        extra = {"window": window} if window else {}
-        plan, seconds = _timed_plan(STRATEGIES[name], lengths[mix], ranks=ranks, **extra)
-        rows.append(_row(mix, ranks, name, window, plan, seconds))
-    print_table(f"packing: balance and padding ({num_samples} samples per mix, capacity {CAPACITY}, window "
-                "16 for the lookahead planner)",
-                [r for r in rows if r["window"] in (None, 16)],
-                ["mix", "ranks", "strategy", "E", "padding_to_capacity", "padding_to_step_max", "steps",
-                 "max_reorder_distance", "long_samples"])
+        plan, seconds = _plan(name, streams[mix], ranks, window)
+        try:
+            check_plan(f"packing/{mix}/{ranks}/{name}/{window}", plan, CAPACITY)
+        except OutputMismatch as e:
+            rows.append(refused_row({"mix": mix, "ranks": ranks, "strategy": name, "window": window}, e))
+            continue
+        rows.append(_row(mix, ranks, name, window, plan, seconds, streams[mix]))
+    print_table(f"packing: balance, padding and changed samples ({num_samples} samples per mix, capacity "
+                f"{CAPACITY}, lookahead window 16)", [r for r in rows if r["window"] in (None, 16) and "E" in r],
+                COLUMNS)
     print_table("packing: lookahead planner vs window (video-mix)",
                 [r for r in rows if r["mix"] == DEFAULT_MIX and r["strategy"] == "lookahead"],
                 ["ranks", "window", "E", "padding_to_capacity", "max_reorder_distance"])
-    rows += _planning_time(ctx)
-    return rows
+    return rows + _planning_time(ctx)
 
 
 def _planning_time(ctx: Context) -> list[dict]:
@@ -69,8 +127,17 @@ def _planning_time(ctx: Context) -> list[dict]:
     sizes = {"cpp": 100_000 if ctx.quick else 1_000_000, "python": 20_000 if ctx.quick else 100_000}
     backends = ["cpp", "python"] if implementation() == "cpp" else ["python"]
     rows = []
+    if backends == ["cpp", "python"]:  # the two implementations must give the same plan before both are timed
+        lengths = np.array([num_patches(s) for s in latent_shapes(DEFAULT_MIX, sizes["python"], seed=1)])
+        plans = [plan_steps(lengths, capacity=CAPACITY, ranks=64, hidden_size=HIDDEN, split_long=True, backend=b)
+                 for b in backends]
+        cpp, python = ([torch.from_numpy(p.order), torch.from_numpy(p.bin_offsets)] for p in plans)
+        try:
+            verify_outputs("packing/planner C++ vs Python", cpp, python, tol=0.0, names=["order", "bin offsets"])
+        except OutputMismatch as e:
+            return [refused_row({"mix": DEFAULT_MIX, "ranks": 64, "strategy": "planning-time", "window": 16}, e)]
     for backend in backends:
-        lengths = np.array(sample_lengths(DEFAULT_MIX, sizes[backend], seed=1))
+        lengths = np.array([num_patches(s) for s in latent_shapes(DEFAULT_MIX, sizes[backend], seed=1)])
         t = measure(lambda: plan_steps(lengths, capacity=CAPACITY, ranks=64, hidden_size=HIDDEN, split_long=True,
                                        backend=backend), device=torch.device("cpu"),
                     warmup=1, repeats=3)
@@ -85,28 +152,40 @@ def plot(rows: list[dict], path) -> None:
     import matplotlib.pyplot as plt
 
     quality = [r for r in rows if r["mix"] == DEFAULT_MIX and "E" in r]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.8))
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(16, 4.2), gridspec_kw={"width_ratios": [1, 1.6, 1.1]})
     for ranks, color in zip(RANKS, ("tab:blue", "tab:orange")):
         look = [r for r in quality if r["ranks"] == ranks and r["strategy"] == "lookahead"]
-        ax1.plot([r["window"] for r in look], [r["E"] for r in look], "o-", color=color, label=f"lookahead, {ranks} ranks")
-        buckets = next(r for r in quality if r["ranks"] == ranks and r["strategy"] == "shape-buckets")
-        ax1.axhline(buckets["E"], color=color, ls=":", label=f"shape buckets, {ranks} ranks")
+        ax1.plot([r["window"] for r in look], [r["E"] for r in look], "o-", color=color, label=f"packed, {ranks} ranks")
+        for name, style in zip(BUCKET_STRATEGIES, (":", "--")):
+            bucket = next(r for r in quality if r["ranks"] == ranks and r["strategy"] == name)
+            window = " (window 16)" if name.endswith("lookahead") else ""
+            ax1.axhline(bucket["E"], color=color, ls=style, lw=1, label=f"{name}{window}, {ranks} ranks")
     ax1.set_xscale("log", base=2)
-    ax1.set_xlabel("window (steps)")
+    ax1.set_xlabel("lookahead window (steps)")
     ax1.set_ylabel("balance efficiency E")
     ax1.set_ylim(0, 1.02)
-    ax1.legend(fontsize=7)
-    ax1.set_title(f"{DEFAULT_MIX}: E vs lookahead window")
+    ax1.legend(fontsize=6)
+    ax1.set_title(f"{DEFAULT_MIX}: E vs lookahead window", fontsize=9)
     names = list(STRATEGIES)
     x = np.arange(len(names))
     for k, ranks in enumerate(RANKS):
         by_name = {r["strategy"]: r for r in quality if r["ranks"] == ranks and r["window"] in (None, 16)}
-        ax2.bar(x + (k - 0.5) * 0.4, [by_name[n]["E"] for n in names], 0.4, label=f"{ranks} ranks")
-    ax2.set_xticks(x, names, rotation=15, fontsize=8)
-    ax2.set_ylabel("balance efficiency E")
+        ax2.bar(x + (k - 0.5) * 0.4, [by_name[n]["E"] for n in names], 0.4, label=f"E, {ranks} ranks")
+    ax2.set_xticks(x, names, fontsize=7, rotation=20, ha="right")
+    ax2.set_ylabel("balance efficiency E (lookahead: window 16)")
     ax2.set_ylim(0, 1.02)
     ax2.legend(fontsize=7)
-    ax2.set_title("per strategy (lookahead window 16)")
+    ax2.set_title("per strategy", fontsize=9)
+    by_name = {r["strategy"]: r for r in quality if r["ranks"] == RANKS[0] and r["window"] in (None, 16)}
+    fields = (("padding", "padding (of computed tokens)"), ("changed_samples", "samples resized/cropped"),
+              ("changed_tokens", "tokens in resized/cropped samples"))
+    for k, (field, label) in enumerate(fields):
+        ax3.barh(x + (k - 1) * 0.27, [100 * by_name[n][field] for n in names], 0.27, label=label)
+    ax3.set_yticks(x, names, fontsize=7)
+    ax3.invert_yaxis()
+    ax3.set_xlabel("%")
+    ax3.legend(fontsize=6)
+    ax3.set_title("what each strategy does to the data", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

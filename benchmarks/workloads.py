@@ -12,10 +12,27 @@ Default mix (``video-mix``): 30% images / 70% videos.
 Stress mixes: ``image-heavy`` (70% images), ``long-videos`` (10% images; videos 480p/720p only,
 65..129 frames), and ``images`` (images only, the short-sequence case for attention).
 All streams are seeded and reproducible.
+
+Shape buckets (:func:`bucket_shape`), for the baselines that batch by shape: Open-Sora's bucket table
+(``opensora/datasets/bucket.py`` and ``aspect.py`` of hpcaitech/Open-Sora v1.2) configured for this mix.
+A bucket is (resolution, frames, aspect ratio):
+
+* resolution: the largest of the mix's five resolutions (pixel area ``short * 16/9 short``: 144p .. 720p)
+  whose area is at most the sample's area / 0.8; smaller samples go to 144p (Open-Sora drops them);
+* frames: the longest of 1 (images), 17, 33, 65, 129 frames not longer than the clip (Open-Sora's
+  doubling ladder; it also drops clips shorter than the shortest bucket, which this mix has none of);
+* aspect ratio h/w: the closest of Open-Sora's 15 ratios 0.39 .. 2.10; the bucket's size is
+  ``(sqrt(area * r), sqrt(area / r))`` snapped to 16 px.
+
+The sample is resized to cover the bucket and center-cropped ("resize_crop"), and its clip cut to the
+bucket's frames. Open-Sora's keep-probabilities (which move some samples down a resolution at random)
+are all 1 here, which changes the fewest samples.
 """
 
 from __future__ import annotations
 
+import functools
+import math
 import random
 
 MIXES = ("images", "image-heavy", "video-mix", "long-videos")
@@ -34,6 +51,11 @@ _MIX_SPECS = {
     "video-mix": (0.3, _VIDEO_RES_P, _FRAMES),
     "long-videos": (0.1, (0.0, 0.0, 0.0, 0.5, 0.5), tuple(f for f in _FRAMES if f >= 65)),
 }
+
+
+BUCKET_FRAMES = (17, 33, 65, 129)
+BUCKET_ASPECTS = (0.39, 0.42, 0.48, 0.50, 0.52, 0.56, 0.66, 0.75, 1.00, 1.33, 1.52, 1.78, 1.92, 2.00, 2.10)  # h / w
+_AREA_TOLERANCE = 0.8  # Open-Sora's find_approximate_hw: a sample fits a resolution with >= 80% of its area
 
 
 def _snap16(px: float) -> int:
@@ -62,6 +84,27 @@ def latent_shapes(mix: str, num_samples: int, *, seed: int = 0) -> list[tuple[in
             h, w = _latent_hw(rng, video_res_p)
             shapes.append((LATENT_CHANNELS, 1 + (rng.choice(frames) - 1) // 4, h, w))
     return shapes
+
+
+def _bucket_areas() -> tuple[int, ...]:
+    """Pixel area of each bucket resolution, largest first (16:9 at the mix's short sides)."""
+    return tuple(sorted((short * _snap16(short * 16 / 9) for short in RESOLUTIONS), reverse=True))
+
+
+@functools.cache
+def bucket_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The latent shape a sample of latent ``shape`` is trained at under the bucket table (module docstring):
+    ``(C, H, W)`` stays an image, ``(C, T, H, W)`` a video of the bucket's frames."""
+    c, *thw = shape
+    h_px, w_px = 8 * thw[-2], 8 * thw[-1]
+    area = next((a for a in _bucket_areas() if h_px * w_px >= _AREA_TOLERANCE * a), _bucket_areas()[-1])
+    ratio = min(BUCKET_ASPECTS, key=lambda r: abs(r - h_px / w_px))
+    h, w = _snap16(math.sqrt(area * ratio)) // 8, _snap16(math.sqrt(area / ratio)) // 8
+    if len(thw) == 2:
+        return (c, h, w)
+    frames = 1 + 4 * (thw[0] - 1)
+    bucket_frames = max((f for f in BUCKET_FRAMES if f <= frames), default=BUCKET_FRAMES[0])
+    return (c, 1 + (bucket_frames - 1) // 4, h, w)
 
 
 def num_patches(shape: tuple[int, ...], patch_size=(1, 2, 2)) -> int:

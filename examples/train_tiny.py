@@ -9,24 +9,25 @@ random colour per channel, on a background gradient, drifting with a constant ve
 Sizes mix 8x8..16x16 images with 3- and 5-frame clips, so every step packs samples of different
 resolution, aspect ratio and duration into one sequence, balanced by the packing planner.
 
-Objective: rectified flow (``packdit.diffusion.FlowMatching``: logit-normal t with the per-sample
-resolution shift, loss normalised per sample). Checkpoints (``packdit.checkpoint``, atomic) hold the
-model, optimizer, RNG state and the sampler's position, so a resumed run neither loses nor repeats a
-sample. Writes ``loss.png`` (the curve) and ``samples.pt`` (Euler samples with CFG) to ``--out``.
+Training is ``packdit.train.Trainer``: rectified flow (``packdit.diffusion.FlowMatching``: logit-normal t
+with the per-sample resolution shift, loss normalised per sample, 10% label dropout for CFG), packed steps
+planned by ``packdit.data.PackedSampler``, and atomic checkpoints (``packdit.checkpoint``) of the model,
+optimizer, sampler position and RNG state, so a resumed run continues bitwise as if it had not stopped.
+Writes ``loss.png`` (the curve) and ``samples.pt`` (Euler samples with CFG) to ``--out``.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from packdit import checkpoint
-from packdit.data import PackedSampler
-from packdit.diffusion import FlowMatching, dit_adapter, sample
+from packdit.diffusion import dit_adapter, sample
 from packdit.models import DiT
+from packdit.train import StepInfo, Trainer
 
 PATCH = (1, 2, 2)
 NUM_CLASSES = 3
@@ -64,6 +65,22 @@ def token_count(shape) -> int:
     return t * (shape[-2] // 2) * (shape[-1] // 2)
 
 
+class SyntheticLatents:
+    """The dataset: ``dataset[i] = synthetic_latent(i, seed)``; ``lengths()`` are the token counts for the planner."""
+
+    def __init__(self, samples: int, seed: int):
+        self.samples, self.seed = samples, seed
+
+    def __len__(self) -> int:
+        return self.samples
+
+    def __getitem__(self, index: int):
+        return synthetic_latent(index, self.seed)
+
+    def lengths(self) -> list[int]:
+        return [token_count(SHAPES[i % len(SHAPES)]) for i in range(self.samples)]
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=300, help="total optimizer steps (default 300)")
@@ -78,61 +95,31 @@ def main(argv=None) -> None:
 
     torch.manual_seed(args.seed)
     model = DiT(input_size=16, patch_size=PATCH, in_channels=4, hidden_size=64, depth=3, num_heads=4,
-                num_classes=NUM_CLASSES, learn_sigma=False, class_dropout_prob=0.1, backend="torch")
-    model.y_embedder.dropout_prob = 0.0  # label dropout is done by the objective (cfg_dropout), per sample
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    lengths = [token_count(SHAPES[i % len(SHAPES)]) for i in range(args.samples)]
-    sampler = PackedSampler(lengths, capacity=args.capacity, ranks=1, rank=0, hidden_size=64, window=4,
-                            seed=args.seed)
-    objective = FlowMatching()
-    model_fn = dit_adapter(model)
-    generator = torch.Generator().manual_seed(args.seed)
-    step, losses = 0, []
+                num_classes=NUM_CLASSES, learn_sigma=False, class_dropout_prob=0.1)
+    model.y_embedder.dropout_prob = 0.0  # label dropout is done by the trainer (cfg_dropout), per sample
+    data = SyntheticLatents(args.samples, args.seed)
+    trainer = Trainer(model, data, lengths=data.lengths(), capacity=args.capacity, patch_size=PATCH, lr=args.lr,
+                      optimizer=functools.partial(torch.optim.AdamW, weight_decay=0.0), hidden_size=64, window=4,
+                      seed=args.seed, cfg_dropout=0.1, null_label=NUM_CLASSES)
     ckpt_path = args.out / "checkpoint.pt"
     if args.resume and ckpt_path.exists():
-        state = checkpoint.load(ckpt_path, weights_only=False)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sampler.set_epoch(state["sampler"]["epoch"])
-        sampler.load_state_dict(state["sampler"])
-        generator.set_state(state["generator"])
-        step, losses = state["step"], state["losses"]
+        trainer.load(ckpt_path)
 
-    model.train()
-    progress = tqdm(total=args.steps, initial=step, desc="train", unit="step")
-    while step < args.steps:
-        for batch in sampler:
-            if step >= args.steps:
-                break
-            if not batch:
-                continue
-            data = [synthetic_latent(i, args.seed) for i in batch]
-            latents = [d[0] for d in data]
-            y = torch.tensor([d[1] for d in data])
-            loss, _ = objective.training_loss(model_fn, latents, patch_size=PATCH, y=y, generator=generator,
-                                              cfg_dropout=0.1, null_label=NUM_CLASSES)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
-            losses.append(loss.item())
-            progress.update(1)
-            progress.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.4f}")
-            if step % 50 == 0 or step == args.steps:
-                checkpoint.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
-                                 "sampler": sampler.state_dict(), "generator": generator.get_state(),
-                                 "step": step, "losses": losses}, ckpt_path)
-        else:
-            sampler.set_epoch(sampler.epoch + 1)
+    progress = tqdm(total=args.steps, initial=trainer.step, desc="train", unit="step")
+
+    def report(info: StepInfo) -> None:
+        progress.update(1)
+        progress.set_postfix(loss=f"{_mean(trainer.losses[-20:]):.4f}")
+
+    losses = trainer.run(args.steps, on_step=report, checkpoint=ckpt_path, checkpoint_every=50)
     progress.close()
 
     _plot_losses(losses, args.out / "loss.png")
-    first, last = _mean(losses[:20]), _mean(losses[-20:])
-    print(f"loss: first 20 steps {first:.4f} -> last 20 steps {last:.4f}")
+    print(f"loss: first 20 steps {_mean(losses[:20]):.4f} -> last 20 steps {_mean(losses[-20:]):.4f}")
 
     model.eval()
     shapes = [(4, 8, 8), (4, 8, 16), (4, 3, 8, 8)]
-    samples = sample(model_fn, shapes, patch_size=PATCH, y=torch.tensor([0, 1, 2]), steps=20, cfg_scale=2.0,
+    samples = sample(dit_adapter(model), shapes, patch_size=PATCH, y=torch.tensor([0, 1, 2]), steps=20, cfg_scale=2.0,
                      null_label=NUM_CLASSES, generator=torch.Generator().manual_seed(1))
     torch.save(samples, args.out / "samples.pt")
     print(f"sampled {[tuple(s.shape) for s in samples]}; wrote {args.out / 'loss.png'}, {args.out / 'samples.pt'}")

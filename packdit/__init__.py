@@ -1,37 +1,31 @@
 """packdit: kernels and modules for diffusion transformers on packed batches of images and videos.
 
 Public API:
-    pack, unpack, pack_like, PackedSeqs   -- the packed layout (packdit.layout)
+    pack, unpack, pack_like, PackedSeqs   -- the packed layout (packdit.layout, packdit.patches)
     checks, use_deterministic              -- input validation switch, bitwise-reproducible backward
     varlen_attention, RoPE3D               -- packed (full / spatial / temporal) attention with 3-D RoPE
     modulated_norm, gated_residual,        -- fused adaLN kernels: norm + per-segment modulate, gated
     fused_mlp                                 residual, MLP with GEMM epilogues (modules in packdit.nn)
-    DiT, DiT_models                        -- the packed DiT (official-checkpoint compatible, video options)
+    DiT, DiTConfig, DiT_models             -- the packed DiT (official-checkpoint compatible, video options),
+    DIT_CONFIGS                               its checked configuration and the named configurations
     packdit.packing, packdit.data          -- load-balancing planner, per-rank sampler
     packdit.diffusion, packdit.train       -- flow matching / DDPM objectives and samplers, DDP training
     packdit.reference                      -- pure-PyTorch oracles every kernel is tested against
+
+The ops are those of the dispatcher :mod:`packdit.nn.functional`: each runs its Triton/CUDA kernel where
+it can and its PyTorch reference elsewhere (``backend=`` forces one). docs/architecture.md maps the layers.
 """
 
 from packdit._validate import checks
 from packdit.determinism import use_deterministic
-from packdit.layout import PackedSeqs, pack, pack_like, unpack
-from packdit.models import DiT, DiT_models
-from packdit.ops.attention import RoPE3D, varlen_attention
+from packdit.layout import PackedSeqs
+from packdit.models import DIT_CONFIGS, DiT, DiT_models, DiTConfig
+from packdit.nn.functional import fused_mlp, gated_residual, modulated_norm, varlen_attention
+from packdit.patches import pack, pack_like, unpack
+from packdit.rope import RoPE3D
 
 __version__ = "0.1.0"
 
-# Triton-backed ops, imported on first use so that ``import packdit`` does not import triton.
-_LAZY_OPS = {"modulated_norm": "packdit.ops.modulate", "gated_residual": "packdit.ops.gated_residual",
-             "fused_mlp": "packdit.ops.mlp"}
-
-
-def __getattr__(name: str):
-    if name in _LAZY_OPS:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY_OPS[name]), name)
-    raise AttributeError(f"module 'packdit' has no attribute {name!r}")
-
-
 __all__ = ["PackedSeqs", "pack", "pack_like", "unpack", "checks", "use_deterministic", "varlen_attention", "RoPE3D",
-           "modulated_norm", "gated_residual", "fused_mlp", "DiT", "DiT_models", "__version__"]
+           "modulated_norm", "gated_residual", "fused_mlp", "DiT", "DiTConfig", "DiT_models", "DIT_CONFIGS",
+           "__version__"]

@@ -18,12 +18,12 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["checks", "checks_enabled", "validate_cu_seqlens", "validate_seqs"]
+__all__ = ["checks", "checks_enabled", "validate_cu_seqlens", "validate_offsets", "validate_seqs"]
 
 _state = threading.local()
 
@@ -63,15 +63,30 @@ def validate_cu_seqlens(cu_seqlens: Tensor, num_tokens: int, name: str = "cu_seq
     if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 1:
         raise ValueError(f"{name}: expected shape (B+1,) with B >= 0, got {tuple(cu_seqlens.shape)}")
     host = cu_seqlens.tolist()
-    if host[0] != 0:
-        raise ValueError(f"{name}: expected {name}[0] = 0, got {host[0]}")
-    for b in range(len(host) - 1):
-        if host[b + 1] < host[b]:
-            raise ValueError(f"{name}: segment {b} has negative length: {name}[{b}] = {host[b]} > "
-                             f"{name}[{b + 1}] = {host[b + 1]} (expected non-decreasing)")
-    if host[-1] != num_tokens:
-        raise ValueError(f"{name}: expected {name}[-1] = {num_tokens} (the number of tokens), got {host[-1]}")
+    validate_offsets(host, num_tokens, name)
     return host
+
+
+def validate_offsets(offsets: Sequence[int], num_tokens: int, name: str = "cu_seqlens",
+                     max_seqlen: int | None = None) -> None:
+    """Check host segment offsets (a list or a 1-D numpy array, e.g. ``cu_seqlens`` copied to the host):
+    ``offsets[0] == 0``, non-decreasing, ``offsets[-1] == num_tokens`` and, when given, no segment longer
+    than ``max_seqlen``. The one check of ``cu_seqlens`` values, whoever holds them."""
+    offsets = offsets.tolist() if hasattr(offsets, "tolist") else list(offsets)
+    if offsets[0] != 0:
+        raise ValueError(f"{name}: expected non-decreasing offsets starting at {name}[0] = 0, got {offsets[0]}")
+    longest = 0
+    for b in range(len(offsets) - 1):
+        length = offsets[b + 1] - offsets[b]
+        if length < 0:
+            raise ValueError(f"{name}: expected non-decreasing offsets, but segment {b} has negative length: "
+                             f"{name}[{b}] = {offsets[b]} > {name}[{b + 1}] = {offsets[b + 1]}")
+        longest = max(longest, length)
+    if offsets[-1] != num_tokens:
+        raise ValueError(f"{name}: last entry must be the number of tokens: expected {name}[-1] = {num_tokens}, "
+                         f"got {offsets[-1]}")
+    if max_seqlen is not None and longest > max_seqlen:
+        raise ValueError(f"{name}: a segment has {longest} tokens, more than max_seqlen={max_seqlen}")
 
 
 def validate_seqs(seqs, name: str = "seqs") -> None:
@@ -89,7 +104,8 @@ def validate_seqs(seqs, name: str = "seqs") -> None:
         if t.dtype != torch.int32:
             raise ValueError(f"{name}.{field}: expected dtype int32, got {t.dtype}")
         if t.device != seqs.cu_seqlens.device:
-            raise ValueError(f"{name}.{field}: expected device {seqs.cu_seqlens.device} like cu_seqlens, got {t.device}")
+            raise ValueError(f"{name}.{field}: expected device {seqs.cu_seqlens.device} like cu_seqlens, "
+                             f"got {t.device}")
     cu = validate_cu_seqlens(seqs.cu_seqlens, n, f"{name}.cu_seqlens")
     num_segments = len(cu) - 1
     if seqs.grid.shape != (num_segments, 3):
@@ -98,7 +114,8 @@ def validate_seqs(seqs, name: str = "seqs") -> None:
         raise ValueError(f"{name}.positions: expected shape ({n}, 3), got {tuple(seqs.positions.shape)}")
     lengths = [cu[b + 1] - cu[b] for b in range(num_segments)]
     if seqs.max_seqlen != max(lengths, default=0):
-        raise ValueError(f"{name}.max_seqlen: expected {max(lengths, default=0)} (the longest segment), got {seqs.max_seqlen}")
+        raise ValueError(f"{name}.max_seqlen: expected {max(lengths, default=0)} (the longest segment), "
+                         f"got {seqs.max_seqlen}")
     for b, ((t, h, w), length) in enumerate(zip(seqs.grid.tolist(), lengths)):
         full = t * h * w
         if min(t, h, w) < 0 or length > full or (length < full and not seqs.dropped):
@@ -119,5 +136,6 @@ def validate_seqs(seqs, name: str = "seqs") -> None:
         if bool(bad.any()):
             i = _first_bad(bad)
             raise ValueError(f"{name}.positions: token {i} of segment {int(expected_ids[i])} is at (t, h, w) = "
-                             f"{tuple(seqs.positions[i].tolist())}, outside its grid {tuple(grid_of_token[i].tolist())}")
+                             f"{tuple(seqs.positions[i].tolist())}, outside its grid "
+                             f"{tuple(grid_of_token[i].tolist())}")
     seqs._cache["validated"] = True

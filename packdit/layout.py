@@ -1,4 +1,5 @@
-"""Packed layout: many images and videos as one token sequence (NaViT "Patch n' Pack", arXiv 2307.06304).
+"""The packed layout, a plain value type: many images and videos as one token sequence (NaViT "Patch n' Pack",
+arXiv 2307.06304).
 
 A batch of B latents, sample b of shape ``(C, T_b, H_b, W_b)`` (video) or ``(C, H_b, W_b)`` (image, T=1),
 is cut into ``pt x ph x pw`` spacetime patches and concatenated, sample after sample, each in (t, h, w)
@@ -6,14 +7,15 @@ raster order, into one buffer::
 
     tokens: (N, C*pt*ph*pw)        N = sum_b L_b,  L_b = (T_b/pt)*(H_b/ph)*(W_b/pw)
 
-The vector of one patch is ordered (C, pt, ph, pw), the flattening of a ``Conv3d``/``Conv2d`` weight
-``(out, C, pt, ph, pw)``, so ``tokens @ conv.weight.flatten(1).T + conv.bias`` equals the strided conv
-patch embedding. :class:`PackedSeqs` describes where every sample and token sits; every packdit op
-receives it.
+:class:`PackedSeqs` describes where every sample and token sits; every packdit op receives it. The
+functions that fill the buffer (:func:`packdit.pack`, :func:`packdit.unpack`, :func:`packdit.pack_like`)
+live in :mod:`packdit.patches`, above the kernels; this module sits below them (kernels and oracles both
+read the layout) and imports no op. Its metadata (segment ids, positions) is built by
+:mod:`packdit.layout_positions`.
 
-Token dropping (NaViT section 3.1): ``pack(..., drop_rate=r)`` keeps a random subset of each sample's
-patches, still in raster order, and ``positions`` hold the *true* (t, h, w) of the kept tokens, so
-position embeddings and RoPE are unchanged by the drop.
+Token dropping (NaViT section 3.1): a layout may keep a subset of each sample's patches, still in raster
+order; ``positions`` hold the *true* (t, h, w) of the kept tokens, so position embeddings and RoPE are
+unchanged by the drop.
 """
 
 from __future__ import annotations
@@ -26,12 +28,12 @@ import torch
 import torch.utils._pytree as pytree
 from torch import Tensor
 
-from packdit._validate import validate_seqs
-from packdit.ops.layout_positions import layout_positions
+from packdit.layout_positions import layout_positions
 
-__all__ = ["PackedSeqs", "pack", "pack_like", "unpack", "normalize_patch_size"]
+__all__ = ["PackedSeqs", "PatchSize", "DropRate", "normalize_patch_size", "check_latents", "MAX_TOKENS"]
 
-_INT32_MAX = 2**31 - 1
+MAX_TOKENS = 2**31 - 1
+"""Tokens of one packed batch: every index into it is int32."""
 
 PatchSize = Union[int, Sequence[int]]
 DropRate = Union[float, Callable[[tuple[int, int, int]], float], None]
@@ -114,8 +116,8 @@ class PackedSeqs:
             token_index.append(k.to(torch.int32))
             dropped |= k.numel() < n
         num_tokens = sum(lengths)
-        if num_tokens > _INT32_MAX:
-            raise ValueError(f"packed batch has {num_tokens} tokens; int32 indexing allows at most {_INT32_MAX}")
+        if num_tokens > MAX_TOKENS:
+            raise ValueError(f"packed batch has {num_tokens} tokens; int32 indexing allows at most {MAX_TOKENS}")
         if sample_ndims is None:
             sample_ndims = (4,) * len(grids)
         sample_ndims = tuple(int(d) for d in sample_ndims)
@@ -235,8 +237,10 @@ def normalize_patch_size(patch_size: PatchSize) -> tuple[int, int, int]:
     return patch_size
 
 
-def _check_latents(latents, patch_size) -> list[tuple[int, int, int]]:
-    """Validate a list of latents; return each sample's patch grid (T, H, W)."""
+def check_latents(latents: Sequence[Tensor], patch_size: tuple[int, int, int]) -> list[tuple[int, int, int]]:
+    """Validate a list of latents for ``patch_size`` (pt, ph, pw); return each sample's patch grid (T, H, W).
+
+    The one check of latents: :func:`packdit.pack`, :func:`packdit.pack_like` and the patchify kernel use it."""
     if isinstance(latents, Tensor) or not isinstance(latents, Sequence):
         raise TypeError(f"latents: expected a list of (C, T, H, W) or (C, H, W) tensors, got {type(latents).__name__}")
     if len(latents) == 0:
@@ -275,140 +279,3 @@ def _check_latents(latents, patch_size) -> list[tuple[int, int, int]]:
     return grids
 
 
-def _patchify(x: Tensor, patch_size) -> Tensor:
-    """(C, T, H, W) or (C, H, W) -> (T'*H'*W', C*pt*ph*pw), a view-permute (copied by the caller)."""
-    if x.dim() == 3:
-        x = x.unsqueeze(1)
-    c, t, h, w = x.shape
-    pt, ph, pw = patch_size
-    x = x.reshape(c, t // pt, pt, h // ph, ph, w // pw, pw)
-    return x.permute(1, 3, 5, 0, 2, 4, 6).reshape((t // pt) * (h // ph) * (w // pw), c * pt * ph * pw)
-
-
-def _drop_keep(grid, rate: float, generator) -> Tensor | None:
-    n = grid[0] * grid[1] * grid[2]
-    if not 0.0 <= rate <= 1.0:
-        raise ValueError(f"drop_rate: expected a value in [0, 1], got {rate} for grid {grid}")
-    keep = n - int(rate * n)
-    if keep == n:
-        return None
-    return torch.randperm(n, generator=generator)[:keep].sort().values
-
-
-def pack(
-    latents: Sequence[Tensor],
-    patch_size: PatchSize = (1, 2, 2),
-    *,
-    drop_rate: DropRate = None,
-    generator: torch.Generator | None = None,
-) -> tuple[Tensor, PackedSeqs]:
-    """Patchify and concatenate ``latents`` into ``(tokens (N, C*pt*ph*pw), PackedSeqs)``.
-
-    ``drop_rate``: fraction of each sample's patches to drop (NaViT token dropping), a float or a
-    callable ``grid (T, H, W) -> float`` for resolution-dependent rates; sample b keeps
-    ``L_b - floor(rate * L_b)`` patches chosen with ``generator`` (CPU), in raster order.
-    ``torch.cat`` of the permuted views writes each element once; the CUDA gather kernel replaces it.
-    """
-    patch_size = normalize_patch_size(patch_size)
-    grids = _check_latents(latents, patch_size)
-    num_tokens = sum(t * h * w for t, h, w in grids)
-    if num_tokens > _INT32_MAX:
-        raise ValueError(f"latents: {num_tokens} patches in total; int32 indexing allows at most {_INT32_MAX}")
-    kept = None
-    if drop_rate is not None:
-        rate = drop_rate if callable(drop_rate) else (lambda g: drop_rate)
-        kept = [_drop_keep(g, float(rate(g)), generator) for g in grids]
-    seqs = PackedSeqs.from_grids(
-        grids, kept=kept, sample_ndims=[x.dim() for x in latents], device=latents[0].device
-    )
-    return _gather(latents, seqs, patch_size, kept), seqs
-
-
-def _gather(latents, seqs: PackedSeqs, patch_size, kept) -> Tensor:
-    from packdit.ops import patchify as patchify_op
-
-    if patchify_op.implementation(latents[0]) == "cuda":
-        raster = seqs.raster_index() if seqs.dropped else None
-        return patchify_op.patchify(list(latents), seqs.cu_seqlens, seqs.segment_ids, raster, list(patch_size), False)
-    pieces = []
-    for b, x in enumerate(latents):
-        p = _patchify(x, patch_size)
-        if kept is not None and kept[b] is not None:
-            p = p[kept[b].to(x.device)]
-        pieces.append(p)
-    return torch.cat(pieces)
-
-
-def _kept_raster(seqs: PackedSeqs) -> list[Tensor | None]:
-    """Per sample, the raster indices of the kept tokens (None where nothing was dropped)."""
-    if not seqs.dropped:
-        return [None] * len(seqs)
-    raster = seqs.raster_index().split(list(seqs.seqlens))
-    return [None if r.numel() == t * h * w else r for r, (t, h, w) in zip(raster, seqs.grids)]
-
-
-def pack_like(latents: Sequence[Tensor], seqs: PackedSeqs, patch_size: PatchSize = (1, 2, 2)) -> Tensor:
-    """Pack ``latents`` (e.g. targets or noise) into exactly the layout ``seqs``, keeping the same dropped tokens.
-
-    The loss on kept tokens of a dropped layout is ``mse(pred_tokens, pack_like(targets, seqs, p))``.
-    """
-    patch_size = normalize_patch_size(patch_size)
-    validate_seqs(seqs)
-    grids = _check_latents(latents, patch_size)
-    if len(grids) != len(seqs) or tuple(grids) != seqs.grids:
-        for b, (g, want) in enumerate(zip(grids, seqs.grids)):
-            if g != want:
-                raise ValueError(f"latents[{b}]: patch grid {g} does not match the layout's grid {want}")
-        raise ValueError(f"latents: expected {len(seqs)} samples like the layout, got {len(grids)}")
-    return _gather(latents, seqs, patch_size, _kept_raster(seqs))
-
-
-def unpack(
-    tokens: Tensor,
-    seqs: PackedSeqs,
-    patch_size: PatchSize = (1, 2, 2),
-    *,
-    channels_last: bool = False,
-    fill_value: float | None = None,
-) -> list[Tensor]:
-    """Inverse of :func:`pack`: ``tokens (N, C*pt*ph*pw)`` -> list of ``(C, T, H, W)`` / ``(C, H, W)``.
-
-    ``channels_last=True`` reads each token as ``(pt, ph, pw, C)``, the order of the official DiT
-    final layer (``unpatchify``'s ``nhwpqc``), instead of the conv order ``(C, pt, ph, pw)``.
-    A layout with dropped tokens cannot be inverted: pass ``fill_value`` to scatter the kept tokens
-    into full-size outputs filled with it (to look at predictions), or compare on kept tokens with
-    :func:`pack_like`.
-    """
-    patch_size = normalize_patch_size(patch_size)
-    validate_seqs(seqs)
-    pt, ph, pw = patch_size
-    if tokens.dim() != 2 or tokens.shape[0] != seqs.num_tokens:
-        raise ValueError(f"tokens: expected shape ({seqs.num_tokens}, C*{pt}*{ph}*{pw}), got {tuple(tokens.shape)}")
-    if tokens.shape[1] % (pt * ph * pw):
-        raise ValueError(f"tokens: feature size {tokens.shape[1]} is not a multiple of pt*ph*pw = {pt * ph * pw}")
-    if seqs.dropped and fill_value is None:
-        raise ValueError(
-            "seqs: the layout has dropped tokens, so unpack cannot restore the full samples; pass fill_value= "
-            "to scatter kept tokens into full-size outputs, or use pack_like() to compare on kept tokens"
-        )
-    sample_ndims = seqs.sample_ndims or (4,) * len(seqs)
-    from packdit.ops import patchify as patchify_op
-
-    if patchify_op.implementation(tokens) == "cuda":
-        raster = seqs.raster_index() if seqs.dropped else None
-        return patchify_op.unpatchify(tokens, seqs.cu_seqlens, seqs.segment_ids, raster,
-                                      [g for grid in seqs.grids for g in grid], list(sample_ndims),
-                                      list(patch_size), channels_last, fill_value)
-    c = tokens.shape[1] // (pt * ph * pw)
-    out = []
-    for x, keep, (t, h, w), nd in zip(tokens.split(list(seqs.seqlens)), _kept_raster(seqs), seqs.grids,
-                                      sample_ndims):
-        if keep is not None:
-            x = x.new_full((t * h * w, x.shape[1]), fill_value).index_copy_(0, keep.to(x.device), x)
-        if channels_last:
-            x = x.reshape(t, h, w, pt, ph, pw, c).permute(6, 0, 3, 1, 4, 2, 5)
-        else:
-            x = x.reshape(t, h, w, c, pt, ph, pw).permute(3, 0, 4, 1, 5, 2, 6)
-        x = x.reshape(c, t * pt, h * ph, w * pw)
-        out.append(x.squeeze(1) if nd == 3 else x)
-    return out

@@ -33,11 +33,13 @@ def assert_close(actual: Tensor, expected: Tensor, *, atol: float = 1e-5, rtol: 
 
 
 def assert_within_2x(out: Tensor, pt: Tensor, ref: Tensor, *, floor: float = 1e-5, name: str = "") -> None:
-    """The flash-attention rule: kernel error vs the fp32/fp64 oracle <= 2x the error of same-precision torch + floor."""
+    """The flash-attention rule: kernel error vs the fp32/fp64 oracle <= 2x the error of same-precision torch
+    + floor."""
     err_out = (out.double() - ref.double()).abs().max().item() if out.numel() else 0.0
     err_pt = (pt.double() - ref.double()).abs().max().item() if pt.numel() else 0.0
     print(f"{name}: kernel err {err_out:.3e}, torch err {err_pt:.3e}")
-    assert err_out <= 2 * err_pt + floor, f"{name}: {err_out:.3e} > 2*{err_pt:.3e} + {floor:.1e}; {error_report(out, ref)}"
+    assert err_out <= 2 * err_pt + floor, \
+        f"{name}: {err_out:.3e} > 2*{err_pt:.3e} + {floor:.1e}; {error_report(out, ref)}"
 
 
 EDGE_LENGTHS = (0, 1, 7, 37, 100)
@@ -78,3 +80,52 @@ def randomize_(model: torch.nn.Module, seed: int = 0, std: float = 0.1) -> torch
             if p.requires_grad:
                 p.copy_(std * torch.randn(p.shape, generator=g))
     return model
+
+
+# ---------------------------------------------------------------------- patchify by explicit coordinates
+# An implementation of patchify/unpatchify independent of packdit.reference.patchify (which reshapes and
+# permutes): every feature of every token is gathered from the latent coordinates it stands for.
+def _latent_coords(raster: Tensor, grid, patch_size, channels: int, channels_last: bool):
+    """Latent coordinates (c, t, h, w), each (L, F), of the F features of L tokens at ``raster``."""
+    _, gh, gw = grid
+    pt, ph, pw = patch_size
+    t, h, w = raster // (gh * gw), (raster // gw) % gh, raster % gw
+    c, it, ih, iw = torch.meshgrid(*(torch.arange(s, device=raster.device) for s in (channels, pt, ph, pw)),
+                                   indexing="ij")
+    if channels_last:
+        c, it, ih, iw = (v.permute(1, 2, 3, 0) for v in (c, it, ih, iw))
+    c, it, ih, iw = (v.reshape(1, -1) for v in (c, it, ih, iw))
+    return c, t[:, None] * pt + it, h[:, None] * ph + ih, w[:, None] * pw + iw
+
+
+def _sample_rasters(cu_seqlens: Tensor, raster_index: Tensor | None, device) -> list[Tensor]:
+    cu = cu_seqlens.tolist()
+    return [torch.arange(cu[b + 1] - cu[b], device=device) if raster_index is None
+            else raster_index[cu[b]:cu[b + 1]].to(device, torch.int64) for b in range(len(cu) - 1)]
+
+
+def gather_patchify(latents, cu_seqlens: Tensor, raster_index: Tensor | None, patch_size,
+                    channels_last: bool = False) -> Tensor:
+    """Samples (C, T, H, W) / (C, H, W) -> packed tokens (N, C*pt*ph*pw)."""
+    pieces = []
+    for x, raster in zip(latents, _sample_rasters(cu_seqlens, raster_index, latents[0].device)):
+        x = x.unsqueeze(1) if x.dim() == 3 else x
+        grid = tuple(s // p for s, p in zip(x.shape[1:], patch_size))
+        pieces.append(x[_latent_coords(raster, grid, patch_size, x.shape[0], channels_last)])
+    return torch.cat(pieces)
+
+
+def gather_unpatchify(tokens: Tensor, cu_seqlens: Tensor, raster_index: Tensor | None, grids, sample_ndims,
+                      patch_size, channels_last: bool = False, fill_value: float | None = None) -> list[Tensor]:
+    """Packed tokens (N, F) -> samples, (C, H, W) where ``sample_ndims[b] == 3``; ``fill_value`` (0 when
+    None) where no token landed."""
+    channels = tokens.shape[1] // (patch_size[0] * patch_size[1] * patch_size[2])
+    out = []
+    cu = cu_seqlens.tolist()
+    for b, (raster, grid, ndim) in enumerate(zip(_sample_rasters(cu_seqlens, raster_index, tokens.device),
+                                                 grids, sample_ndims)):
+        shape = (channels, *(g * p for g, p in zip(grid, patch_size)))
+        x = tokens.new_full(shape, 0.0 if fill_value is None else fill_value)
+        x[_latent_coords(raster, grid, patch_size, channels, channels_last)] = tokens[cu[b]:cu[b + 1]]
+        out.append(x.squeeze(1) if ndim == 3 else x)
+    return out

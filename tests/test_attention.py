@@ -1,5 +1,5 @@
-"""packdit.varlen_attention (Triton) against the float64 reference: forward, lse and every gradient, in all
-modes, with GQA, cross-attention, RoPE, NaN-poisoned memory, determinism, torch.compile and bad inputs.
+"""packdit.ops.attention.varlen_attention (Triton) against the float64 reference: forward, lse and every gradient,
+in all modes, with GQA, cross-attention, RoPE, NaN-poisoned memory, determinism, torch.compile and bad inputs.
 
 Accuracy rule (flash-attention's): the kernel's error vs the float64 oracle is at most twice the error of
 the same computation in PyTorch at the kernel's precision, plus a small floor. Without a GPU the kernels
@@ -70,7 +70,7 @@ def check_against_reference(seqs: PackedSeqs, hq: int, hk: int, d: int, *, mode=
     torch_ = _forward_backward(oracle, *(t.to(dtype) for t in (q, k, v)), grad_out, grad_lse)
 
     buffers = [_poisoned(t.to(dtype)) for t in (q, k, v)]
-    out, lse = packdit.varlen_attention(
+    out, lse = attention_op.varlen_attention(
         *(view for _, view in buffers), cu_q, seqs.max_seqlen, cu_k, max_k, scale=scale, mode=mode,
         seqs=seqs, rope=rope, return_lse=True)
     finite = torch.isfinite(lse)
@@ -149,27 +149,28 @@ def test_each_sample_alone_gives_the_same_output():
     q, k, v = (torch.randn(seqs.num_tokens, 2, 16, device=DEVICE) for _ in range(3))
     rope = RoPE3D(100.0, (4, 4, 4))
     for mode in ("full", "spatial", "temporal"):
-        packed = packdit.varlen_attention(q, k, v, seqs.cu_seqlens, seqs.max_seqlen, mode=mode, seqs=seqs, rope=rope)
+        packed = attention_op.varlen_attention(q, k, v, seqs.cu_seqlens, seqs.max_seqlen, mode=mode, seqs=seqs,
+                                               rope=rope)
         for b, (start, end) in enumerate(zip(seqs.cu_seqlens.tolist(), seqs.cu_seqlens.tolist()[1:])):
             if start == end:
                 continue
             alone = PackedSeqs.from_grids([grids[b]], device=DEVICE)
-            out = packdit.varlen_attention(q[start:end], k[start:end], v[start:end], alone.cu_seqlens,
-                                           alone.max_seqlen, mode=mode, seqs=alone, rope=rope)
+            out = attention_op.varlen_attention(q[start:end], k[start:end], v[start:end], alone.cu_seqlens,
+                                                alone.max_seqlen, mode=mode, seqs=alone, rope=rope)
             assert_close(out, packed[start:end], atol=2e-6, rtol=1e-5, name=f"{mode} sample {b}")
 
 
 def test_zero_and_one_token_segments_and_empty_batch():
     cu = cu_seqlens_of([0, 1, 0, 2, 0], DEVICE)
     q, k, v = (torch.randn(3, 1, 8, device=DEVICE, requires_grad=True) for _ in range(3))
-    out, lse = packdit.varlen_attention(q, k, v, cu, 2, return_lse=True)
+    out, lse = attention_op.varlen_attention(q, k, v, cu, 2, return_lse=True)
     want, want_lse = reference.varlen_attention(q.detach(), k.detach(), v.detach(), cu, return_lse=True)
     assert_close(out, want, atol=1e-6, name="out")
     assert_close(lse, want_lse, atol=1e-6, name="lse")
     assert_close(out[0], v[0].detach(), atol=1e-6, name="a single token attends to itself")
     out.sum().backward()
     empty = torch.empty(0, 2, 16, device=DEVICE)
-    out, lse = packdit.varlen_attention(empty, empty, empty, cu_seqlens_of([0, 0], DEVICE), 0, return_lse=True)
+    out, lse = attention_op.varlen_attention(empty, empty, empty, cu_seqlens_of([0, 0], DEVICE), 0, return_lse=True)
     assert out.shape == (0, 2, 16) and lse.shape == (2, 0)
 
 
@@ -186,7 +187,7 @@ def test_plain_cu_seqlens_without_checks_build_the_schedule_on_the_device():
         extra = () if keys is None else (keys[0], keys[2])
 
         def run(*inputs):
-            return packdit.varlen_attention(*inputs, cu_q, max(lengths_q), *extra, return_lse=True)
+            return attention_op.varlen_attention(*inputs, cu_q, max(lengths_q), *extra, return_lse=True)
 
         grad = torch.randn_like(q)
         want = _forward_backward(run, q, k, v, grad, torch.zeros(4, q.shape[0], device=DEVICE))
@@ -212,7 +213,7 @@ def test_tiles_too_wide_for_shared_memory_run_in_parts(deterministic):
     grad, grad_lse = torch.randn_like(q), torch.randn(2, q.shape[0], device=DEVICE, generator=gen)
 
     def run(*inputs):
-        return packdit.varlen_attention(*inputs, cu, max_seqlen, return_lse=True)
+        return attention_op.varlen_attention(*inputs, cu, max_seqlen, return_lse=True)
 
     try:
         packdit.use_deterministic(deterministic)
@@ -236,7 +237,7 @@ def test_deterministic_backward_is_bitwise_reproducible_and_matches_default():
 
     def grads():
         leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
-        out = packdit.varlen_attention(*leaves, seqs.cu_seqlens, seqs.max_seqlen, seqs=seqs, rope=rope)
+        out = attention_op.varlen_attention(*leaves, seqs.cu_seqlens, seqs.max_seqlen, seqs=seqs, rope=rope)
         out.backward(grad)
         return [t.grad for t in leaves]
 
@@ -362,7 +363,7 @@ def test_errors_name_the_argument(match, overrides):
                 v=torch.randn(5, 2, 16, device=DEVICE), cu_seqlens_q=cu_seqlens_of([3, 2], DEVICE), max_seqlen_q=3)
     args.update(overrides)
     with pytest.raises(ValueError, match=match):
-        packdit.varlen_attention(**args)
+        attention_op.varlen_attention(**args)
 
 
 def test_rope_definition():

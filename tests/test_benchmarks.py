@@ -1,9 +1,13 @@
-"""Keeps benchmarks/ alive in CI: the runner on tiny CPU shapes, and a pytest-benchmark of pack."""
+"""Keeps benchmarks/ alive in CI: the runner on tiny CPU shapes, the output checks that refuse wrong
+implementations, the step-model fit guard, and a pytest-benchmark of pack."""
 
+import dataclasses
 import json
+import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -11,13 +15,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
 import run as bench_run  # noqa: E402
 import workloads  # noqa: E402
+from common import OutputMismatch, forward_and_grads, verify_outputs  # noqa: E402
 
 import packdit  # noqa: E402
 
+ROOT = Path(__file__).resolve().parent.parent
+
 
 def test_runner_writes_results(tmp_path, capsys):
-    assert bench_run.main(["--quick", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    archive = tmp_path / "results.tar.gz"
+    assert bench_run.main(["--quick", "--device", "cpu", "--out", str(tmp_path), "--archive", str(archive)]) == 0
     printed = capsys.readouterr().out
+    folders = [p.name for p in tmp_path.iterdir() if p.is_dir()]
+    assert all(f.endswith("-quick") for f in folders), folders  # a quick run never writes results
+    device_folders = [f for f in folders if f.startswith("cpu-")]
+    assert len(device_folders) == 1, folders
+    import tarfile
+
+    # the archive holds the device's sections; the static sass section writes its own static-sm* folders
+    with tarfile.open(archive) as tar:
+        assert {f"{device_folders[0]}/{s}.json" for s in bench_run.SECTIONS if s != "sass"} <= set(tar.getnames())
     for section in bench_run.SECTIONS:
         files = list(tmp_path.glob(f"*/{section}.*"))
         assert {f.suffix for f in files} == {".json", ".csv", ".png"}, files
@@ -29,6 +46,107 @@ def test_runner_writes_results(tmp_path, capsys):
 def test_runner_rejects_unknown_section():
     with pytest.raises(SystemExit):
         bench_run.main(["--only", "nope"])
+
+
+def test_quick_results_are_ignored_and_full_cpu_packing_results_are_not():
+    def ignored(path):
+        return subprocess.run(["git", "check-ignore", "-q", path], cwd=ROOT).returncode == 0
+
+    assert ignored("benchmarks/results/cpu-x86-64-quick/packing.json")
+    assert ignored("benchmarks/results/nvidia-h200-quick/attention.json")
+    assert not ignored("benchmarks/results/cpu-x86-64/packing.json")
+    assert not ignored("benchmarks/results/nvidia-h200/e2e.json")
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward, 1.5 x the gradient backward: a kernel whose forward is right and backward wrong."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return 1.5 * grad
+
+
+@pytest.mark.parametrize("bug", ["wrong mode", "wrong dq"])
+def test_attention_section_refuses_a_wrong_implementation(bug, tmp_path, monkeypatch):
+    import attention
+
+    case = attention.Case("cpu-videos", 64, True, "temporal")
+    monkeypatch.setattr(attention, "_cases", lambda ctx: [case])
+    providers = attention._providers
+
+    def with_a_wrong_one(ctx, seqs, case):
+        found, skipped = providers(ctx, seqs, case)
+        ref = attention._reference(seqs, case, fused_rope=True)
+        if bug == "wrong mode":  # full attention where the case asks for temporal
+            full = attention._reference(seqs, attention.Case(case.mix, 64, True, "full"), fused_rope=True)
+            wrong = attention.Provider("wrong", full, fused_rope=True)
+        else:
+            wrong = attention.Provider("wrong", lambda q, k, v: ref(_ScaleGrad.apply(q), k, v), fused_rope=True)
+        return found + [wrong], skipped
+
+    monkeypatch.setattr(attention, "_providers", with_a_wrong_one)
+    assert bench_run.main(["--quick", "--device", "cpu", "--only", "attention", "--out", str(tmp_path),
+                           "--no-plots"]) == 1
+    rows = json.loads(next(tmp_path.glob("*/attention.json")).read_text())["rows"]
+    wrong = [r for r in rows if r["provider"] == "wrong"]
+    assert len(wrong) == 1 and "ms" not in wrong[0]
+    assert ("out differs" if bug == "wrong mode" else "dq differs") in wrong[0]["refused"]
+    assert all("ms" in r for r in rows if r["provider"] == "reference")  # the right ones were timed
+
+
+def test_e2e_refuses_a_padded_trainer_that_attends_to_padding(monkeypatch):
+    import e2e
+
+    cfg = e2e._config(_cpu_context())
+    gen = torch.Generator().manual_seed(0)
+    latents = [torch.randn(s, generator=gen) for s in [(4, 2, 4, 6), (4, 6, 8), (4, 1, 2, 4)]]
+    for strategy in ("pack", "pad"):
+        model = e2e._model(cfg, "cpu", padded=strategy == "pad")
+        assert e2e._verify(None, cfg, strategy, model, latents, torch.float32) < 1e-4
+
+    masked = e2e.PaddedAttention.forward
+
+    def attends_to_padding(self, x, seqs):  # every padded row is a key: the bug a key-padding mask prevents
+        everything = torch.arange(x.shape[0])
+        return masked(self, x, dataclasses.replace(seqs, key_index=everything, key_cu_seqlens=seqs.cu_seqlens,
+                                                   key_max_seqlen=seqs.max_seqlen))
+
+    monkeypatch.setattr(e2e.PaddedAttention, "forward", attends_to_padding)
+    with pytest.raises(OutputMismatch, match="e2e/pad: output differs"):
+        e2e._verify(None, cfg, "pad", e2e._model(cfg, "cpu", padded=True), latents, torch.float32)
+
+
+def _cpu_context():
+    from common import Context
+
+    return Context(device=torch.device("cpu"), quick=True, env={}, out_dir=Path("."))
+
+
+def test_step_model_fit_guard(capsys):
+    import e2e
+
+    cfg = e2e._config(_cpu_context())
+    stream = e2e._stream(400, cfg["scale"], seed=3)
+    rng = np.random.default_rng(0)
+    features = np.array([e2e._features(rng.integers(1, 200, size=rng.integers(1, 9)), padded=False)
+                         for _ in range(30)])
+    exact = features @ np.array([2.0, 0.01, 1e-4, 0.5])
+    good = e2e.fit_step_model(features, exact)
+    assert good.trusted and good.r2 > 0.999 and good.mean_abs_error < 1e-6
+    rows = e2e.simulated_rows(good, stream, cfg)
+    assert all(r["useful_tokens_per_s_vs_shape-buckets"] > 0 for r in rows)
+    assert "useful_tokens_per_s_vs_shape-buckets" in capsys.readouterr().out
+
+    bad = e2e.fit_step_model(features, rng.uniform(1, 100, size=len(features)))  # times unrelated to the sizes
+    assert not bad.trusted
+    rows = e2e.simulated_rows(bad, stream, cfg)
+    printed = capsys.readouterr().out
+    assert "no simulated speedup" in printed and "_vs_" not in printed
+    assert all("time_ms" not in r and not any("_vs_" in k for k in r) and "R^2" in r["note"] for r in rows)
 
 
 @pytest.mark.parametrize("mix", workloads.MIXES)
@@ -43,3 +161,47 @@ def test_pack_benchmark(benchmark):
     latents = [torch.randn(s) for s in workloads.take_tokens("video-mix", 2048, seed=0)]
     tokens, seqs = benchmark(packdit.pack, latents, (1, 2, 2))
     assert tokens.shape[0] == seqs.num_tokens
+
+
+def test_verify_outputs_accepts_equal_and_refuses_wrong():
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(64, 8, generator=g), torch.randn(8, 8, generator=g)
+    grad = torch.randn(64, 8, generator=g)
+    want = forward_and_grads(lambda x, w: torch.tanh(x @ w), [x, w], grad, dtype=torch.float64)
+    got = forward_and_grads(lambda x, w: torch.tanh(x @ w), [x, w], grad)
+    assert verify_outputs("tanh", got, want, tol=1e-5) < 1e-5
+    wrong = forward_and_grads(lambda x, w: torch.tanh(x @ w.t()), [x, w], grad)  # a transposed weight
+    with pytest.raises(OutputMismatch, match=r"tanh/wrong: output differs.*relative error"):
+        verify_outputs("tanh/wrong", wrong, want, tol=1e-2, names=["output", "dx", "dw"])
+    bad_grad = got[:2] + [-got[2]]  # right output, gradient of the wrong sign
+    with pytest.raises(OutputMismatch, match="dw differs"):
+        verify_outputs("tanh", bad_grad, want, tol=1e-2, names=["output", "dx", "dw"])
+    nan = got[0].clone()
+    nan[3, 1] = float("nan")
+    with pytest.raises(OutputMismatch, match="relative error inf"):
+        verify_outputs("tanh", nan, want[0], tol=1.0)
+    with pytest.raises(OutputMismatch, match="shape"):
+        verify_outputs("tanh", got[0][:-1], want[0], tol=1.0)
+
+
+def test_verify_outputs_two_x_rule_with_a_peer():
+    want = torch.ones(100)
+    peer = want + 1e-3  # relative error 1e-3
+    assert verify_outputs("x", want + 2e-3, want, tol=0.0, peer=peer) == pytest.approx(2e-3, rel=1e-3)
+    with pytest.raises(OutputMismatch, match=r"allowed 0.002"):
+        verify_outputs("x", want + 2.5e-3, want, tol=0.0, peer=peer)
+
+
+def test_packing_section_refuses_a_broken_plan():
+    import packing
+
+    from packdit.packing import CostModel, Plan
+    from packdit.packing.baselines import STRATEGIES
+
+    plan = STRATEGIES["navit-greedy"]([6, 6, 5, 3, 8], capacity=10, ranks=2, cost=CostModel(0.0, 1.0))
+    packing.check_plan("navit", plan, 10)
+    kwargs = dict(ranks=2, capacity=10, lengths=plan.lengths, costs=plan.costs)
+    with pytest.raises(OutputMismatch, match="every sample exactly once"):
+        packing.check_plan("lost", Plan.from_bins([0, 1, 2, 4], [0, 1, 2, 3, 4], **kwargs), 10)
+    with pytest.raises(OutputMismatch, match="exceed the capacity"):
+        packing.check_plan("full", Plan.from_bins([0, 1, 2, 3, 4], [0, 2, 3, 5, 5], **kwargs), 10)

@@ -329,6 +329,109 @@ def test_flow_schedule_rows():
     assert_close(schedule[1], torch.linspace(1, 0, 6, dtype=torch.float64), atol=1e-15, rtol=0, name="identity at 256")
 
 
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(max_shift=0), r"max_shift .*: expected a finite number >= 1, got 0"),
+    (dict(max_shift=-2.0), r"max_shift .*: expected a finite number >= 1, got -2.0"),
+    (dict(max_shift=0.5), r"max_shift .*: expected a finite number >= 1, got 0.5"),
+    (dict(max_shift=NAN), r"max_shift .*: expected a finite number >= 1, got nan"),
+    (dict(max_shift=INF), r"max_shift .*: expected a finite number >= 1, got inf"),
+    (dict(base_tokens=0), r"base_tokens: expected a finite number > 0, got 0"),
+    (dict(base_tokens=NAN), r"base_tokens: expected a finite number > 0, got nan"),
+    (dict(steps=2.5), r"steps: expected an int >= 1, got 2.5"),
+    (dict(steps="10"), r"steps: expected an int >= 1, got '10'"),
+    (dict(steps=True), r"steps: expected an int >= 1, got True"),
+    (dict(steps=0), r"steps: expected an int >= 1, got 0"),
+    (dict(num_tokens=torch.tensor([64, -1])), r"num_tokens: expected counts >= 0, got -1 for sample 1"),
+    (dict(num_tokens=torch.tensor([NAN])), r"num_tokens: expected counts >= 0, got nan for sample 0"),
+    (dict(num_tokens=torch.tensor([[64]])),
+     r"num_tokens: expected a \(B,\) tensor of token counts, got shape \(1, 1\)"),
+    (dict(num_tokens=[64, 256]), r"num_tokens: expected a \(B,\) tensor of token counts, got list"),
+])
+def test_flow_schedule_refuses_invalid_settings(kwargs, match):
+    kwargs = dict(num_tokens=torch.tensor([64, 4096]), steps=4) | kwargs
+    with pytest.raises(ValueError, match=match):
+        flow_schedule(kwargs.pop("num_tokens"), kwargs.pop("steps"), **kwargs)
+
+
+def test_flow_settings_are_checked_where_they_enter():
+    with pytest.raises(ValueError, match=r"max_shift .*: expected a finite number >= 1, got 0"):
+        FlowMatching(max_shift=0)
+    with pytest.raises(ValueError, match=r"logit_std: expected a finite number >= 0, got nan"):
+        FlowMatching(logit_std=NAN)
+    with pytest.raises(ValueError, match=r"max_shift .*: expected a finite number >= 1, got 0"):
+        shift_timesteps(torch.tensor([0.5]), torch.tensor([64]), max_shift=0)
+    with pytest.raises(ValueError, match=r"mean: expected a finite number, got nan"):
+        sample_timesteps(3, mean=NAN)
+    with pytest.raises(ValueError, match=r"steps: expected an int >= 1, got 2.5"):
+        sample(lambda x, seqs, t, y: x, [(4, 4, 4)], patch_size=PATCH, steps=2.5)
+
+
+@pytest.mark.parametrize("scale", [NAN, INF, -INF])
+def test_non_finite_guidance_scale_raises(scale):
+    model_fn = dit_adapter(tiny_dit(learn_sigma=False))
+    with pytest.raises(ValueError, match=r"cfg_scale: expected a finite number, got"):
+        sample(model_fn, [(4, 4, 4)], patch_size=PATCH, y=torch.tensor([1]), steps=2, cfg_scale=scale,
+               null_label=NULL)
+    with pytest.raises(ValueError, match=r"cfg_scale: expected a finite number, got"):
+        create_diffusion("2").p_sample_loop_packed(dit_adapter(tiny_dit(learn_sigma=True), time_scale=1.0,
+                                                               keep_variance=True), [(4, 4, 4)], patch_size=PATCH,
+                                                   y=torch.tensor([1]), cfg_scale=scale, null_label=NULL)
+    with pytest.raises(ValueError, match=r"time_scale: expected a finite number > 0, got"):
+        dit_adapter(tiny_dit(learn_sigma=False), time_scale=scale)
+
+
+@pytest.mark.parametrize("null_label, match", [
+    (NULL + 1, r"null_label: expected an int >= 0 < 5 \(the model's label table\), got 5"),
+    (-1, r"null_label: expected an int >= 0 < 5 .*got -1"),
+    (float(NULL), r"null_label: expected an int >= 0 < 5 .*got 4.0"),
+])
+def test_null_label_outside_the_label_table_raises(null_label, match):
+    model_fn = dit_adapter(tiny_dit(learn_sigma=False))
+    assert model_fn.num_labels == NULL + 1  # the classes and the null class
+    with pytest.raises(ValueError, match=match):
+        sample(model_fn, [(4, 4, 4)], patch_size=PATCH, y=torch.tensor([1]), steps=2, cfg_scale=2.0,
+               null_label=null_label)
+    with pytest.raises(ValueError, match=match):
+        FlowMatching().training_loss(model_fn, [randn(4, 4, 4, seed=0)], patch_size=PATCH, y=torch.tensor([1]),
+                                     cfg_dropout=0.5, null_label=null_label)
+    with pytest.raises(ValueError, match=r"null_label: expected an int >= 0, got -1"):  # no table declared
+        classifier_free_guidance(lambda x, seqs, t, y: x, cfg_scale=2.0, null_label=-1)
+
+
+def test_training_loss_refuses_python_float_t_and_bad_cfg_dropout():
+    model_fn = dit_adapter(tiny_dit(learn_sigma=False))
+    latents, y = [randn(4, 4, 4, seed=0), randn(4, 4, 6, seed=1)], torch.tensor([1, 2])
+    with pytest.raises(ValueError, match=r"t: expected a floating \(2,\) or \(10,\) tensor of times.*got float"):
+        FlowMatching().training_loss(model_fn, latents, patch_size=PATCH, t=0.5)
+    with pytest.raises(ValueError, match=r"t: expected a floating .*got dtype torch.int64"):
+        FlowMatching().training_loss(model_fn, latents, patch_size=PATCH, t=torch.tensor([0, 1]))
+    for bad in (NAN, 1.5, -0.1):
+        with pytest.raises(ValueError, match=r"cfg_dropout: expected"):
+            FlowMatching().training_loss(model_fn, latents, patch_size=PATCH, y=y, cfg_dropout=bad, null_label=NULL)
+
+
+def test_labels_and_noise_of_the_wrong_shape_raise_on_every_path():
+    flow_fn = dit_adapter(tiny_dit(learn_sigma=False))
+    ddpm_fn = dit_adapter(tiny_dit(learn_sigma=True), time_scale=1.0, keep_variance=True)
+    diffusion, shapes, latents = create_diffusion("2"), [(4, 4, 4), (4, 4, 6)], [randn(4, 4, 4, seed=0)] * 2
+    for y, got in [(torch.tensor([1]), r"shape \(1,\)"), (torch.tensor([[1, 2]]), r"shape \(1, 2\)"), ([1, 2], "list")]:
+        match = rf"y: expected \(2,\) labels, one per sample, got {got}"
+        with pytest.raises(ValueError, match=match):
+            sample(flow_fn, shapes, patch_size=PATCH, y=y, steps=1)
+        with pytest.raises(ValueError, match=match):
+            diffusion.p_sample_loop_packed(ddpm_fn, shapes, patch_size=PATCH, y=y)
+        with pytest.raises(ValueError, match=match):
+            FlowMatching().training_loss(flow_fn, latents, patch_size=PATCH, y=y)
+        with pytest.raises(ValueError, match=match):
+            diffusion.training_losses_packed(ddpm_fn, latents, torch.tensor([0, 1]), patch_size=PATCH, y=y)
+    with pytest.raises(ValueError, match=r"noise: expected shapes \[\(4, 4, 4\), \(4, 4, 6\)\], got"):
+        diffusion.p_sample_loop_packed(ddpm_fn, shapes, patch_size=PATCH, y=torch.tensor([1, 2]),
+                                       noise=[randn(4, 4, 4, seed=0)] * 2)
+
+
 # ====================================================================== gaussian (official DDPM)
 def test_linear_schedule_matches_official_formulas():
     betas = get_named_beta_schedule("linear", 1000)
@@ -444,6 +547,66 @@ def test_hybrid_loss_batch_and_packed():
     terms = diffusion.training_losses(lambda x_t, base_t: output, latents[0][None], t[1:2], noise=noise[0][None])
     (grad,) = torch.autograd.grad(terms["vb"].sum(), output)
     assert not grad[:, :4].any() and grad[:, 4:].any()
+
+
+BAD_STEPS = [
+    (torch.tensor([-1, 3]), r"t: expected steps in \[0, 10\) of this 10-step process, got t\[0\] = -1"),
+    (torch.tensor([3, 10]), r"t: expected steps in \[0, 10\) of this 10-step process, got t\[1\] = 10"),
+    (torch.tensor([1.0, 3.0]), r"t: expected a \(2,\) integer tensor of steps in \[0, 10\).*got dtype torch.float32"),
+    (torch.tensor([True, False]), r"t: expected a \(2,\) integer tensor.*got dtype torch.bool"),
+    (torch.tensor([1, 2, 3]), r"t: expected a \(2,\) integer tensor.*got shape \(3,\)"),
+    (torch.tensor([[1, 2]]), r"t: expected a \(2,\) integer tensor.*got shape \(1, 2\)"),
+]
+
+
+@pytest.mark.parametrize("t, match", BAD_STEPS)
+def test_ddpm_refuses_steps_out_of_range_float_or_wrong_length(t, match):
+    diffusion = create_diffusion("10", learn_sigma=False)
+    x = randn(2, 4, 4, 4, seed=1)
+
+    def model(x_t, base_t, **kwargs):
+        return torch.zeros_like(x_t)
+
+    calls = {
+        "q_sample": lambda: diffusion.q_sample(x, t, x),
+        "q_posterior_mean_variance": lambda: diffusion.q_posterior_mean_variance(x, x, t),
+        "output_distribution": lambda: diffusion.output_distribution(x, x, t, clip_denoised=True),
+        "p_sample": lambda: diffusion.p_sample(model, x, t),
+        "training_losses": lambda: diffusion.training_losses(model, x, t),
+        "training_losses_packed": lambda: diffusion.training_losses_packed(
+            lambda x_t, seqs, base_t, y: torch.zeros_like(x_t), [x[0], x[1, :, :2]], t, patch_size=PATCH),
+    }
+    for call in calls.values():
+        with pytest.raises(ValueError, match=match):
+            call()
+    with pytest.raises(TypeError, match=r"t: expected a \(2,\) integer tensor.*got int"):
+        diffusion.q_sample(x, 3, x)
+
+
+@pytest.mark.parametrize("respacing, match", [
+    ("1", r"timestep_respacing: expected a respacing that keeps at least 2 of the 1000 steps.*got '1', which keeps 1"),
+    ("0", r"timestep_respacing: .*got '0', which keeps 0"),
+    ("ddim1", r"timestep_respacing: section_counts: cannot take exactly 1 of 1000 steps"),
+    ("abc", r"timestep_respacing: section_counts: expected 'ddimN', 'N' or comma-separated counts"),
+    ("250,", r"timestep_respacing: section_counts: expected .*got '250,'"),
+    ("-5", r"timestep_respacing: section_counts: expected .*got '-5'"),
+    ([2.5], r"timestep_respacing: section_counts: expected .*got \[2.5\]"),
+])
+def test_create_diffusion_refuses_respacings_that_cannot_sample(respacing, match):
+    with pytest.raises(ValueError, match=match):
+        create_diffusion(respacing)
+
+
+def test_two_step_process_samples():
+    diffusion = create_diffusion("2", learn_sigma=False)
+    assert diffusion.timestep_map.tolist() == [0, 999]
+    out = diffusion.p_sample_loop(lambda x, t: torch.zeros_like(x), (2, 4, 4, 4), device="cpu",
+                                  generator=torch.Generator().manual_seed(0))
+    assert bool(torch.isfinite(out).all())
+    with pytest.raises(ValueError, match=r"num_diffusion_timesteps: expected an int >= 2.*got 1"):
+        create_diffusion("", diffusion_steps=1)
+    with pytest.raises(ValueError, match=r"use_timesteps: expected at least 2 steps in \[0, 100\).*got 1"):
+        GaussianDiffusion(get_named_beta_schedule("linear", 100), use_timesteps=[3])
 
 
 def test_gaussian_diffusion_rejects_bad_arguments():

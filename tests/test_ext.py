@@ -13,9 +13,10 @@ import pytest
 import torch
 
 from packdit import _ext
-from packdit.ops.layout_positions import _layout_positions_torch, layout_positions
+from packdit.layout_positions import _layout_positions_torch, layout_positions
+from packdit.reference import layout_positions_reference as expected_positions
 
-lp = importlib.import_module("packdit.ops.layout_positions")  # the module, even if re-exported as a name
+lp = importlib.import_module("packdit.layout_positions")  # the module, even if re-exported as a name
 
 
 def random_layout(rng: random.Random, device="cpu", drop: bool = False):
@@ -45,21 +46,6 @@ def random_layout(rng: random.Random, device="cpu", drop: bool = False):
     grid = torch.tensor(grids, dtype=torch.int32, device=device)
     token_index = torch.tensor(index, dtype=torch.int32, device=device) if drop else None
     return cu_seqlens, grid, token_index, cu[-1]
-
-
-def expected_positions(cu_seqlens, grid, token_index, num_tokens):
-    """Python-loop reference."""
-    seg, pos = [], []
-    cu, g = cu_seqlens.tolist(), grid.tolist()
-    ti = token_index.tolist() if token_index is not None else None
-    for b in range(len(g)):
-        _, h_size, w_size = g[b]
-        for i in range(cu[b], cu[b + 1]):
-            r = ti[i] if ti is not None else i - cu[b]
-            seg.append(b)
-            pos.append((r // (h_size * w_size), r // w_size % h_size, r % w_size))
-    assert len(seg) == num_tokens
-    return torch.tensor(seg, dtype=torch.int32), torch.tensor(pos, dtype=torch.int32).reshape(-1, 3)
 
 
 @pytest.fixture

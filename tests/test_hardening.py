@@ -30,7 +30,7 @@ def test_large_activations_before_the_norm_stay_finite():
     """|x| ~ 1e4 before LayerNorm: the variance (~1e8) must be computed without cancellation."""
     g = torch.Generator().manual_seed(0)
     x = (torch.randn(40, 64, generator=g, dtype=torch.float64) * 1e4 + 3e4)
-    shift, scale = torch.randn(3, 64, generator=g, dtype=torch.float64), torch.randn(3, 64, generator=g, dtype=torch.float64)
+    shift, scale = (torch.randn(3, 64, generator=g, dtype=torch.float64) for _ in range(2))
     index = torch.tensor([0] * 10 + [1] * 20 + [2] * 10, dtype=torch.int32)
     out = modulated_norm(x.float(), shift.float(), scale.float(), index)
     want = reference.modulated_norm_reference(x, shift, scale, index)

@@ -105,7 +105,7 @@ def test_drop_keeps_true_positions_and_raster_order():
     assert seqs.seqlens == (16, 8, 1)  # L - floor(0.5 L): a 1-token sample keeps its token
     raster = seqs.raster_index()
     full_raster = full.raster_index()
-    for b, (r, ft) in enumerate(zip(raster.split(list(seqs.seqlens)), full_tokens.split(list(full.seqlens)))):
+    for b, r in enumerate(raster.split(list(seqs.seqlens))):
         assert bool((r[1:] > r[:-1]).all()), f"sample {b} not in raster order"
         sel = full.cu_seqlens[b].item() + r
         assert torch.equal(seqs.positions[seqs.segment_ids == b], full.positions[sel])
@@ -170,7 +170,8 @@ def test_from_grids_rejects_bad_kept_indices():
         ([torch.zeros(4, 4, 4, dtype=torch.int64)], 2, TypeError, r"latents\[0\]: expected a floating"),
         ([torch.zeros(1, 4, 2, 4, 4)], 2, ValueError, r"latents\[0\]: expected .* got 5-D"),
         ([torch.zeros(4, 4, 4)], (2, 2, 2), ValueError, r"latents\[0\]: image .* pt=2"),
-        ([torch.zeros(4, 4, 4), torch.zeros(4, 4, 4, dtype=torch.float64)], 2, ValueError, r"latents\[1\]: expected dtype"),
+        ([torch.zeros(4, 4, 4), torch.zeros(4, 4, 4, dtype=torch.float64)], 2, ValueError,
+         r"latents\[1\]: expected dtype"),
         ([torch.zeros(4, 4, 4)], (0, 2, 2), ValueError, "patch_size"),
         ([torch.zeros(4, 4, 4)], (1, 2, 2, 2), ValueError, "patch_size"),
     ],

@@ -159,7 +159,7 @@ class _MLPBlock(torch.nn.Module):
 
     def __init__(self, width: int):
         super().__init__()
-        self.norm = ModulatedNorm(width)
+        self.norm = ModulatedNorm(width, backend="triton")
         self.mlp = FusedMLP(width, 4 * width, backend="triton")
 
     def forward(self, x, shift, scale, gate, index):

@@ -1,4 +1,6 @@
-"""packdit.DiT: official compatibility via the reference, packed equivalences, video/NaViT options."""
+"""packdit.DiT: official compatibility via the reference, packed equivalences, video/NaViT options, DiTConfig."""
+
+import dataclasses
 
 import pytest
 import torch
@@ -6,7 +8,9 @@ from helpers import assert_close, randomize_
 
 import packdit
 from packdit import reference
+from packdit.models.config import DIT_CONFIGS, DiTConfig, default_rope
 from packdit.models.dit import DiT, DiT_models
+from packdit.rope import RoPE3D
 
 TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2, num_classes=10)
 # no label dropout: train-mode calls compared with each other must see the same labels
@@ -179,7 +183,7 @@ def test_triton_backend_matches_torch_backend(options):
     out_ref, out = ref(latents, t, **kwargs), fast(latents, t, **kwargs)
     for a, b in zip(out, out_ref):
         assert_close(a, b, atol=2e-4, rtol=2e-4, name="output")
-    for (name, p), a, b in zip([(n, p) for n, p in ref.named_parameters() if p.requires_grad],
+    for name, a, b in zip([n for n, p in ref.named_parameters() if p.requires_grad],
                                _grads(fast, out), _grads(ref, out_ref)):
         if b is None:
             continue
@@ -214,3 +218,51 @@ def test_bf16_autocast_training_step_is_finite_and_close_to_fp32():
     for a, b in zip(got, want):
         assert a.dtype == torch.bfloat16
         assert (a.float() - b).abs().max() <= 0.05 * b.abs().max()
+
+
+def test_config_and_official_positional_arguments_build_the_same_model():
+    config = DiTConfig(**TINY)
+    torch.manual_seed(1)
+    from_config = DiT(config)
+    torch.manual_seed(1)
+    positional = DiT(8, 2, 4, 32, 2, 2, 4.0, 0.1, 10, True)  # the official constructor's order
+    assert from_config.config == positional.config == config
+    for (k, a), b in zip(from_config.state_dict().items(), positional.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert DiT(config, backend="torch").config == dataclasses.replace(config, backend="torch")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.depth = 3
+    with pytest.raises(TypeError, match="keywords"):
+        DiT(config, 3)
+
+
+def test_named_configs_are_the_registry():
+    assert list(DiT_models) == list(DIT_CONFIGS)
+    with torch.device("meta"):
+        for name in ("DiT-XL/2", "DiT-S/8", "STDiT-XL/2", "DiT-3B"):
+            assert DiT_models[name]().config == DIT_CONFIGS[name]
+        smaller = DiT_models["DiT-3B"](hidden_size=64, num_heads=4, depth=1)
+    assert smaller.rope == default_rope(16)  # the default RoPE follows the overridden head dim
+
+
+@pytest.mark.parametrize("options, match", [
+    (dict(fractional_positions=True), "fractional_positions: given"),
+    (dict(max_grid=(4, 4, 4)), "max_grid: given"),
+    (dict(pos_embed="rope3d", max_grid=(4, 4, 4)), "max_grid: given"),
+    (dict(text_dim=12), "text_dim: given"),
+    (dict(rope=RoPE3D(axes_dims=(4, 4, 4))), "rope: given"),
+    (dict(pos_embed="rope3d", rope=RoPE3D(axes_dims=(8, 8, 8))), "rope: axes_dims"),
+    (dict(pos_embed="factorized", max_grid=(4, 0, 4)), "max_grid: expected three positive"),
+    (dict(backend="cuda"), "backend: expected one of"),
+    (dict(hidden_size=33), "not divisible"),
+    (dict(patch_size=(1, 2, 2, 2)), "patch_size"),
+    (dict(attention="diagonal"), "attention: expected one of"),
+], ids=lambda x: x if isinstance(x, str) else "")
+def test_config_refuses_options_it_would_ignore(options, match):
+    with pytest.raises(ValueError, match=match):
+        DiTConfig(**{**VIDEO, **options})
+
+
+def test_only_sincos2d_stores_a_pos_embed_table():
+    for pos_embed, stored in (("sincos2d", True), ("factorized", False), ("rope3d", False)):
+        assert ("pos_embed" in DiT(**VIDEO, pos_embed=pos_embed).state_dict()) == stored, pos_embed

@@ -2,6 +2,7 @@
 all gradients (incl. per-segment dshift/dscale/dgate), random packed layouts with empty and length-1
 segments and per-token rows, NaN rows of absent samples, determinism, errors, torch.compile."""
 
+import functools
 import random
 
 import pytest
@@ -9,6 +10,7 @@ import torch
 from fused_helpers import INDEX_MODES, check_2x, grads_of, poisoned_table, random_index
 
 from packdit.nn import AdaLNModulation, GatedResidual, ModulatedNorm
+from packdit.nn import functional as PF
 from packdit.ops.gated_residual import gated_residual
 from packdit.ops.modulate import modulated_norm
 from packdit.reference.modulate import gated_residual_reference, modulated_norm_reference
@@ -95,15 +97,23 @@ def test_backward_is_deterministic(mode):
 
 
 def test_torch_fallback_matches_kernels(monkeypatch):
-    """Without Triton (CPU, no interpreter) the ops run the oracle with autograd: same results."""
+    """Without Triton (CPU, no interpreter) the dispatcher runs the oracle with autograd: same results; an
+    explicit request for the kernels says why it cannot run."""
     inputs = _norm_inputs(4, "frame", True)
     diff = ["x", "shift", "scale", "weight", "bias"]
     gated = {"x": inputs["x"], "f": inputs["x"].flip(0), "gate": inputs["scale"], "index": inputs["index"]}
-    kernel = [grads_of(_norm_fns("rms")[0], inputs, diff), grads_of(gated_residual, gated, ["x", "f", "gate"])]
+
+    def both(backend):
+        norm = functools.partial(PF.modulated_norm, norm_type="rms", backend=backend)
+        residual = functools.partial(PF.gated_residual, backend=backend)
+        return grads_of(norm, inputs, diff) + grads_of(residual, gated, ["x", "f", "gate"])
+
+    kernel = both("triton")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    fallback = [grads_of(_norm_fns("rms")[0], inputs, diff), grads_of(gated_residual, gated, ["x", "f", "gate"])]
-    for a, b in zip(sum(kernel, []), sum(fallback, [])):
+    for a, b in zip(kernel, both(None)):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    with pytest.raises(PF.BackendUnavailableError, match="not supported because the tensors are on the CPU"):
+        both("triton")
 
 
 def test_adaln_modulation_loads_dit_block_weights():
@@ -169,9 +179,9 @@ class _AdaLNBlock(torch.nn.Module):
         super().__init__()
         self.ada = AdaLNModulation(width, 3)
         torch.nn.init.normal_(self.ada[1].weight, std=0.1)
-        self.norm = ModulatedNorm(width, "rms", elementwise_affine=True)
+        self.norm = ModulatedNorm(width, "rms", elementwise_affine=True, backend="triton")
         self.linear = torch.nn.Linear(width, width)
-        self.residual = GatedResidual()
+        self.residual = GatedResidual(backend="triton")
 
     def forward(self, x, c, index):
         shift, scale, gate = self.ada(c)

@@ -1,20 +1,22 @@
-"""patchify / unpatchify ops (torch reference here; the CUDA kernel where built and a GPU exists) against
-packdit.pack/unpack: bit-exact on random ragged layouts (empty samples, images, videos, dropped tokens,
-channels_last, strided latents), autograd, errors, torch.compile; and PatchEmbed3D against the conv."""
+"""patchify / unpatchify through the dispatcher -- the PyTorch reference here, the CUDA kernel where built and a
+GPU exists -- against an independent coordinate gather and packdit.pack/unpack: bit-exact on random ragged
+layouts (empty samples, images, videos, dropped tokens, channels_last, strided latents), autograd, errors,
+torch.compile; and PatchEmbed against the conv."""
 
 import random
 
 import pytest
 import torch
-from helpers import random_grids
+from helpers import gather_patchify, gather_unpatchify, random_grids
 
 import packdit
-from packdit.nn import PatchEmbed3D
-from packdit.ops import patchify as patchify_op
+from packdit.nn import PatchEmbed
+from packdit.nn import functional as PF
 from packdit.ops.patchify import patchify, unpatchify
-from packdit.reference.patchify import patchify_reference
 
 PATCHES = [(1, 2, 2), (2, 1, 3)]
+# (backend, device): the reference everywhere, the CUDA kernel where packdit._C has it
+BACKENDS = [("torch", "cpu"), pytest.param("cuda", "cuda", marks=pytest.mark.cuda_ext)]
 
 
 def _latents(seed, patch, device="cpu", dtype=torch.float32, strided=False, channels=3):
@@ -40,43 +42,72 @@ def _grids(seqs):
     return [g for grid in seqs.grids for g in grid]
 
 
+def _gather_args(seqs):
+    return seqs.cu_seqlens.cpu(), seqs.raster_index().cpu() if seqs.dropped else None
+
+
 @pytest.mark.parametrize("patch", PATCHES)
 @pytest.mark.parametrize("drop", [False, True])
 @pytest.mark.parametrize("seed", range(3))
-def test_ops_equal_pack_and_unpack(patch, drop, seed):
+def test_pack_and_unpack_equal_the_coordinate_gather(patch, drop, seed):
     latents = _latents(seed, patch, strided=seed == 1)
     gen = torch.Generator().manual_seed(seed)
     tokens, seqs = packdit.pack(latents, patch, drop_rate=0.4 if drop else None, generator=gen)
-    assert torch.equal(patchify(latents, *_op_args(seqs), list(patch), False), tokens)
+    assert torch.equal(gather_patchify(latents, *_gather_args(seqs), patch), tokens)
     fill = -7.0 if seqs.dropped else None
     for channels_last in (False, True):
-        samples = unpatchify(tokens, *_op_args(seqs), _grids(seqs), list(seqs.sample_ndims), list(patch),
-                             channels_last, fill)
-        expected = packdit.unpack(tokens, seqs, patch, channels_last=channels_last, fill_value=fill)
+        samples = packdit.unpack(tokens, seqs, patch, channels_last=channels_last, fill_value=fill)
+        expected = gather_unpatchify(tokens, *_gather_args(seqs), seqs.grids, seqs.sample_ndims, patch,
+                                     channels_last, fill)
         assert all(torch.equal(a, b) for a, b in zip(samples, expected))
+
+
+@pytest.mark.parametrize("backend, device", BACKENDS)
+@pytest.mark.parametrize("patch", PATCHES)
+@pytest.mark.parametrize("drop", [False, True])
+@pytest.mark.parametrize("seed", range(3))
+def test_ops_equal_the_coordinate_gather(backend, device, patch, drop, seed):
+    latents = _latents(seed, patch, strided=seed == 1)
+    gen = torch.Generator().manual_seed(seed)
+    _, seqs = packdit.pack(latents, patch, drop_rate=0.4 if drop else None, generator=gen)
+    expected = gather_patchify(latents, *_gather_args(seqs), patch)
+    latents, seqs = [x.to(device) for x in latents], seqs.to(device)
+    tokens = PF.patchify(latents, *_op_args(seqs), patch, False, backend=backend)
+    assert torch.equal(tokens.cpu(), expected)
+    fill = -7.0 if seqs.dropped else None
+    for channels_last in (False, True):
+        samples = PF.unpatchify(tokens, *_op_args(seqs), _grids(seqs), list(seqs.sample_ndims), patch,
+                                channels_last, fill, backend=backend)
+        want = gather_unpatchify(tokens.cpu(), *_gather_args(seqs), seqs.grids, seqs.sample_ndims, patch,
+                                 channels_last, fill)
+        assert all(torch.equal(a.cpu(), b) for a, b in zip(samples, want))
         if not seqs.dropped:  # round trip through the channels_last order
-            back = patchify(samples, *_op_args(seqs), list(patch), channels_last)
+            back = PF.patchify(samples, *_op_args(seqs), patch, channels_last, backend=backend)
             assert torch.equal(back, tokens)
 
 
-def test_autograd_is_the_adjoint_copy():
+@pytest.mark.parametrize("backend, device", BACKENDS)
+def test_autograd_is_the_adjoint_copy(backend, device):
     patch = (1, 2, 2)
-    latents = [x.requires_grad_() for x in _latents(4, patch)]
-    _, seqs = packdit.pack([x.detach() for x in latents], patch, drop_rate=0.3, generator=torch.Generator().manual_seed(0))
-    tokens = patchify(latents, *_op_args(seqs), list(patch), False)
+    latents = [x.to(device).requires_grad_() for x in _latents(4, patch)]
+    _, seqs = packdit.pack([x.detach() for x in latents], patch, drop_rate=0.3,
+                           generator=torch.Generator().manual_seed(0))
+    tokens = PF.patchify(latents, *_op_args(seqs), patch, False, backend=backend)
     weight = torch.randn_like(tokens)
     grads = torch.autograd.grad((tokens * weight).sum(), latents)
     ref_latents = [x.detach().requires_grad_() for x in latents]
-    ref = patchify_reference(ref_latents, seqs.cu_seqlens, seqs.raster_index(), patch)
+    ref = gather_patchify(ref_latents, seqs.cu_seqlens, seqs.raster_index(), patch)
     ref_grads = torch.autograd.grad((ref * weight).sum(), ref_latents)
     assert all(torch.equal(a, b) for a, b in zip(grads, ref_grads))
     tokens = tokens.detach().requires_grad_()
-    samples = unpatchify(tokens, *_op_args(seqs), _grids(seqs), list(seqs.sample_ndims), list(patch), True, 0.0)
+    samples = PF.unpatchify(tokens, *_op_args(seqs), _grids(seqs), list(seqs.sample_ndims), patch, True, 0.0,
+                            backend=backend)
     (g,) = torch.autograd.grad(sum((s * s).sum() for s in samples), tokens)
     assert torch.equal(g, 2 * tokens.detach())
 
 
-def test_errors_name_the_argument():
+def test_kernel_errors_name_the_argument():
+    """The CUDA ops check their arguments first (also on the CPU), then refuse a device they cannot run on."""
     latents = [torch.randn(3, 2, 4, 4), torch.randn(3, 2, 2, 2)]
     tokens, seqs = packdit.pack(latents, (1, 2, 2))
     args = _op_args(seqs)
@@ -84,7 +115,7 @@ def test_errors_name_the_argument():
         patchify(latents, *args, [1, 2], False)
     with pytest.raises(ValueError, match=r"latents\[1\]: expected"):
         patchify([latents[0], torch.randn(4, 2, 2, 2)], *args, [1, 2, 2], False)
-    with pytest.raises(ValueError, match=r"latents\[0\]: \(T, H, W\)"):
+    with pytest.raises(ValueError, match=r"latents\[0\]: H=3 is not divisible"):
         patchify([torch.randn(3, 2, 3, 4), latents[1]], *args, [1, 2, 2], False)
     with pytest.raises(ValueError, match="cu_seqlens"):
         patchify(latents, seqs.cu_seqlens[:-1], *args[1:], [1, 2, 2], False)
@@ -96,17 +127,23 @@ def test_errors_name_the_argument():
         unpatchify(tokens[:, :5], *args, _grids(seqs), [4, 4], [1, 2, 2], False, None)
     with pytest.raises(ValueError, match="grids"):
         unpatchify(tokens, *args, _grids(seqs)[:4], [4, 4], [1, 2, 2], False, None)
+    with pytest.raises(ValueError, match="CUDA kernel is not supported because the tensors are on cpu"):
+        patchify(latents, *args, [1, 2, 2], False)
+    with pytest.raises(PF.BackendUnavailableError, match="backend='cuda' is not supported because"):
+        PF.patchify(latents, *args, [1, 2, 2], False, backend="cuda")
 
 
-def test_compiles_fullgraph():
+@pytest.mark.parametrize("backend, device", BACKENDS)
+def test_compiles_fullgraph(backend, device):
     patch = [1, 2, 2]
-    latents = [torch.randn(4, 1, 4, 6), torch.randn(4, 2, 2, 2)]
+    latents = [torch.randn(4, 1, 4, 6, device=device), torch.randn(4, 2, 2, 2, device=device)]
     tokens, seqs = packdit.pack(latents, patch)
     args = _op_args(seqs)
 
     def round_trip(latents):
-        tokens = patchify(latents, *args, patch, False)
-        return unpatchify(tokens * 2, *args, _grids(seqs), list(seqs.sample_ndims), patch, False, None)
+        tokens = PF.patchify(latents, *args, patch, False, backend=backend)
+        return PF.unpatchify(tokens * 2, *args, _grids(seqs), list(seqs.sample_ndims), patch, False, None,
+                             backend=backend)
 
     out = torch.compile(round_trip, fullgraph=True, backend="aot_eager")(latents)
     assert all(torch.equal(a, 2 * b) for a, b in zip(out, latents))
@@ -121,11 +158,11 @@ def test_patch_embed_equals_conv(conv_cls, kernel):
     if conv_cls is torch.nn.Conv2d:
         latents = [x[:, 0] for x in latents]
     tokens, seqs = packdit.pack(latents, patch)
-    embed = PatchEmbed3D.from_conv(conv)
+    embed = PatchEmbed.from_conv(conv)
     out = embed(tokens)
     expected = torch.cat([conv(x.unsqueeze(0))[0].flatten(1).t() for x in latents])
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
-    fresh = PatchEmbed3D(3, 16, patch)
+    fresh = PatchEmbed(3, 16, kernel)
     fresh.load_state_dict({"proj.weight": conv.weight, "proj.bias": conv.bias})
     torch.testing.assert_close(fresh(tokens), out)
 
@@ -141,7 +178,7 @@ def test_cuda_kernel_bit_exact(dtype, patch, drop):
         tokens, seqs = packdit.pack(latents, patch, drop_rate=0.4 if drop else None, generator=gen)
         cuda_latents = [x.cuda() for x in latents]
         cuda_seqs = seqs.to("cuda")
-        assert patchify_op.implementation(cuda_latents[0]) == "cuda"
+        assert PF.use_kernel("patchify", cuda_latents[0].device, None)
         cuda_tokens = packdit.pack_like(cuda_latents, cuda_seqs, patch)
         assert torch.equal(cuda_tokens.cpu(), tokens)
         fill = 3.0 if seqs.dropped else None

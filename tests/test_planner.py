@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from packdit import _ext
 from packdit.packing import CostModel, Plan, calibrate, implementation, plan_steps
@@ -85,11 +86,28 @@ def test_long_sample_raises_or_is_split_off():
     (dict(lengths=[3, -1]), "sample 1 has negative length"),
     (dict(cost=lambda L: 1.0), "same shape"), (dict(cost=lambda L: -L), "finite costs >= 0"),
     (dict(hidden_size=None), "hidden_size"),
+    (dict(lengths=[3, 4.5]), r"lengths: expected integer token counts, got 4.5 for sample 1"),
+    (dict(lengths=np.array([3.0, np.nan])), r"lengths: expected integer token counts, got nan for sample 1"),
+    (dict(lengths=[[3, 4], [1, 2]]), r"lengths: expected a 1-D sequence of token counts, got shape \(2, 2\)"),
+    (dict(lengths=[[3], [4, 5]]), r"lengths: expected a 1-D sequence"),
+    (dict(lengths=[True, False]), r"lengths: expected integer token counts, got dtype bool"),
+    (dict(lengths=["3", "4"]), r"lengths: expected integer token counts, got dtype"),
+    (dict(capacity=float("nan")), r"capacity: expected a positive int, got nan"),
+    (dict(capacity=8.5), r"capacity: expected a positive int, got 8.5"),
+    (dict(ranks="2"), r"ranks: expected a positive int, got '2'"),
+    (dict(window=True), r"window: expected a positive int, got True"),
+    (dict(seed=0.5), r"seed: expected an int, got 0.5"),
 ])
 def test_invalid_arguments(bad, match):
     kwargs = dict(lengths=[3, 4], capacity=8, ranks=2, window=2, hidden_size=8) | bad
     with pytest.raises(ValueError, match=match):
         plan_steps(kwargs.pop("lengths"), **kwargs)
+
+
+def test_integral_floats_and_tensors_are_token_counts():
+    expected = plan_steps([3, 4, 0], capacity=8, ranks=2, hidden_size=8).steps
+    assert plan_steps(np.array([3.0, 4.0, 0.0]), capacity=8.0, ranks=2, hidden_size=8).steps == expected
+    assert plan_steps(torch.tensor([3, 4, 0]), capacity=8, ranks=2, hidden_size=8).steps == expected
 
 
 def test_stats_by_hand():

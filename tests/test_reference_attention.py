@@ -68,5 +68,53 @@ def test_bad_shapes():
     q = torch.randn(4, 3, 8)
     with pytest.raises(ValueError, match="multiple"):
         varlen_attention(q, torch.randn(4, 2, 8), torch.randn(4, 2, 8), cu_seqlens_of([4]))
-    with pytest.raises(ValueError, match="last entries"):
+    with pytest.raises(ValueError, match=r"cu_seqlens_q: expected cu_seqlens_q\[-1\] = 4 \(the number of tokens\)"):
         varlen_attention(q, q, q, cu_seqlens_of([3]))
+
+
+def int32(values) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.int32)
+
+
+# (cu_seqlens_q, cu_seqlens_k, Nq, Nk, error): layouts the kernel rejects, so the oracle must too
+BAD_LAYOUTS = {
+    "overlapping samples": (int32([0, 5, 3, 8]), None, 8, 8,
+                            r"cu_seqlens_q: expected non-decreasing offsets, got cu_seqlens_q\[1\] = 5 > "
+                            r"cu_seqlens_q\[2\] = 3"),
+    "first offset not 0": (int32([2, 5, 8]), None, 8, 8, r"cu_seqlens_q: expected cu_seqlens_q\[0\] = 0, got 2"),
+    "last offset not N": (int32([0, 3, 7]), None, 8, 8, r"cu_seqlens_q: expected cu_seqlens_q\[-1\] = 8"),
+    "last offset past N": (int32([0, 3, 9]), None, 8, 8, r"cu_seqlens_q: expected cu_seqlens_q\[-1\] = 8"),
+    "int64 offsets": (torch.tensor([0, 3, 8]), None, 8, 8, r"cu_seqlens_q: expected a \(B\+1,\) int32 tensor"),
+    "2-D offsets": (int32([[0, 3, 8]]), None, 8, 8, r"cu_seqlens_q: expected a \(B\+1,\) int32 tensor"),
+    "no offsets": (int32([]), None, 0, 0, r"cu_seqlens_q: expected a \(B\+1,\) int32 tensor"),
+    "key count differs": (int32([0, 3, 8]), int32([0, 2, 4, 6]), 8, 6,
+                          r"cu_seqlens_k: expected 2 segments like cu_seqlens_q, got 3"),
+    "keys overlap": (int32([0, 3, 8]), int32([0, 4, 2]), 8, 2, r"cu_seqlens_k: expected non-decreasing offsets"),
+    "keys first offset": (int32([0, 3, 8]), int32([1, 2, 6]), 8, 6, r"cu_seqlens_k: expected cu_seqlens_k\[0\] = 0"),
+    "self-attention key rows": (int32([0, 3, 8]), None, 8, 6, r"k: self-attention needs as many key as query tokens"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_LAYOUTS))
+def test_rejects_every_layout_the_kernel_rejects(case):
+    from packdit.ops.attention import varlen_attention as kernel
+
+    cu_q, cu_k, nq, nk, match = BAD_LAYOUTS[case]
+    q, k = torch.randn(nq, 2, 8), torch.randn(nk, 2, 8)
+    with pytest.raises(ValueError, match=match):
+        varlen_attention(q, k, k, cu_q, cu_k)
+    with pytest.raises(ValueError):  # the kernel's own message may word it differently
+        kernel(q, k, k, cu_q, 8, cu_k, 8 if cu_k is not None else None)
+
+
+def test_rejects_a_bad_grid_or_scale():
+    q, cu = torch.randn(8, 2, 8), int32([0, 4, 8])
+    for grid, match in [(int32([[1, 2, 2]]), r"grid: expected a \(2, 3\) integer tensor.*got torch.int32 of shape"),
+                        (torch.tensor([[1.0, 2, 2], [1, 2, 2]]), r"grid: expected a \(2, 3\) integer tensor"),
+                        (int32([[1, 2, 2], [-1, -2, 2]]), r"grid\[1\]: expected \(T, H, W\) >= 0, got \(-1, -2, 2\)"),
+                        (int32([[1, 2, 2], [1, 2, 3]]), r"grid\[1\]: 1x2x3 tokens expected")]:
+        with pytest.raises(ValueError, match=match):
+            varlen_attention(q, q, q, cu, mode="spatial", grid=grid)
+    for scale in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=r"scale: expected a finite softmax scale"):
+            varlen_attention(q, q, q, cu, scale=scale)

@@ -4,11 +4,11 @@ and its packed forward against its batch forward."""
 import subprocess
 import sys
 
+import official_dit
 import pytest
 import torch
 from helpers import assert_close, randomize_
 
-import official_dit
 from packdit import PackedSeqs, pack, unpack
 from packdit.reference import DiT, DiT_models, get_2d_sincos_pos_embed
 

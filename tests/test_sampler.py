@@ -8,6 +8,7 @@ import torch
 from torch.utils.data import DataLoader
 
 import packdit
+from packdit import checkpoint
 from packdit.data import PackedSampler, collate_packed
 
 LENGTHS = np.random.default_rng(0).integers(0, 120, 400).tolist()
@@ -50,11 +51,149 @@ def test_resume_mid_epoch_loses_and_repeats_nothing(stop):
         it = iter(sampler)
         head = [next(it) for _ in range(stop)]
         state = sampler.state_dict()
-        assert state == {"epoch": 3, "step": stop}
+        assert state["epoch"] == 3 and state["step"] == stop and not any(state["plan_excludes"])
         resumed = PackedSampler(LENGTHS, rank=rank, **ARGS)
         resumed.load_state_dict(state)
         assert head + list(resumed) == full
         assert list(resumed) == full  # the next pass over the epoch starts at its first step
+
+
+def run_ranks(samplers, steps=None):
+    """Iterate every rank's sampler in lock step for ``steps`` batches (all when None); the batches per rank."""
+    iterators = [iter(s) for s in samplers]
+    taken = [[] for _ in samplers]
+    for _ in range(len(samplers[0]) if steps is None else steps):
+        for batches, it in zip(taken, iterators):
+            batches.append(next(it))
+    return taken
+
+
+def samples_of(taken) -> list[int]:
+    return [i for rank in taken for batch in rank for i in batch]
+
+
+RESIZES = {
+    "world 2 -> 3": (dict(ranks=2), dict(ranks=3)),
+    "world 4 -> 2": (dict(ranks=4), dict(ranks=2)),
+    "capacity 256 -> 170": (dict(ranks=3), dict(ranks=3, capacity=170)),
+    "window 4 -> 1": (dict(ranks=2), dict(ranks=2, window=1)),
+    "cost model": (dict(ranks=2), dict(ranks=2, hidden_size=None, cost=lambda L: L.astype(float) ** 3)),
+}
+
+
+@pytest.mark.parametrize("stop", [1, 6])
+@pytest.mark.parametrize("change", list(RESIZES))
+def test_resume_with_another_configuration_replans_the_rest_of_the_epoch(change, stop):
+    before, after = ({**ARGS, "window": 2, **kw} for kw in RESIZES[change])
+    lengths = LENGTHS[:200]
+    old = [PackedSampler(lengths, rank=r, **before) for r in range(before["ranks"])]
+    for s in old:
+        s.set_epoch(2)
+    head = run_ranks(old, stop)
+    state = old[0].state_dict()
+    for s in old[1:]:
+        assert s.state_dict() == state  # one rank's state is every rank's
+    new = [PackedSampler(lengths, rank=r, **after) for r in range(after["ranks"])]
+    for s in new:
+        s.load_state_dict(state)
+    tail = run_ranks(new)
+    assert sorted(samples_of(head) + samples_of(tail)) == list(range(200))  # each sample of the epoch once
+    assert all(sum(lengths[i] for i in batch) <= after["capacity"] for rank in tail for batch in rank)
+    assert new[0].epoch == 2 and new[0].state_dict()["consumed"] == np.packbits(np.ones(200, bool)).tobytes()
+
+
+def test_resume_across_two_resizes_then_the_next_epoch():
+    lengths = LENGTHS[:200]
+    configs = [dict(ARGS, ranks=2), dict(ARGS, ranks=3, capacity=200), dict(ARGS, ranks=1)]
+    state, seen = None, []
+    for config, steps in zip(configs, [4, 3, None]):
+        samplers = [PackedSampler(lengths, rank=r, **config) for r in range(config["ranks"])]
+        for s in samplers:
+            s.set_epoch(1)
+            if state is not None:
+                s.load_state_dict(state)
+        taken = run_ranks(samplers, steps)
+        seen += samples_of(taken)
+        state = samplers[0].state_dict()
+    assert sorted(seen) == list(range(200))
+    assert list(samplers[0]) == taken[0]  # another pass over the epoch replays its current (re-planned) plan
+    done = PackedSampler(lengths, rank=0, **configs[0])
+    done.load_state_dict(state)
+    assert list(done) == []  # saved at the end of the epoch: nothing left, in any configuration
+    done.set_epoch(2)
+    fresh = PackedSampler(lengths, rank=0, **configs[0])
+    fresh.set_epoch(2)
+    assert list(done) == list(fresh)  # the next epoch is its own full plan
+
+
+def test_state_survives_a_weights_only_checkpoint(tmp_path):
+    sampler = PackedSampler(LENGTHS, rank=1, **ARGS)
+    head = run_ranks([sampler], 5)[0]
+    checkpoint.save({"sampler": sampler.state_dict()}, tmp_path / "ckpt.pt")
+    resumed = PackedSampler(LENGTHS, rank=1, **ARGS)
+    resumed.load_state_dict(checkpoint.load(tmp_path / "ckpt.pt")["sampler"])
+    sampler.set_epoch(1)
+    sampler.set_epoch(0)
+    assert head + list(resumed) == list(sampler)
+
+
+def test_state_of_the_consumed_batches_when_a_loader_prefetches():
+    sampler = PackedSampler(LENGTHS, rank=0, **ARGS)
+    full = list(sampler)
+    it = iter(sampler)
+    for _ in range(5):  # a loader prefetched 5 batches, the training loop trained on 3
+        next(it)
+    state = sampler.state_dict(consumed_batches=3)
+    assert state["step"] == 3
+    resumed = PackedSampler(LENGTHS, rank=0, **ARGS)
+    resumed.load_state_dict(state)
+    assert list(resumed) == full[3:]
+    for bad in (-1, 6, 2.5):
+        with pytest.raises(ValueError, match=r"consumed_batches: expected an int in \[0, 5\]"):
+            sampler.state_dict(consumed_batches=bad)
+
+
+def tampered(state: dict, **changes) -> dict:
+    return {**state, **changes}
+
+
+def flipped_bit(bits: bytes) -> bytes:
+    return bits[:3] + bytes([bits[3] ^ 1]) + bits[4:]
+
+
+@pytest.mark.parametrize("make_bad, match", [
+    (lambda s: {"epoch": 0, "step": 3}, r"state: expected a PackedSampler.state_dict\(\) of version 2"),
+    (lambda s: tampered(s, step=-1), r"state\['step'\]: expected an int >= 0, got -1"),
+    (lambda s: tampered(s, step=10**6), r"state\['step'\]: expected 0 <= step <= \d+ .*got 1000000"),
+    (lambda s: tampered(s, step=2.5), r"state\['step'\]: expected an int >= 0, got 2.5"),
+    (lambda s: tampered(s, epoch=-2), r"state\['epoch'\]: expected an int >= 0, got -2"),
+    (lambda s: tampered(s, seed=6), r"state\['seed'\]: expected 5 .*got 6"),
+    (lambda s: tampered(s, shuffle=False), r"state\['shuffle'\]: expected True .*got False"),
+    (lambda s: tampered(s, consumed=flipped_bit(s["consumed"])), r"state\['consumed'\]: expected the samples"),
+    (lambda s: tampered(s, consumed=s["consumed"][:-1]),
+     r"state\['consumed'\]: expected a bitmap of 50 bytes over 400 samples, got 49 bytes"),
+    (lambda s: tampered(s, config={"ranks": 3}), r"state\['config'\]: expected keys"),
+])
+def test_a_state_that_does_not_describe_this_data_is_refused(make_bad, match):
+    sampler = PackedSampler(LENGTHS, rank=0, **ARGS)
+    run_ranks([sampler], 4)
+    bad = make_bad(sampler.state_dict())
+    fresh = PackedSampler(LENGTHS, rank=0, **ARGS)
+    expected = list(fresh)
+    with pytest.raises(ValueError, match=match):
+        fresh.load_state_dict(bad)
+    assert list(fresh) == expected and fresh.state_dict()["step"] == len(expected)  # a refused state changes nothing
+
+
+@pytest.mark.parametrize("lengths, match", [
+    (LENGTHS[:-1], r"state\['num_samples'\]: the state is for 400 samples, this sampler has 399"),
+    ([n + (i == 17) for i, n in enumerate(LENGTHS)], r"state\['lengths_sha256'\]: .*other sample lengths"),
+])
+def test_resume_on_other_lengths_is_refused(lengths, match):
+    sampler = PackedSampler(LENGTHS, rank=0, **ARGS)
+    run_ranks([sampler], 4)
+    with pytest.raises(ValueError, match=match):
+        PackedSampler(lengths, rank=0, **ARGS).load_state_dict(sampler.state_dict())
 
 
 def test_drop_last_skips_steps_with_idle_ranks():
@@ -65,9 +204,21 @@ def test_drop_last_skips_steps_with_idle_ranks():
     assert [len(b) for b in drop] == [2, 2, 2] and all(batch for rank in drop for batch in rank)
 
 
-def test_invalid_rank():
-    with pytest.raises(ValueError, match="rank"):
-        PackedSampler(LENGTHS, rank=3, **ARGS)
+@pytest.mark.parametrize("bad, match", [
+    (dict(rank=3), r"rank: expected an int with 0 <= rank < ranks=3, got 3"),
+    (dict(rank=0.5), r"rank: expected an int with 0 <= rank < ranks=3, got 0.5"),
+    (dict(ranks=0), r"ranks: expected a positive int, got 0"),
+    (dict(seed="5"), r"seed: expected an int, got '5'"),
+    (dict(lengths=[3.5, 2]), r"lengths: expected integer token counts, got 3.5 for sample 0"),
+    (dict(lengths=[[3, 2]]), r"lengths: expected a 1-D sequence of token counts, got shape \(1, 2\)"),
+    (dict(lengths=[300]), r"sample 0 has 300 tokens, more than capacity=256"),  # at construction, not iteration
+])
+def test_invalid_arguments(bad, match):
+    kwargs = dict(ARGS, lengths=LENGTHS, rank=0) | bad
+    with pytest.raises(ValueError, match=match):
+        PackedSampler(kwargs.pop("lengths"), **kwargs)
+    with pytest.raises(ValueError, match=r"epoch: expected an int >= 0, got -1"):
+        PackedSampler(LENGTHS, rank=0, **ARGS).set_epoch(-1)
 
 
 def test_collate_packed_matches_pack():

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
 from helpers import assert_close
+
 from packdit.data import PackedSampler
 from packdit.reference.dit import DiT
 from packdit.train import packed_loss_sum, train
@@ -74,7 +74,7 @@ def _single_process_reference():
     samplers = [PackedSampler(data.lengths(), capacity=CAPACITY, ranks=2, rank=r, hidden_size=HIDDEN, window=2,
                               seed=SEED) for r in range(2)]
     losses = []
-    for step, packs in zip(range(STEPS), zip(*samplers)):
+    for _, packs in zip(range(STEPS), zip(*samplers)):
         union = [i for pack in packs for i in pack]
         loss = packed_loss_sum(model, data, union, patch_size=PATCH, seed=SEED, epoch=0,
                                device="cpu") / len(union)

@@ -29,7 +29,8 @@ def _broken(**fields):
         (dict(cu_seqlens=torch.tensor([0, 8, 9, 13], dtype=torch.int32)), r"cu_seqlens\[-1\] = 12"),
         (dict(cu_seqlens=torch.tensor([1, 8, 9, 12], dtype=torch.int32)), r"cu_seqlens\[0\] = 0"),
         (dict(cu_seqlens=torch.tensor([0, 8, 9, 12])), r"seqs.cu_seqlens: expected dtype int32"),
-        (dict(cu_seqlens=torch.tensor([0, 7, 9, 12], dtype=torch.int32), max_seqlen=7), r"segment 0 has 7 tokens but its grid"),
+        (dict(cu_seqlens=torch.tensor([0, 7, 9, 12], dtype=torch.int32), max_seqlen=7),
+         r"segment 0 has 7 tokens but its grid"),
         (dict(max_seqlen=5), r"max_seqlen: expected 8"),
         (dict(grid=torch.tensor([[2, 2, 2], [1, 1, 1]], dtype=torch.int32)), r"grid: expected shape \(3, 3\)"),
         (dict(segment_ids=torch.tensor([0] * 9 + [2] * 3, dtype=torch.int32)), r"token 8 says segment 0"),
@@ -44,7 +45,8 @@ def test_positions_outside_grid():
     seqs = _seqs()
     positions = seqs.positions.clone()
     positions[11, 2] = 3  # sample 2 (tokens 9..11) has a 1x1x3 grid: w must be < 3
-    with pytest.raises(ValueError, match=r"token 11 of segment 2 is at \(t, h, w\) = \(0, 0, 3\), outside its grid \(1, 1, 3\)"):
+    want = r"token 11 of segment 2 is at \(t, h, w\) = \(0, 0, 3\), outside its grid \(1, 1, 3\)"
+    with pytest.raises(ValueError, match=want):
         validate_seqs(_broken(positions=positions))
 
 

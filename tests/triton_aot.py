@@ -1,34 +1,67 @@
-"""Ahead-of-time compilation of a packdit Triton kernel for a CUDA target, in a worker process.
+"""Ahead-of-time compilation of packdit's Triton kernels for CUDA targets, exactly as their launchers run them.
 
-The test session imports packdit's kernels under ``TRITON_INTERPRET=1`` (as interpreter functions, which
-cannot be compiled), so the compilation runs in worker processes started with :func:`init_worker`, which
-turns the interpreter off before packdit is imported there. This module imports neither triton nor
+Two halves, both without a GPU:
+
+* **Capture** (:func:`capturing`): the real launchers run on CPU tensors with the Triton launch replaced by
+  a recorder. For every launch, Triton's own argument binder computes the specialisation the GPU launch
+  would compile: constexprs, integers equal to 1 turned into the constant 1, pointers / integers divisible
+  by 16 marked ``tt.divisibility = 16`` (e.g. ``stride_qh = 72`` is not, a unit stride becomes the constant
+  1), dtypes, ``num_warps`` / ``num_stages``. An autotuned launch is recorded once per configuration the
+  autotuner would choose from on a GPU (all of them, after its pruning), grouped by the autotuner's cache
+  key. Nothing is launched, so the outputs are uninitialised memory; launches depend on shapes, strides
+  and host-side schedules only.
+* **Compile** (:func:`compile_case`): a recorded :class:`CompileCase` is compiled through Triton's CUDA
+  backend (MLIR passes and the bundled ptxas, down to a cubin); the result carries shared memory,
+  registers, stack frame, the ptxas log and the SASS (``cuobjdump -sass``).
+
+Both run in worker processes started with :func:`init_worker`, which turns the interpreter off before
+packdit is imported there: the test session imports packdit's kernels under ``TRITON_INTERPRET=1`` (as
+interpreter functions, which can neither be compiled nor recorded). This module imports neither triton nor
 packdit at import time for that reason.
+
+The capture relies on Triton 3.6 internals (``create_function_from_signature``, ``JITFunction._pack_args``,
+the ``Autotuner`` key); :func:`capturing` fails loudly if they change.
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import dataclasses
+import functools
 import importlib
 import os
 import re
+import shutil
 import subprocess
 import tempfile
 import traceback
 
+# The launchers' checks that a device can run Triton kernels (CUDA, or the CPU under the interpreter). The
+# capture replaces them so that CPU tensors reach the (recorded, not executed) launch.
+_RUNNABLE_CHECKS = (
+    ("packdit.ops._triton_utils", "use_triton", lambda tensor: True),
+    ("packdit.ops.attention", "_check_runnable", lambda tensor: None),
+)
+# Compile options a launch may pass besides num_warps / num_stages (``triton.Config.all_kwargs``), and defaults.
+_OTHER_OPTION_DEFAULTS = {"num_ctas": 1, "maxnreg": None}
+DEFAULT_OPTIONS = {"num_warps": 4, "num_stages": 3}  # Triton's CUDA defaults
+
 
 @dataclasses.dataclass(frozen=True)
 class CompileCase:
-    """One kernel specialisation, as a launch would compile it.
+    """One kernel specialisation, as a launch compiles it.
 
     Attributes:
         kernel: ``"module:attribute"`` of the kernel (a ``triton.jit`` function, possibly autotuned).
         signature: ``(name, type)`` of the runtime arguments: ``"*bf16"``, ``"i32"``, ``"fp32"``...
-        constexprs: ``(name, value)`` of the compile-time arguments, including pointers passed as None.
-        aligned: runtime arguments specialised as multiples of 16 (16-byte aligned pointers, strides and
-            sizes divisible by 16), as Triton's launcher does for such values.
+        constexprs: ``(name, value)`` of the compile-time arguments, including pointers passed as None and
+            integers specialised as the constant 1.
+        aligned: runtime arguments specialised as multiples of 16 (16-byte aligned pointers, integers
+            divisible by 16), as Triton's launcher does for such values.
         num_warps, num_stages: compile options.
         arch: CUDA compute capability as an int (90 = sm_90).
+        options: other compile options the launch passes (``num_ctas``, ``maxnreg``), as ``(name, value)``.
     """
 
     kernel: str
@@ -38,20 +71,29 @@ class CompileCase:
     num_warps: int
     num_stages: int
     arch: int
+    options: tuple[tuple[str, object], ...] = ()
+
+    @property
+    def name(self) -> str:
+        return self.kernel.split(":")[1]
 
 
 @dataclasses.dataclass(frozen=True)
 class CompileResult:
-    """Resources of the compiled kernel: shared memory per block (bytes) from Triton's metadata; registers
-    and stack frame per thread (bytes; nonzero means register spills) from ``cuobjdump`` on the cubin."""
+    """The compiled kernel: shared memory per block (bytes) from Triton's metadata; registers and stack frame
+    per thread (bytes; nonzero means local memory: register spills or a local array) from ``cuobjdump``; the
+    ptxas log (``-v`` info and warnings) and the SASS text of the cubin."""
 
     shared: int
     registers: int
     stack: int
+    ptxas_log: str = ""
+    sass: str = ""
+    seconds: float = 0.0  # wall time of the compilation (and of reading the cubin back)
 
 
 def init_worker(cache_dir: str) -> None:
-    """Process initializer: compile for real targets (no interpreter) into ``cache_dir``."""
+    """Process initializer: real targets (no interpreter), Triton's cache in ``cache_dir``."""
     os.environ.pop("TRITON_INTERPRET", None)
     os.environ["TRITON_CACHE_DIR"] = cache_dir
 
@@ -65,46 +107,331 @@ def compile_case(case: CompileCase) -> CompileResult:
         raise RuntimeError(traceback.format_exc()) from None
 
 
+def _jit_function(kernel_path: str):
+    import triton
+
+    module_name, attribute = kernel_path.split(":")
+    kernel = getattr(importlib.import_module(module_name), attribute)
+    while not isinstance(kernel, triton.runtime.JITFunction):  # unwrap autotune / heuristics
+        if not hasattr(kernel, "fn"):
+            raise TypeError(f"{kernel_path}: expected a triton.jit function, got {type(kernel).__name__} "
+                            "(is TRITON_INTERPRET set in this process?)")
+        kernel = kernel.fn
+    return kernel
+
+
 def _compile(case: CompileCase) -> CompileResult:
+    import time
+
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    module_name, attribute = case.kernel.split(":")
-    kernel = getattr(importlib.import_module(module_name), attribute)
-    while not isinstance(kernel, triton.runtime.JITFunction):  # unwrap autotune / heuristics
-        if not hasattr(kernel, "fn"):
-            raise TypeError(f"{case.kernel}: expected a triton.jit function, got {type(kernel).__name__} "
-                            "(is TRITON_INTERPRET set in this process?)")
-        kernel = kernel.fn
+    kernel = _jit_function(case.kernel)
     constexprs = dict(case.constexprs)
     signature = dict(case.signature)
     signature.update({name: "constexpr" for name in constexprs})
     missing = set(kernel.arg_names) ^ set(signature)
     if missing:
         raise ValueError(f"{case.kernel}: arguments {sorted(missing)} do not match the kernel's {kernel.arg_names}")
-    attrs = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in case.aligned}
-    compiled = triton.compile(
-        ASTSource(kernel, {name: signature[name] for name in kernel.arg_names}, constexprs, attrs),
-        target=GPUTarget("cuda", case.arch, 32),
-        options={"num_warps": case.num_warps, "num_stages": case.num_stages},
-    )
-    registers, stack = _cubin_resources(compiled.asm["cubin"])
-    return CompileResult(compiled.metadata.shared, registers, stack)
+    started = time.perf_counter()
+    index = {name: i for i, name in enumerate(kernel.arg_names)}
+    attrs = {(index[name],): [["tt.divisibility", 16]] for name in case.aligned}
+    source = ASTSource(kernel, {name: signature[name] for name in kernel.arg_names},
+                       {(index[name],): value for name, value in constexprs.items()}, attrs)
+    with _ptxas_log() as log:
+        compiled = triton.compile(source, target=GPUTarget("cuda", case.arch, 32),
+                                  options={"num_warps": case.num_warps, "num_stages": case.num_stages,
+                                           **dict(case.options)})
+    cubin = compiled.asm["cubin"]
+    registers, stack = _cubin_resources(cubin)
+    log_text, sass = log.text(compiled, case.arch), _sass(cubin)
+    return CompileResult(compiled.metadata.shared, registers, stack, log_text, sass, time.perf_counter() - started)
+
+
+class _LogCapture:
+    """The ptxas ``-v`` log of one compilation (info, spills and diagnostics such as C7515). Triton prints it
+    (``knobs.nvidia.dump_ptxas_log``) only when it runs ptxas; it is saved beside the Triton cache entry for
+    later cache hits (a cache entry without it: ptxas runs again on the cached PTX with Triton's flags)."""
+
+    NAME = "ptxas.log"
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def text(self, compiled, arch: int) -> str:
+        from triton.runtime.cache import get_cache_manager
+
+        cache = get_cache_manager(compiled.metadata.hash)
+        printed = self.stream.getvalue()
+        if "ptxas" in printed:
+            cache.put(printed, self.NAME, binary=False)
+            return printed
+        saved = cache.get_file(self.NAME)
+        if saved is not None:
+            with open(saved) as file:
+                return file.read()
+        from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
+
+        with tempfile.TemporaryDirectory() as folder:
+            source = os.path.join(folder, "kernel.ptx")
+            with open(source, "w") as file:
+                file.write(compiled.asm["ptx"])
+            command = [get_ptxas(arch).path, "-lineinfo", "-v", f"--gpu-name={sm_arch_from_capability(arch)}", source,
+                       "-o", os.path.join(folder, "kernel.cubin")]
+            log = subprocess.run(command, check=True, capture_output=True, text=True).stderr
+        cache.put(log, self.NAME, binary=False)
+        return log
+
+
+@contextlib.contextmanager
+def _ptxas_log():
+    import io
+
+    from triton import knobs
+
+    stream = io.StringIO()
+    with knobs.nvidia.scope(), contextlib.redirect_stdout(stream):
+        knobs.nvidia.dump_ptxas_log = True
+        yield _LogCapture(stream)
+
+
+def _cuda_tool(name: str) -> str:
+    """``cuobjdump`` / ``nvdisasm`` bundled with Triton, beside its ptxas."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    return os.path.join(os.path.dirname(get_ptxas(90).path), name)
+
+
+def _run_on_cubin(cubin: bytes, *args: str) -> str:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
+        file.write(cubin)
+        file.flush()
+        return subprocess.run([*args, file.name], check=True, capture_output=True, text=True).stdout
 
 
 def _cubin_resources(cubin: bytes) -> tuple[int, int]:
     """``(registers, stack frame bytes)`` per thread of the single kernel in ``cubin``."""
-    from triton.backends.nvidia.compiler import get_ptxas
-
-    cuobjdump = os.path.join(os.path.dirname(get_ptxas(90).path), "cuobjdump")
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
-        file.write(cubin)
-        file.flush()
-        usage = subprocess.run([cuobjdump, "--dump-resource-usage", file.name], check=True, capture_output=True,
-                               text=True).stdout
+    usage = _run_on_cubin(cubin, _cuda_tool("cuobjdump"), "--dump-resource-usage")
     registers = re.search(r"REG:(\d+)", usage)
     stack = re.search(r"STACK:(\d+)", usage)
     if registers is None or stack is None:
         raise ValueError(f"unexpected cuobjdump output: {usage!r}")
     return int(registers.group(1)), int(stack.group(1))
+
+
+def _sass(cubin: bytes) -> str:
+    return _run_on_cubin(cubin, _cuda_tool("cuobjdump"), "-sass")
+
+
+# ---------------------------------------------------------------------------------------------- capture
+@dataclasses.dataclass(frozen=True)
+class Launch:
+    """One recorded launch of one kernel configuration.
+
+    Attributes:
+        cases: the compile case of each target arch, ``((arch, CompileCase), ...)``.
+        int_args: ``(name, value)`` of the runtime integer arguments (before specialisation).
+        autotune: None for a launch with a fixed configuration, else ``(autotuner key, index of this
+            configuration, number of configurations)``; the key (kernel, the autotuner's cache key) is shared
+            by the configurations the autotuner chooses between.
+        programs: number of programs of the launch grid.
+        tags: ``(name, value)`` labels of the scenario that made the launch.
+    """
+
+    cases: tuple[tuple[int, CompileCase], ...]
+    int_args: tuple[tuple[str, int], ...]
+    autotune: tuple | None
+    programs: int
+    tags: tuple[tuple[str, object], ...]
+
+    def case(self, arch: int) -> CompileCase:
+        return dict(self.cases)[arch]
+
+
+class _Recorder:
+    def __init__(self, archs):
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import make_backend
+
+        self.backends = {arch: make_backend(GPUTarget("cuda", arch, 32)) for arch in archs}
+        self.binders = {}
+        self.launches: list[Launch] = []
+        self.tags: tuple = ()
+        self.autotune = None
+
+    def _binder(self, fn, arch):
+        from triton.runtime.jit import create_function_from_signature
+
+        key = (id(fn), arch)
+        if key not in self.binders:
+            self.binders[key] = (fn, create_function_from_signature(fn.signature, fn.params, self.backends[arch]))
+        return self.binders[key][1]
+
+    def record(self, fn, args, kwargs, grid) -> None:
+        from triton import knobs
+
+        kwargs = dict(kwargs, debug=kwargs.get("debug", fn.debug) or knobs.runtime.debug,
+                      instrumentation_mode=knobs.compilation.instrumentation_mode)  # as JITFunction.run
+        kernel = f"{fn.fn.__module__}:{fn.fn.__name__}"
+        cases, bound = [], None
+        for arch, backend in self.backends.items():
+            bound, specialization, options = self._binder(fn, arch)(*args, **kwargs)
+            options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
+            cases.append((arch, _case_from_specialization(kernel, fn.arg_names, signature, constexprs, attrs,
+                                                          options, kwargs, arch)))
+        int_args = tuple((param.name, bound[param.name]) for param in fn.params if not param.is_constexpr
+                         and isinstance(bound[param.name], int) and not isinstance(bound[param.name], bool))
+        grid = grid(bound) if callable(grid) else grid
+        programs = 1
+        for size in grid:
+            programs *= int(size)
+        self.launches.append(Launch(tuple(cases), int_args, self.autotune, programs, self.tags))
+
+    def record_autotuned(self, tuner, args, kwargs) -> None:
+        """The configurations ``tuner`` (a ``triton.autotune`` object) would benchmark for this launch."""
+        tuner.nargs = dict(zip(tuner.arg_names, args))
+        named = {**tuner.nargs, **kwargs}
+        named = {name: value for name, value in named.items() if name in tuner.arg_names}
+        key = [named[name] for name in tuner.keys if name in named]  # Autotuner.run's cache key
+        key += [str(value.dtype) for value in named.values() if hasattr(value, "dtype")]
+        configs = tuner.prune_configs(kwargs)
+        tuner.nargs = None
+        base = tuner.base_fn
+        group = (f"{base.__module__}:{base.__name__}", *key)
+        for index, config in enumerate(configs):
+            self.autotune = (group, index, len(configs))
+            try:
+                tuner.fn.run(*args, **kwargs, **config.all_kwargs())
+            finally:
+                self.autotune = None
+
+
+def _case_from_specialization(kernel, arg_names, signature, constexprs, attrs, options, kwargs, arch) -> CompileCase:
+    """A :class:`CompileCase` from the ``(signature, constexprs, attrs, options)`` Triton's launcher computed."""
+    for path, values in attrs.items():
+        if len(path) != 1 or any(value != ["tt.divisibility", 16] for value in values):
+            raise ValueError(f"{kernel}: unsupported specialisation {path}: {values} (tuple arguments?)")
+    if any(len(path) != 1 for path in constexprs):
+        raise ValueError(f"{kernel}: tuple arguments are not supported")
+    constants = {arg_names[path[0]]: value for path, value in constexprs.items()}
+    runtime = tuple((name, kind) for name, kind in signature.items() if name not in constants)
+    aligned = tuple(arg_names[path[0]] for path, values in attrs.items() if values)
+    extra = tuple((name, getattr(options, name)) for name, default in _OTHER_OPTION_DEFAULTS.items()
+                  if getattr(options, name) != default)
+    return CompileCase(kernel, runtime, tuple(constants.items()), aligned, options.num_warps, options.num_stages,
+                       arch, extra)
+
+
+@contextlib.contextmanager
+def capturing(archs=(90, 80)):
+    """Within the block, Triton launches are recorded (for each target in ``archs``), not run; yields the
+    recorder, whose ``launches`` list grows and whose ``tags`` label the launches that follow."""
+    from triton.runtime.autotuner import Autotuner
+    from triton.runtime.jit import JITFunction
+
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise RuntimeError("capturing needs a process without TRITON_INTERPRET (see init_worker)")
+    recorder = _Recorder(archs)
+
+    def jit_run(fn, *args, grid, warmup, **kwargs):
+        recorder.record(fn, args, kwargs, grid)
+
+    def autotune_run(tuner, *args, **kwargs):
+        recorder.record_autotuned(tuner, args, kwargs)
+
+    saved = [(JITFunction, "run", JITFunction.run), (Autotuner, "run", Autotuner.run)]
+    for module_name, attribute, _ in _RUNNABLE_CHECKS:
+        module = importlib.import_module(module_name)
+        if not hasattr(module, attribute):
+            raise AttributeError(f"{module_name}.{attribute} is gone: update triton_aot._RUNNABLE_CHECKS to the "
+                                 "launchers' device check")
+        saved.append((module, attribute, getattr(module, attribute)))
+    try:
+        JITFunction.run, Autotuner.run = jit_run, autotune_run
+        for module_name, attribute, replacement in _RUNNABLE_CHECKS:
+            setattr(importlib.import_module(module_name), attribute, replacement)
+        yield recorder
+    finally:
+        for owner, attribute, value in saved:
+            setattr(owner, attribute, value)
+
+
+# ---------------------------------------------------------------------------------------------- workers
+class Workers:
+    """``processes`` worker processes (:func:`init_worker`) sharing one Triton cache, for captures and compiles
+    (both CPU-bound and single-threaded). Captures and compiles are memoised: several test modules (or
+    sections) asking for the same scenario or case share one run."""
+
+    def __init__(self, processes: int, cache_dir: str, archs=(90, 80)):
+        import concurrent.futures
+        import multiprocessing
+
+        self.pool = concurrent.futures.ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"),
+                                                           initializer=init_worker, initargs=(cache_dir,))
+        self.archs = tuple(archs)
+        self.captures: dict = {}
+        self.compiles: dict = {}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self) -> None:
+        self.pool.shutdown(cancel_futures=True)
+
+    def captured(self, scenarios) -> list[Launch]:
+        """The launches of ``scenarios`` (``kernel_launches.capture``, one scenario per task), in scenario order."""
+        import kernel_launches
+
+        scenarios = list(scenarios)
+        for scenario in scenarios:
+            if scenario not in self.captures:
+                self.captures[scenario] = self.pool.submit(kernel_launches.capture, [scenario], self.archs)
+        return [launch for scenario in scenarios for launch in self.captures[scenario].result()]
+
+    def compile(self, case: CompileCase):
+        """A future of :func:`compile_case`."""
+        if case not in self.compiles:
+            self.compiles[case] = self.pool.submit(compile_case, case)
+        return self.compiles[case]
+
+
+@functools.cache
+def shared_workers(processes: int = 2) -> Workers:
+    """One :class:`Workers` per process (e.g. a test session) with a fresh Triton cache, closed at exit."""
+    cache = tempfile.mkdtemp(prefix="packdit-triton-cache-")
+    workers = Workers(processes, cache)
+    atexit.register(shutil.rmtree, cache, ignore_errors=True)
+    atexit.register(workers.close)
+    return workers
+
+
+def unique_cases(launches: list[Launch], arch: int) -> dict[CompileCase, list[Launch]]:
+    """The distinct compile cases of ``launches`` for ``arch``, each with the launches that compile it, in first
+    launch order."""
+    cases: dict[CompileCase, list[Launch]] = {}
+    for launch in launches:
+        cases.setdefault(launch.case(arch), []).append(launch)
+    return cases
+
+
+def case_label(case: CompileCase) -> str:
+    """A short id: kernel, dtype, tile constexprs and flags, warps/stages, arch (``attention_fwd-bf16-d72-m128-
+    n64-rope-w8s3-sm90``)."""
+    values = dict(case.constexprs)
+    signature = dict(case.signature)
+    dtype = next((signature[name][1:] for name in ("Q", "a_ptr", "x_ptr", "dout_ptr", "pre_ptr", "partials_ptr", "Out")
+                  if name in signature), "")
+    parts = [case.name.strip("_").removesuffix("_kernel"), dtype]
+    for name, label in (("HEAD_DIM", "d"), ("BLOCK_M", "m"), ("BLOCK_N", "n"), ("BLOCK_K", "k"), ("BLOCK_D", "bd"),
+                        ("BLOCK", "b"), ("GROUP", "g"), ("EPILOGUE", "epi")):
+        if name in values and not (name == "BLOCK_D" and "HEAD_DIM" in values):
+            parts.append(f"{label}{values[name]}")
+    for flag in ("ROPE", "ATOMIC_DQ", "HAS_GRAD_LSE", "IS_RMS", "HAS_WEIGHT", "HAS_BIAS"):
+        if values.get(flag):
+            parts.append(flag.lower().removeprefix("has_").removeprefix("is_"))
+    parts += [f"w{case.num_warps}s{case.num_stages}", f"sm{case.arch}"]
+    return "-".join(parts)

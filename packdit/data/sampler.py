@@ -12,16 +12,38 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import hashlib
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import Sampler
 
-from packdit.layout import pack
 from packdit.packing import Plan, plan_steps
+from packdit.packing.cost import resolve_costs
+from packdit.packing.planner import as_lengths, is_integer, positive_int, prepare_samples
+from packdit.patches import pack
 
 __all__ = ["PackedSampler", "collate_packed"]
+
+STATE_VERSION = 2
+
+
+def _sha256(array: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
+
+
+def _pack_mask(mask: np.ndarray) -> bytes:
+    return np.packbits(mask).tobytes()
+
+
+def _unpack_mask(bits, num_samples: int, name: str) -> np.ndarray:
+    """A bitmap of :func:`_pack_mask` -> ``(num_samples,)`` bool, or ValueError naming ``name``."""
+    expected = (num_samples + 7) // 8
+    if not isinstance(bits, bytes) or len(bits) != expected:
+        got = f"{len(bits)} bytes" if isinstance(bits, bytes) else type(bits).__name__
+        raise ValueError(f"{name}: expected a bitmap of {expected} bytes over {num_samples} samples, got {got}")
+    return np.unpackbits(np.frombuffer(bits, dtype=np.uint8), count=num_samples).astype(bool)
 
 
 class PackedSampler(Sampler[list[int]]):
@@ -32,12 +54,39 @@ class PackedSampler(Sampler[list[int]]):
     ``perm[plan.steps[s][rank]]`` for every step s. A rank idle at a step (possible at the end of a
     planner window, see :mod:`packdit.packing.planner`) gets ``[]``; ``drop_last=True`` skips the steps
     where any rank would be idle instead. Samples longer than ``capacity`` raise, or with
-    ``split_long=True`` are left out (``plan().long_samples``, indices into the shuffled stream).
+    ``split_long=True`` are left out (``plan().long_samples``, indices into :meth:`plan_stream`).
 
-    Resuming: ``state_dict()`` is ``{"epoch", "step"}`` where step counts the batches handed out in
-    this epoch; after ``load_state_dict`` the next iteration continues at that step of that epoch, so
-    no sample is lost or repeated. A DataLoader with workers prefetches batches, so save the step the
-    training loop has consumed instead: ``{"epoch": e, "step": consumed_steps}``.
+    Resuming. ``state_dict()`` is the same dict on every rank (save it from one), and holds::
+
+        version        2
+        epoch          the epoch being iterated
+        step           batches of the current plan handed out in this epoch
+        num_samples, lengths_sha256, seed, shuffle
+                       what fixes the epoch's samples and their order (sha256 of the int64 lengths)
+        config         {"capacity", "ranks", "window", "drop_last", "split_long", "costs_sha256"}: what
+                       fixes the plan besides the stream (costs_sha256 of the float64 per-sample costs)
+        plan_excludes  bytes, a bitmap (np.packbits over sample indices): the samples consumed before
+                       the current plan was made, all zero for the epoch's own plan
+        consumed       bytes, a bitmap: every sample handed out to any rank in this epoch so far
+
+    Only plain values (ints, strings, bytes, a dict): it loads with ``torch.load(weights_only=True)`` and
+    compares with ``==``.
+
+    ``load_state_dict(state)`` makes the next iteration continue that epoch:
+
+    * same lengths, seed, shuffle and ``config``: the same plan from ``step`` on, so the batches are
+      exactly those an uninterrupted run would have seen;
+    * another ``config`` (world size, capacity, window, cost model, ``drop_last``, ``split_long``): the
+      samples not in ``consumed``, in stream order, are re-planned for this sampler's configuration and
+      the iteration starts at their first step, so across the interruption every sample of the epoch
+      is trained exactly once (minus those ``drop_last`` drops), none lost or repeated;
+    * other lengths, seed or shuffle, a step outside ``[0, steps of the saved plan]`` or a ``consumed``
+      set that is not the first ``step`` steps of the saved plan: ValueError, nothing changes.
+
+    The current plan (possibly re-planned) stays the plan of this epoch for every later pass over it,
+    until :meth:`set_epoch` moves to another epoch. A DataLoader with workers prefetches batches, so
+    save what the training loop has consumed: ``state_dict(consumed_batches=k)`` for k batches taken
+    from the current pass.
     """
 
     def __init__(
@@ -55,56 +104,100 @@ class PackedSampler(Sampler[list[int]]):
         cost=None,
         split_long: bool = False,
     ):
-        if not 0 <= rank < ranks:
-            raise ValueError(f"rank: expected 0 <= rank < ranks={ranks}, got {rank}")
-        self.lengths = np.asarray(lengths, dtype=np.int64).reshape(-1)
-        self.plan_args = dict(capacity=capacity, ranks=ranks, hidden_size=hidden_size, window=window, cost=cost,
-                              split_long=split_long)
-        self.rank, self.seed, self.drop_last, self.shuffle = rank, seed, drop_last, shuffle
+        ranks = positive_int(ranks, "ranks")
+        if not is_integer(rank) or not 0 <= rank < ranks:
+            raise ValueError(f"rank: expected an int with 0 <= rank < ranks={ranks}, got {rank!r}")
+        if not is_integer(seed):
+            raise ValueError(f"seed: expected an int, got {seed!r}")
+        self.lengths = as_lengths(lengths)
+        # validate the configuration now, not at the first iteration
+        prepare_samples(self.lengths, capacity=capacity, ranks=ranks, window=window, cost=cost,
+                        hidden_size=hidden_size, split_long=split_long)
+        self._cost_args = dict(hidden_size=hidden_size, cost=cost)
+        self._config = dict(capacity=int(capacity), ranks=ranks, window=int(window), drop_last=bool(drop_last),
+                           split_long=bool(split_long),
+                           costs_sha256=_sha256(resolve_costs(self.lengths, cost, hidden_size).astype("<f8")))
+        self.rank, self.seed, self.shuffle = int(rank), int(seed), bool(shuffle)
+        self._lengths_sha256 = _sha256(self.lengths.astype("<i8"))
         self.epoch = 0
-        self._position = 0     # batches handed out in this epoch
-        self._resume_from = 0  # first step of the next iteration
-        self._planned: tuple[int, Plan, list[list[int]]] | None = None  # (epoch, plan, this rank's batches)
+        self._plan_excludes: np.ndarray | None = None  # (n,) bool: consumed before the current plan was made
+        self._position = 0     # batches of the current plan handed out in this epoch
+        self._pass_start = 0   # the step the current (or next) pass starts at
+        self._resume_pending = False
+        self._planned: tuple[np.ndarray, Plan, list[int], list[list[int]]] | None = None
 
     def set_epoch(self, epoch: int) -> None:
-        """Use epoch ``epoch``'s shuffle and plan from the next iteration, starting at its first step."""
+        """Use epoch ``epoch``'s shuffle and plan from the next iteration, starting at its first step
+        (a no-op for the current epoch, so it can follow :meth:`load_state_dict`)."""
+        if not is_integer(epoch) or epoch < 0:
+            raise ValueError(f"epoch: expected an int >= 0, got {epoch!r}")
         if epoch != self.epoch:
-            self._position = self._resume_from = 0
-        self.epoch = epoch
+            self._position = self._pass_start = 0
+            self._plan_excludes, self._planned, self._resume_pending = None, None, False
+        self.epoch = int(epoch)
 
     def permutation(self) -> np.ndarray:
         """Stream order of this epoch: stream position -> sample index."""
+        return self._permutation(self.epoch)
+
+    def _permutation(self, epoch: int) -> np.ndarray:
         if not self.shuffle:
             return np.arange(len(self.lengths))
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        generator = torch.Generator().manual_seed(self.seed + epoch)
         return torch.randperm(len(self.lengths), generator=generator).numpy()
 
+    def plan_stream(self) -> np.ndarray:
+        """The samples the current plan covers, in stream order (plan position -> sample index):
+        :meth:`permutation` for the epoch's own plan, its not yet consumed samples after a re-plan."""
+        return self._current()[0]
+
     def plan(self) -> Plan:
-        """This epoch's plan over the shuffled stream (indices are stream positions; see :meth:`permutation`)."""
-        return self._epoch_plan()[0]
+        """This epoch's current plan (indices are positions in :meth:`plan_stream`)."""
+        return self._current()[1]
 
-    def _epoch_plan(self) -> tuple[Plan, list[list[int]]]:
-        if self._planned is None or self._planned[0] != self.epoch:
-            perm = self.permutation()
-            plan = plan_steps(self.lengths[perm], seed=self.seed + self.epoch, **self.plan_args)
-            steps = range(plan.num_steps)
-            if self.drop_last:
-                sizes = np.diff(plan.bin_offsets).reshape(plan.num_steps, plan.ranks)
-                steps = np.flatnonzero((sizes > 0).all(axis=1)).tolist()
+    def _make_plan(self, epoch: int, excludes: np.ndarray | None,
+                   config: Mapping) -> tuple[np.ndarray, Plan, list[int]]:
+        """``(stream, plan, step_ids)``: the plan of epoch ``epoch``'s samples outside ``excludes`` under
+        ``config``, and the plan steps handed out (all, or those without idle ranks with drop_last)."""
+        stream = self._permutation(epoch)
+        if excludes is not None:
+            stream = stream[~excludes[stream]]
+        plan = plan_steps(self.lengths[stream], capacity=config["capacity"], ranks=config["ranks"],
+                          window=config["window"], split_long=config["split_long"], seed=self.seed + epoch,
+                          **self._cost_args)
+        step_ids = range(plan.num_steps)
+        if config["drop_last"]:
+            sizes = np.diff(plan.bin_offsets).reshape(plan.num_steps, plan.ranks)
+            step_ids = np.flatnonzero((sizes > 0).all(axis=1))
+        return stream, plan, list(step_ids)
+
+    @staticmethod
+    def _consumed(stream: np.ndarray, plan: Plan, step_ids: list[int], steps: int, excludes: np.ndarray | None,
+                  num_samples: int) -> np.ndarray:
+        """``(n,)`` bool: ``excludes`` and every sample of the first ``steps`` handed-out steps, all ranks."""
+        consumed = np.zeros(num_samples, dtype=bool) if excludes is None else excludes.copy()
+        handed_out = np.zeros(plan.num_steps, dtype=bool)
+        handed_out[step_ids[:steps]] = True
+        step_of_entry = np.repeat(np.arange(len(plan.bin_offsets) - 1) // plan.ranks, np.diff(plan.bin_offsets))
+        consumed[stream[plan.order[handed_out[step_of_entry]]]] = True
+        return consumed
+
+    def _current(self) -> tuple[np.ndarray, Plan, list[int], list[list[int]]]:
+        """``(stream, plan, step_ids, this rank's batches)`` of the current plan, memoized."""
+        if self._planned is None:
+            stream, plan, step_ids = self._make_plan(self.epoch, self._plan_excludes, self._config)
             positions = plan.rank_batches(self.rank)
-            self._planned = (self.epoch, plan, [perm[positions[s]].tolist() for s in steps])
-        return self._planned[1:]
-
-    def _batches(self) -> list[list[int]]:
-        return self._epoch_plan()[1]
+            self._planned = (stream, plan, step_ids, [stream[positions[s]].tolist() for s in step_ids])
+        return self._planned
 
     def __len__(self) -> int:
-        return len(self._batches())
+        return len(self._current()[3])
 
     def __iter__(self):
-        batches = self._batches()
-        start, self._resume_from = self._resume_from, 0
-        self._position = start
+        batches = self._current()[3]
+        start = self._position if self._resume_pending else 0
+        self._resume_pending = False
+        self._position = self._pass_start = start
         return self._hand_out(batches, start)
 
     def _hand_out(self, batches: list[list[int]], start: int):
@@ -112,12 +205,81 @@ class PackedSampler(Sampler[list[int]]):
             self._position = s + 1
             yield batches[s]
 
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "step": self._position}
+    def state_dict(self, consumed_batches: int | None = None) -> dict:
+        """The resume state (see the class docstring) after the batches handed out so far, or after the
+        first ``consumed_batches`` of the current pass (batches prefetched but not trained on excluded)."""
+        step = self._position
+        if consumed_batches is not None:
+            handed = self._position - self._pass_start
+            if not is_integer(consumed_batches) or not 0 <= consumed_batches <= handed:
+                raise ValueError(f"consumed_batches: expected an int in [0, {handed}] (the batches this pass has "
+                                 f"handed out), got {consumed_batches!r}")
+            step = self._pass_start + int(consumed_batches)
+        stream, plan, step_ids, _ = self._current()
+        n = len(self.lengths)
+        excludes = np.zeros(n, dtype=bool) if self._plan_excludes is None else self._plan_excludes
+        return {
+            "version": STATE_VERSION, "epoch": self.epoch, "step": step,
+            "num_samples": n, "lengths_sha256": self._lengths_sha256, "seed": self.seed, "shuffle": self.shuffle,
+            "config": dict(self._config),
+            "plan_excludes": _pack_mask(excludes),
+            "consumed": _pack_mask(self._consumed(stream, plan, step_ids, step, self._plan_excludes, n)),
+        }
 
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch = int(state["epoch"])
-        self._position = self._resume_from = int(state["step"])
+    def load_state_dict(self, state: Mapping) -> None:
+        """Continue the epoch of ``state`` at the next iteration: exactly, or re-planned for a changed
+        configuration (see the class docstring); ValueError when the state does not describe this data."""
+        keys = ("version", "epoch", "step", "num_samples", "lengths_sha256", "seed", "shuffle", "config",
+                "plan_excludes", "consumed")
+        if not isinstance(state, Mapping) or state.get("version") != STATE_VERSION or not set(keys) <= set(state):
+            got = sorted(state) if isinstance(state, Mapping) else type(state).__name__
+            raise ValueError(f"state: expected a PackedSampler.state_dict() of version {STATE_VERSION} with keys "
+                             f"{list(keys)}, got {got}; a state without the configuration and the lengths "
+                             "fingerprint cannot be checked against this sampler")
+        n = len(self.lengths)
+        if state["num_samples"] != n:
+            raise ValueError(f"state['num_samples']: the state is for {state['num_samples']} samples, this "
+                             f"sampler has {n}: its epoch cannot be resumed on other data")
+        if state["lengths_sha256"] != self._lengths_sha256:
+            raise ValueError("state['lengths_sha256']: the state was saved for other sample lengths than this "
+                             "sampler's: its epoch cannot be resumed on other data")
+        for key, mine in (("seed", self.seed), ("shuffle", self.shuffle)):
+            if state[key] != mine:
+                raise ValueError(f"state[{key!r}]: expected {mine!r} (this sampler's), got {state[key]!r}: "
+                                 "the epoch's sample order would differ")
+        epoch, step = state["epoch"], state["step"]
+        if not is_integer(epoch) or epoch < 0:
+            raise ValueError(f"state['epoch']: expected an int >= 0, got {epoch!r}")
+        if not is_integer(step) or step < 0:
+            raise ValueError(f"state['step']: expected an int >= 0, got {step!r}")
+        epoch, step = int(epoch), int(step)
+        excludes = _unpack_mask(state["plan_excludes"], n, "state['plan_excludes']")
+        consumed = _unpack_mask(state["consumed"], n, "state['consumed']")
+        if (excludes & ~consumed).any():
+            raise ValueError("state['consumed']: expected to contain every sample of state['plan_excludes']")
+        excludes = excludes if excludes.any() else None
+        saved = state["config"]
+        if not isinstance(saved, Mapping) or set(saved) != set(self._config):
+            raise ValueError(f"state['config']: expected keys {sorted(self._config)}, got {saved!r}")
+
+        # with the same costs the saved plan can be rebuilt, and the state checked against it; otherwise
+        # only its consumed set is known, which is all a re-plan needs
+        if saved["costs_sha256"] == self._config["costs_sha256"]:
+            try:
+                stream, plan, step_ids = self._make_plan(epoch, excludes, saved)
+            except ValueError as exc:
+                raise ValueError(f"state['config']: the saved plan cannot be rebuilt: {exc}") from exc
+            if step > len(step_ids):
+                raise ValueError(f"state['step']: expected 0 <= step <= {len(step_ids)} (the steps of the saved "
+                                 f"plan of epoch {epoch}), got {step}")
+            if not np.array_equal(self._consumed(stream, plan, step_ids, step, excludes, n), consumed):
+                raise ValueError(f"state['consumed']: expected the samples of the first {step} steps of the saved "
+                                 f"plan of epoch {epoch}, got a different set: the state is corrupt")
+        if dict(saved) != self._config:  # re-plan what the epoch has not consumed yet
+            excludes, step = (consumed if consumed.any() else None), 0
+        self.epoch, self._plan_excludes, self._planned = epoch, excludes, None
+        self._position = self._pass_start = step
+        self._resume_pending = True
 
 
 def collate_packed(batch: list, patch_size=2) -> tuple | None:

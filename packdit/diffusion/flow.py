@@ -30,8 +30,17 @@ from typing import Union
 import torch
 from torch import Tensor
 
-from packdit.diffusion.packed import ModelFn, draw_noise, segment_mean
-from packdit.layout import DropRate, PackedSeqs, PatchSize, pack, pack_like
+from packdit.diffusion.packed import (
+    ModelFn,
+    check_finite,
+    check_int,
+    check_labels,
+    check_null_label,
+    draw_noise,
+    segment_mean,
+)
+from packdit.layout import DropRate, PackedSeqs, PatchSize
+from packdit.patches import pack, pack_like
 
 __all__ = [
     "BASE_TOKENS", "MAX_SHIFT", "FlowMatching", "sample_timesteps", "timestep_shift_factor", "shift_timesteps",
@@ -55,15 +64,28 @@ def sample_timesteps(
 
     z is drawn on the generator's device (CPU when None and no device) and moved to ``device``.
     """
+    check_int(num_samples, "num_samples")
+    mean, std = check_finite(mean, "mean"), check_finite(std, "std", minimum=0.0)
     draw_device = generator.device if generator is not None else device
     z = torch.randn(num_samples, generator=generator, device=draw_device)
     return torch.sigmoid(mean + std * z).to(device)
 
 
+def check_shift_settings(base_tokens, max_shift) -> None:
+    """ValueError unless ``base_tokens`` is finite and > 0 and ``max_shift`` finite and >= 1."""
+    check_finite(base_tokens, "base_tokens", minimum=0.0, exclusive=True)
+    check_finite(max_shift, "max_shift (the shift factor is clamped to [1 / max_shift, max_shift])", minimum=1.0)
+
+
 def timestep_shift_factor(
     num_tokens: Tensor, *, base_tokens: int = BASE_TOKENS, max_shift: float = MAX_SHIFT
 ) -> Tensor:
-    """``s = clamp(sqrt(num_tokens / base_tokens), 1 / max_shift, max_shift)``, float64, shape of ``num_tokens``."""
+    """``s = clamp(sqrt(num_tokens / base_tokens), 1 / max_shift, max_shift)``, float64, shape of ``num_tokens``.
+
+    ``base_tokens`` must be finite and > 0, ``max_shift`` finite and >= 1 (below 1 the clamp range is
+    empty; 0 divides by zero), else ValueError.
+    """
+    check_shift_settings(base_tokens, max_shift)
     ratio = num_tokens.to(torch.float64) / base_tokens
     return ratio.sqrt().clamp(1.0 / max_shift, max_shift)
 
@@ -119,6 +141,11 @@ class FlowMatching:
     base_tokens: int = BASE_TOKENS
     max_shift: float = MAX_SHIFT
 
+    def __post_init__(self):
+        check_finite(self.logit_mean, "logit_mean")
+        check_finite(self.logit_std, "logit_std", minimum=0.0)
+        check_shift_settings(self.base_tokens, self.max_shift)
+
     def sample_timesteps(self, seqs: PackedSeqs, generator: torch.Generator | None = None) -> Tensor:
         """``(B,)`` logit-normal timesteps, each shifted by its sample's full token count when ``shift``."""
         t = sample_timesteps(len(seqs), generator=generator, device=seqs.device, mean=self.logit_mean,
@@ -166,6 +193,7 @@ class FlowMatching:
         details: ``per_sample`` (B,) losses (detached), ``t``, ``y`` (labels after dropout), ``seqs``.
         """
         x0, seqs = pack(latents, patch_size, drop_rate=drop_rate, generator=generator)
+        check_labels(y, len(seqs))
         if noise is None:
             noise = draw_noise([x.shape for x in latents], generator, device=x0.device, dtype=x0.dtype)
         noise = pack_like(noise, seqs, patch_size)
@@ -174,6 +202,10 @@ class FlowMatching:
             t = self.sample_timesteps(seqs, generator)
         elif callable(t):
             t = t(seqs)
+        if not isinstance(t, Tensor) or not t.is_floating_point():
+            got = f"dtype {t.dtype}" if isinstance(t, Tensor) else type(t).__name__
+            raise ValueError(f"t: expected a floating ({len(seqs)},) or ({seqs.num_tokens},) tensor of times in "
+                             f"[0, 1], got {got}")
         t = t.to(x0.device)
         if t.shape == (len(seqs),):
             t_tokens = t[seqs.segment_ids.long()]
@@ -184,9 +216,12 @@ class FlowMatching:
                 f"t: expected ({len(seqs)},) per sample or ({seqs.num_tokens},) per token, got {tuple(t.shape)}"
             )
 
+        if check_finite(cfg_dropout, "cfg_dropout", minimum=0.0) > 1:
+            raise ValueError(f"cfg_dropout: expected a probability in [0, 1], got {cfg_dropout!r}")
         if cfg_dropout > 0:
             if y is None or null_label is None:
                 raise ValueError("cfg_dropout > 0 needs labels y and the null_label that replaces dropped ones")
+            check_null_label(null_label, model_fn)
             draw_device = generator.device if generator is not None else y.device
             dropped = torch.rand(len(seqs), generator=generator, device=draw_device).to(y.device) < cfg_dropout
             y = torch.where(dropped, torch.full_like(y, null_label), y)

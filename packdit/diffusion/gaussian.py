@@ -31,13 +31,24 @@ channels of a batch.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
-from packdit.diffusion.packed import Generators, ModelFn, classifier_free_guidance, draw_noise, segment_mean
-from packdit.layout import DropRate, PatchSize, normalize_patch_size, pack, pack_like, unpack
+from packdit._validate import checks_enabled
+from packdit.diffusion.packed import (
+    Generators,
+    ModelFn,
+    check_labels,
+    classifier_free_guidance,
+    draw_noise,
+    segment_mean,
+    starting_noise,
+)
+from packdit.layout import DropRate, PatchSize, normalize_patch_size
+from packdit.patches import pack, pack_like, unpack
 
 __all__ = ["GaussianDiffusion", "create_diffusion", "get_named_beta_schedule", "space_timesteps"]
 
@@ -45,6 +56,16 @@ LOSS_TYPES = ("mse", "rescaled_mse", "kl", "rescaled_kl")
 
 
 # ---------------------------------------------------------------------- schedules
+MIN_STEPS = 2
+"""A process needs 2 steps: the reverse variance of step 0 is taken from step 1 (``beta~_0 = 0``)."""
+
+
+def _check_num_steps(value, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < MIN_STEPS:
+        raise ValueError(f"{name}: expected an int >= {MIN_STEPS} (step 0's reverse variance comes from step 1), "
+                         f"got {value!r}")
+
+
 def _linspace64(start: float, stop: float, num: int) -> Tensor:
     """``numpy.linspace`` in float64, bit for bit: ``arange(num) * step + start`` with the last value ``stop``."""
     values = torch.arange(num, dtype=torch.float64) * ((stop - start) / (num - 1)) + start
@@ -59,6 +80,7 @@ def get_named_beta_schedule(schedule_name: str, num_diffusion_timesteps: int) ->
     keep the same process. ``"squaredcos_cap_v2"``: the cosine schedule
     ``abar(s) = cos((s + 0.008) / 1.008 * pi / 2)^2``, ``beta_i = min(1 - abar((i+1)/T) / abar(i/T), 0.999)``.
     """
+    _check_num_steps(num_diffusion_timesteps, "num_diffusion_timesteps")
     if schedule_name == "linear":
         scale = 1000 / num_diffusion_timesteps
         return _linspace64(scale * 0.0001, scale * 0.02, num_diffusion_timesteps)
@@ -81,20 +103,31 @@ def space_timesteps(num_timesteps: int, section_counts: str | Sequence[int]) -> 
     step being the section's first. ``"ddimN"``: the DDIM striding ``range(0, T, stride)`` with the
     smallest integer stride that gives exactly N steps.
     """
+    if isinstance(num_timesteps, bool) or not isinstance(num_timesteps, numbers.Integral) or num_timesteps < 1:
+        raise ValueError(f"num_timesteps: expected a positive int, got {num_timesteps!r}")
+    expected = "'ddimN', 'N' or comma-separated counts 'N1,N2,...' per section, or a sequence of ints >= 0"
+    counts = section_counts
+    ddim = isinstance(section_counts, str) and section_counts.startswith("ddim")
     if isinstance(section_counts, str):
-        if section_counts.startswith("ddim"):
-            desired = int(section_counts[len("ddim"):])
-            for stride in range(1, num_timesteps):
-                if len(range(0, num_timesteps, stride)) == desired:
-                    return set(range(0, num_timesteps, stride))
-            raise ValueError(f"cannot take exactly {desired} of {num_timesteps} steps with an integer stride")
-        section_counts = [int(c) for c in section_counts.split(",")]
-    size_per, extra = divmod(num_timesteps, len(section_counts))
+        try:
+            counts = [int(c) for c in section_counts.removeprefix("ddim").split(",")]
+        except ValueError:
+            raise ValueError(f"section_counts: expected {expected}, got {section_counts!r}") from None
+    if (not isinstance(counts, Sequence) or not counts or (ddim and len(counts) != 1)
+            or any(isinstance(c, bool) or not isinstance(c, numbers.Integral) or c < 0 for c in counts)):
+        raise ValueError(f"section_counts: expected {expected}, got {section_counts!r}")
+    if ddim:
+        for stride in range(1, num_timesteps):
+            if len(range(0, num_timesteps, stride)) == counts[0]:
+                return set(range(0, num_timesteps, stride))
+        raise ValueError(f"section_counts: cannot take exactly {counts[0]} of {num_timesteps} steps with an "
+                         f"integer stride ({section_counts!r})")
+    size_per, extra = divmod(num_timesteps, len(counts))
     start, steps = 0, set()
-    for j, count in enumerate(section_counts):
+    for j, count in enumerate(counts):
         size = size_per + (1 if j < extra else 0)
         if size < count:
-            raise ValueError(f"cannot take {count} steps from a section of {size}")
+            raise ValueError(f"section_counts: cannot take {count} steps from section {j} of {size} steps")
         stride = (size - 1) / (count - 1) if count > 1 else 1
         position = 0.0
         for _ in range(count):
@@ -172,8 +205,9 @@ class GaussianDiffusion:
             raise ValueError("betas: expected a 1-D sequence of values in (0, 1]")
         self.original_num_steps = base_betas.shape[0]
         kept = sorted(set(range(self.original_num_steps) if use_timesteps is None else use_timesteps))
-        if not kept or kept[0] < 0 or kept[-1] >= self.original_num_steps:
-            raise ValueError(f"use_timesteps: expected steps in [0, {self.original_num_steps}), got {kept[:8]}...")
+        if len(kept) < MIN_STEPS or kept[0] < 0 or kept[-1] >= self.original_num_steps:
+            raise ValueError(f"use_timesteps: expected at least {MIN_STEPS} steps in [0, {self.original_num_steps}) "
+                             f"(step 0's reverse variance comes from step 1), got {len(kept)}: {kept[:8]}")
         self.timestep_map = torch.tensor(kept, dtype=torch.long)
         self.predict_xstart, self.learn_sigma, self.sigma_small = predict_xstart, learn_sigma, sigma_small
         self.loss_type = loss_type
@@ -204,6 +238,28 @@ class GaussianDiffusion:
             else (large_variance, large_variance.log())
         )
 
+    # ------------------------------------------------------------------ step validation
+    def _check_steps(self, t: Tensor, rows: int, per: str) -> None:
+        """ValueError naming ``t`` unless it is a ``(rows,)`` integer tensor of steps in ``[0, num_timesteps)``.
+
+        dtype and shape are host checks; the range needs one device->host copy and runs while
+        :func:`packdit.checks` is on. Public methods check their ``t`` once; the math they share (the
+        ``_``-prefixed twins) does not check again.
+        """
+        expected = f"a ({rows},) integer tensor of steps in [0, {self.num_timesteps}), one per {per}"
+        if not isinstance(t, Tensor):
+            raise TypeError(f"t: expected {expected}, got {type(t).__name__}")
+        if t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
+            raise ValueError(f"t: expected {expected}, got dtype {t.dtype}")
+        if t.shape != (rows,):
+            raise ValueError(f"t: expected {expected}, got shape {tuple(t.shape)}")
+        if checks_enabled() and rows:
+            bad = (t < 0) | (t >= self.num_timesteps)
+            if bool(bad.any()):
+                i = int(bad.nonzero()[0, 0])
+                raise ValueError(f"t: expected steps in [0, {self.num_timesteps}) of this {self.num_timesteps}-step "
+                                 f"process, got t[{i}] = {int(t[i])}")
+
     # ------------------------------------------------------------------ per-row coefficient math
     @staticmethod
     def _extract(values: Tensor, t: Tensor, x: Tensor) -> Tensor:
@@ -212,11 +268,19 @@ class GaussianDiffusion:
 
     def q_sample(self, x_start: Tensor, t: Tensor, noise: Tensor) -> Tensor:
         """``sqrt(abar_t) x_0 + sqrt(1 - abar_t) noise``; t: one step per row of x (sample or token)."""
+        self._check_steps(t, x_start.shape[0], "row of x_start")
+        return self._q_sample(x_start, t, noise)
+
+    def _q_sample(self, x_start: Tensor, t: Tensor, noise: Tensor) -> Tensor:
         return (self._extract(self.sqrt_alphas_cumprod, t, x_start) * x_start
                 + self._extract(self.sqrt_one_minus_alphas_cumprod, t, x_start) * noise)
 
     def q_posterior_mean_variance(self, x_start: Tensor, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Mean, variance and clipped log variance of q(x_{t-1} | x_t, x_0), per row step t."""
+        self._check_steps(t, x_t.shape[0], "row of x_t")
+        return self._q_posterior(x_start, x_t, t)
+
+    def _q_posterior(self, x_start: Tensor, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         mean = (self._extract(self.posterior_mean_coef1, t, x_t) * x_start
                 + self._extract(self.posterior_mean_coef2, t, x_t) * x_t)
         variance = self._extract(self.posterior_variance, t, x_t)
@@ -230,6 +294,11 @@ class GaussianDiffusion:
         ``model_output``: like x, or ``[eps, v]`` concatenated along dim 1 with ``learn_sigma``; t: one
         step per row of x.
         """
+        self._check_steps(t, x.shape[0], "row of x")
+        return self._output_distribution(model_output, x, t, clip_denoised=clip_denoised)
+
+    def _output_distribution(self, model_output: Tensor, x: Tensor, t: Tensor, *,
+                             clip_denoised: bool) -> dict[str, Tensor]:
         if self.learn_sigma:
             if model_output.shape[1] != 2 * x.shape[1]:
                 raise ValueError(
@@ -251,7 +320,7 @@ class GaussianDiffusion:
                            - self._extract(self.sqrt_recipm1_alphas_cumprod, t, x) * model_output)
         if clip_denoised:
             pred_xstart = pred_xstart.clamp(-1, 1)
-        mean, _, _ = self.q_posterior_mean_variance(pred_xstart, x, t)
+        mean, _, _ = self._q_posterior(pred_xstart, x, t)
         return {"mean": mean, "variance": variance, "log_variance": log_variance, "pred_xstart": pred_xstart}
 
     def _step(self, dist: dict[str, Tensor], t: Tensor, noise: Tensor) -> Tensor:
@@ -262,7 +331,7 @@ class GaussianDiffusion:
     def _vb_bits(self, dist: dict[str, Tensor], x_start: Tensor, x_t: Tensor, t: Tensor, t_sample: Tensor,
                  per_sample_mean: Callable[[Tensor], Tensor]) -> Tensor:
         """Per-sample VB term in bits: mean KL(q(x_{t-1}|x_t,x_0) || p) for t > 0, the decoder NLL of x_0 at t = 0."""
-        true_mean, _, true_log_variance = self.q_posterior_mean_variance(x_start, x_t, t)
+        true_mean, _, true_log_variance = self._q_posterior(x_start, x_t, t)
         kl = _normal_kl(true_mean, true_log_variance, dist["mean"], dist["log_variance"])
         kl = per_sample_mean(kl) / math.log(2.0)
         nll = -_discretized_gaussian_log_likelihood(x_start, means=dist["mean"], log_scales=0.5 * dist["log_variance"])
@@ -273,7 +342,7 @@ class GaussianDiffusion:
                     t_sample: Tensor, per_sample_mean: Callable[[Tensor], Tensor]) -> dict[str, Tensor]:
         """The official loss terms, per sample; t per row of x, t_sample per sample."""
         if self.loss_type in ("kl", "rescaled_kl"):
-            dist = self.output_distribution(model_output, x_t, t, clip_denoised=False)
+            dist = self._output_distribution(model_output, x_t, t, clip_denoised=False)
             vb = self._vb_bits(dist, x_start, x_t, t, t_sample, per_sample_mean)
             return {"loss": vb * self.num_timesteps if self.loss_type == "rescaled_kl" else vb}
         terms = {}
@@ -281,7 +350,7 @@ class GaussianDiffusion:
             eps_output, var_values = model_output.split(x_t.shape[1], dim=1)
             # the VB term trains the variance only: the mean it sees is frozen (stop-gradient)
             frozen = torch.cat([eps_output.detach(), var_values], dim=1)
-            dist = self.output_distribution(frozen, x_t, t, clip_denoised=False)
+            dist = self._output_distribution(frozen, x_t, t, clip_denoised=False)
             terms["vb"] = self._vb_bits(dist, x_start, x_t, t, t_sample, per_sample_mean)
             if self.loss_type == "rescaled_mse":
                 terms["vb"] = terms["vb"] * (self.num_timesteps / 1000.0)   # the official 1/1000 equivalence factor
@@ -299,8 +368,9 @@ class GaussianDiffusion:
     def p_mean_variance(self, model, x: Tensor, t: Tensor, clip_denoised: bool = True,
                         model_kwargs: dict | None = None) -> dict[str, Tensor]:
         """``model(x, base_t, **model_kwargs)`` on a (B, C, ...) batch -> :meth:`output_distribution`."""
+        self._check_steps(t, x.shape[0], "sample of x")
         model_output = model(x, self._model_timesteps(t), **(model_kwargs or {}))
-        return self.output_distribution(model_output, x, t, clip_denoised=clip_denoised)
+        return self._output_distribution(model_output, x, t, clip_denoised=clip_denoised)
 
     def p_sample(self, model, x: Tensor, t: Tensor, clip_denoised: bool = True, model_kwargs: dict | None = None,
                  generator: Generators = None) -> dict[str, Tensor]:
@@ -337,8 +407,9 @@ class GaussianDiffusion:
                         noise: Tensor | None = None) -> dict[str, Tensor]:
         """The official per-sample losses of a (B, C, ...) batch at steps t (B,): ``loss``, ``mse`` and ``vb``
         (learned sigma), each (B,)."""
+        self._check_steps(t, x_start.shape[0], "sample of x_start")
         noise = torch.randn_like(x_start) if noise is None else noise
-        x_t = self.q_sample(x_start, t, noise)
+        x_t = self._q_sample(x_start, t, noise)
         model_output = model(x_t, self._model_timesteps(t), **(model_kwargs or {}))
         return self._loss_terms(model_output, x_start, x_t, noise, t, t, _mean_over_elements)
 
@@ -370,8 +441,8 @@ class GaussianDiffusion:
         the variance from the conditional half.
         """
         patch_size = normalize_patch_size(patch_size)
-        start = draw_noise(shapes, generator, device=device) if noise is None else [n.to(device) for n in noise]
-        x, seqs = pack(start, patch_size)
+        x, seqs = pack(starting_noise(shapes, noise, generator, device), patch_size)
+        check_labels(y, len(seqs))
         if cfg_scale != 1.0:
             if null_label is None:
                 raise ValueError("cfg_scale != 1 needs the null_label of the unconditional model")
@@ -383,7 +454,7 @@ class GaussianDiffusion:
         for i in range(self.num_timesteps - 1, -1, -1):
             t = torch.full((len(seqs),), i, dtype=torch.long, device=x.device)
             model_output = model_fn(x, seqs, self._model_timesteps(t), y)
-            dist = self.output_distribution(model_output, x, t[segment_ids], clip_denoised=clip_denoised)
+            dist = self._output_distribution(model_output, x, t[segment_ids], clip_denoised=clip_denoised)
             step_noise, _ = pack(draw_noise(shapes, generator, device=device), patch_size)
             x = self._step(dist, t[segment_ids], step_noise)
         return unpack(x, seqs, patch_size)
@@ -406,12 +477,14 @@ class GaussianDiffusion:
         sample (mean over that sample's tokens and channels) like the batch path's ``mean_flat``; also
         returns ``seqs``.
         """
+        self._check_steps(t, len(latents), "latent")
+        check_labels(y, len(latents))
         x_start, seqs = pack(latents, patch_size, drop_rate=drop_rate, generator=generator)
         if noise is None:
             noise = draw_noise([x.shape for x in latents], generator, device=x_start.device, dtype=x_start.dtype)
         noise = pack_like(noise, seqs, patch_size)
         t_tokens = t[seqs.segment_ids.long()]
-        x_t = self.q_sample(x_start, t_tokens, noise)
+        x_t = self._q_sample(x_start, t_tokens, noise)
         model_output = model_fn(x_t, seqs, self._model_timesteps(t), y)
 
         def per_sample_mean(values: Tensor) -> Tensor:
@@ -432,14 +505,23 @@ def create_diffusion(
     diffusion_steps: int = 1000,
 ) -> GaussianDiffusion:
     """The official DiT constructor: ``create_diffusion("")`` for training (all 1000 steps),
-    ``create_diffusion("250")`` for sampling, ``"ddim50"`` etc. for DDIM striding."""
+    ``create_diffusion("250")`` for sampling, ``"ddim50"`` etc. for DDIM striding. A respacing that keeps
+    fewer than 2 steps (``"1"``, ``"0"``) raises ValueError: step 0's reverse variance comes from step 1."""
     betas = get_named_beta_schedule(noise_schedule, diffusion_steps)
     loss_type = "rescaled_kl" if use_kl else "rescaled_mse" if rescale_learned_sigmas else "mse"
     if timestep_respacing is None or timestep_respacing == "":
         timestep_respacing = [diffusion_steps]
+    try:
+        kept = space_timesteps(diffusion_steps, timestep_respacing)
+    except ValueError as exc:
+        raise ValueError(f"timestep_respacing: {exc}") from None
+    if len(kept) < MIN_STEPS:
+        raise ValueError(f"timestep_respacing: expected a respacing that keeps at least {MIN_STEPS} of the "
+                         f"{diffusion_steps} steps (step 0's reverse variance comes from step 1), got "
+                         f"{timestep_respacing!r}, which keeps {len(kept)}")
     return GaussianDiffusion(
         betas,
-        use_timesteps=space_timesteps(diffusion_steps, timestep_respacing),
+        use_timesteps=kept,
         predict_xstart=predict_xstart,
         learn_sigma=learn_sigma,
         sigma_small=sigma_small,

@@ -13,9 +13,18 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from packdit.diffusion.flow import BASE_TOKENS, MAX_SHIFT, full_token_counts, shift_timesteps
-from packdit.diffusion.packed import Generators, ModelFn, classifier_free_guidance, draw_noise
-from packdit.layout import PatchSize, normalize_patch_size, pack, unpack
+from packdit._validate import checks_enabled
+from packdit.diffusion.flow import BASE_TOKENS, MAX_SHIFT, check_shift_settings, full_token_counts, shift_timesteps
+from packdit.diffusion.packed import (
+    Generators,
+    ModelFn,
+    check_int,
+    check_labels,
+    classifier_free_guidance,
+    starting_noise,
+)
+from packdit.layout import PatchSize, normalize_patch_size
+from packdit.patches import pack, unpack
 
 __all__ = ["flow_schedule", "sample"]
 
@@ -27,10 +36,22 @@ def flow_schedule(
 
     Row b is ``shift_timesteps(u, num_tokens[b])`` for ``u = linspace(1, 0, steps + 1)`` (or u itself
     without ``shift``); the shift is increasing and keeps both endpoints, so every row is a valid
-    decreasing schedule.
+    decreasing schedule. ValueError for ``steps`` not an int >= 1, ``num_tokens`` not a ``(B,)`` tensor
+    of counts >= 0 (the values are checked while :func:`packdit.checks` is on), or shift settings
+    outside ``base_tokens > 0``, ``1 <= max_shift < inf``.
     """
-    if steps < 1:
-        raise ValueError(f"steps: expected at least 1, got {steps}")
+    check_int(steps, "steps", minimum=1)
+    check_shift_settings(base_tokens, max_shift)
+    if not isinstance(num_tokens, torch.Tensor):
+        raise ValueError(f"num_tokens: expected a (B,) tensor of token counts, got {type(num_tokens).__name__}")
+    if num_tokens.dim() != 1 or num_tokens.dtype == torch.bool:
+        raise ValueError(f"num_tokens: expected a (B,) tensor of token counts, got shape {tuple(num_tokens.shape)} "
+                         f"and dtype {num_tokens.dtype}")
+    if checks_enabled() and num_tokens.numel():
+        bad = ~(num_tokens >= 0)  # also NaN
+        if bool(bad.any()):
+            b = int(bad.nonzero()[0, 0])
+            raise ValueError(f"num_tokens: expected counts >= 0, got {num_tokens[b].item()} for sample {b}")
     u = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64, device=num_tokens.device)
     u = u.expand(num_tokens.shape[0], -1)
     if not shift:
@@ -77,17 +98,8 @@ def sample(
     if method not in ("euler", "heun"):
         raise ValueError(f"method: expected 'euler' or 'heun', got {method!r}")
     patch_size = normalize_patch_size(patch_size)
-    if noise is None:
-        noise = draw_noise(shapes, generator, device=device)
-    else:
-        noise = [n.to(device) for n in noise]
-        if [tuple(n.shape) for n in noise] != [tuple(s) for s in shapes]:
-            raise ValueError(
-                f"noise: expected shapes {[tuple(s) for s in shapes]}, got {[tuple(n.shape) for n in noise]}"
-            )
-    x, seqs = pack(noise, patch_size)
-    if y is not None and y.shape != (len(seqs),):
-        raise ValueError(f"y: expected ({len(seqs)},) labels, got {tuple(y.shape)}")
+    x, seqs = pack(starting_noise(shapes, noise, generator, device), patch_size)
+    check_labels(y, len(seqs))
     velocity = model_fn
     if cfg_scale != 1.0:
         if null_label is None:

@@ -11,13 +11,17 @@ official checkpoint with ``strict=True``. Underneath, every call runs on packed 
              x = x + gate2[i] * MLP(norm(x) * (1 + scale2[i]) + shift2[i])
     final:   Linear(norm(x) * (1 + scale[i]) + shift[i]) -> (N, pt*ph*pw*C_out), channels last
 
-Video and NaViT options (keyword-only; the defaults keep official compatibility):
+Construction options are the fields of :class:`~packdit.models.config.DiTConfig` (``DiT(config)`` or the
+official positional arguments plus keywords); ``DiT_models[name]()`` builds a named configuration. Video and
+NaViT options (keyword-only; the defaults keep official compatibility; options the rest of the
+configuration would ignore are refused):
 
 * ``patch_size=(pt, ph, pw)``: spacetime patches (the patch embedding is then a ``Conv3d`` weight).
 * ``pos_embed``: ``"sincos2d"`` (official 2-D table from each token's (h, w); videos add a 1-D
   sin-cos over t, shifted so that t = 0 adds nothing and images stay exactly official),
-  ``"factorized"`` (NaViT learned t/h/w tables, optionally at fractional coordinates) or ``"rope3d"``
-  (no additive embedding: 3-D rotary embedding of q and k inside the attention kernel).
+  ``"factorized"`` (NaViT learned t/h/w tables up to ``max_grid``, optionally at fractional coordinates) or
+  ``"rope3d"`` (no additive embedding: 3-D rotary embedding ``rope`` of q and k inside the attention kernel).
+  Only ``"sincos2d"`` stores the fixed ``pos_embed`` table, as official checkpoints do.
 * ``attention``: ``"full"`` (each token sees its whole sample) or ``"spatial_temporal"`` (blocks
   alternate spatial attention within a frame and temporal attention across frames, as STDiT).
 * ``cond="text"``: cross-attention from the packed video tokens to a packed, per-sample,
@@ -28,8 +32,9 @@ Video and NaViT options (keyword-only; the defaults keep official compatibility)
   (``R`` rows, not ``N``) and gathered by ``mod_index`` inside the fused kernels.
 * ``qk_norm``: RMSNorm on queries and keys per head.
 * ``checkpoint_activations``: recompute each block in backward.
-* ``backend``: ``"torch"`` (reference ops) or ``"triton"`` (fused kernels); ``None`` picks the fastest
-  available for the device.
+* ``backend``: ``"torch"`` (reference ops) or ``"triton"`` (fused kernels); ``None`` chooses per call from
+  the tensors' device (:mod:`packdit.nn.functional`), so the same model runs the kernels on a GPU and the
+  reference on CPU tensors.
 
 The timestep/label embedders and the adaLN projections stay in plain PyTorch: they are O(R D^2) with R
 the number of samples or frames, not O(N).
@@ -37,37 +42,40 @@ the number of samples or frames, not O(N).
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from packdit._validate import checks_enabled
-from packdit.layout import PackedSeqs, normalize_patch_size, pack, unpack
-from packdit.nn import functional as PF
-from packdit.nn.attention import PackedAttention, PackedCrossAttention
-from packdit.nn.mlp import FusedMLP
-from packdit.nn.pool import segment_pool
-from packdit.reference.dit import (LabelEmbedder, TimestepEmbedder, get_1d_sincos_pos_embed, get_2d_sincos_pos_embed,
-                                   guide_first_channels, official_init)
-from packdit.reference.rope import RoPE3D
+from packdit.layout import PackedSeqs, normalize_patch_size
+from packdit.models.config import DIT_CONFIGS, DiTConfig
+from packdit.nn import (
+    AdaLNModulation,
+    FusedMLP,
+    GatedResidual,
+    ModulatedNorm,
+    PackedAttention,
+    PackedCrossAttention,
+    segment_pool,
+)
+from packdit.official import (
+    LabelEmbedder,
+    PatchEmbed,
+    TimestepEmbedder,
+    get_1d_sincos_pos_embed,
+    get_2d_sincos_pos_embed,
+    guide_first_channels,
+    official_init,
+)
+from packdit.patches import pack, unpack
+from packdit.rope import RoPE3D
 
-__all__ = ["DiT", "DiT_models"]
-
-POS_EMBEDS = ("sincos2d", "factorized", "rope3d")
-ATTENTIONS = ("full", "spatial_temporal")
-CONDS = ("class", "text")
-
-
-def default_rope(head_dim: int, theta: float = 10000.0) -> RoPE3D:
-    """3/8 of the head dim each to h and w, the rest to t (72 -> (20, 26, 26), 128 -> (32, 48, 48))."""
-    hw = 2 * (head_dim * 3 // 16)
-    return RoPE3D(theta=theta, axes_dims=(head_dim - 2 * hw, hw, hw))
-
+__all__ = ["DiT", "DiT_models", "DiTConfig", "DIT_CONFIGS"]
 
 class DiTBlock(nn.Module):
     """adaLN-Zero block on packed tokens; state_dict names match the official ``DiTBlock``."""
@@ -75,25 +83,23 @@ class DiTBlock(nn.Module):
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, *, qk_norm: bool, cross: bool,
                  mode: str, rope: RoPE3D | None, backend: str | None):
         super().__init__()
-        self.backend = backend
-        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.norm1 = ModulatedNorm(hidden_size, backend=backend)
         self.attn = PackedAttention(hidden_size, num_heads, qk_norm=qk_norm, rope=rope, mode=mode, backend=backend)
-        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.norm2 = ModulatedNorm(hidden_size, backend=backend)
         self.mlp = FusedMLP(hidden_size, int(hidden_size * mlp_ratio), backend=backend)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
+        self.adaLN_modulation = AdaLNModulation(hidden_size, 6)
         self.cross_attn = (PackedCrossAttention(hidden_size, num_heads, qk_norm=qk_norm, backend=backend)
                            if cross else None)
+        self.residual = GatedResidual(backend=backend)
 
     def forward(self, x: Tensor, c: Tensor, mod_index: Tensor, seqs: PackedSeqs,
                 context: Tensor | None = None, context_seqs: PackedSeqs | None = None) -> Tensor:
         """x (N, D), c (R, D), mod_index (N,) -> (N, D)."""
-        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=-1)
-        h = PF.norm_modulate(x, shift1, scale1, mod_index, eps=self.norm1.eps, backend=self.backend)
-        x = PF.gated_residual(x, self.attn(h, seqs), gate1, mod_index, backend=self.backend)
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c)
+        x = self.residual(x, self.attn(self.norm1(x, shift1, scale1, mod_index), seqs), gate1, mod_index)
         if self.cross_attn is not None:
             x = x + self.cross_attn(x, seqs, context, context_seqs.cu_seqlens, context_seqs.max_seqlen)
-        h = PF.norm_modulate(x, shift2, scale2, mod_index, eps=self.norm2.eps, backend=self.backend)
-        return self.mlp(h, x, gate2, mod_index)
+        return self.mlp(self.norm2(x, shift2, scale2, mod_index), x, gate2, mod_index)
 
 
 class FinalLayer(nn.Module):
@@ -101,111 +107,65 @@ class FinalLayer(nn.Module):
 
     def __init__(self, hidden_size: int, patch_volume: int, out_channels: int, backend: str | None):
         super().__init__()
-        self.backend = backend
-        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.norm_final = ModulatedNorm(hidden_size, backend=backend)
         self.linear = nn.Linear(hidden_size, patch_volume * out_channels, bias=True)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
+        self.adaLN_modulation = AdaLNModulation(hidden_size, 2)
 
     def forward(self, x: Tensor, c: Tensor, mod_index: Tensor) -> Tensor:
-        shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
-        h = PF.norm_modulate(x, shift, scale, mod_index, eps=self.norm_final.eps, backend=self.backend)
-        return self.linear(h)
-
-
-class PatchEmbed(nn.Module):
-    """Patch embedding as a strided conv named ``proj`` (``Conv2d`` for 2-D patches, official; ``Conv3d``
-    for spacetime patches), applied to packed tokens as a Linear with the flattened conv weight."""
-
-    def __init__(self, input_size: int, patch_size: tuple[int, int, int], in_channels: int, hidden_size: int,
-                 image_only: bool):
-        super().__init__()
-        pt, ph, pw = patch_size
-        self.grid_size = (input_size // ph, input_size // pw)
-        self.num_patches = self.grid_size[0] * self.grid_size[1]
-        if image_only:
-            self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=(ph, pw), stride=(ph, pw))
-        else:
-            self.proj = nn.Conv3d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
-
-    def forward(self, tokens: Tensor) -> Tensor:
-        """(N, C*pt*ph*pw) in conv-weight order -> (N, D)."""
-        return F.linear(tokens, self.proj.weight.flatten(1), self.proj.bias)
+        shift, scale = self.adaLN_modulation(c)
+        return self.linear(self.norm_final(x, shift, scale, mod_index))
 
 
 class DiT(nn.Module):
-    """Packed DiT; see the module docstring. The official positional arguments come first."""
+    """Packed DiT; see the module docstring.
 
-    def __init__(
-        self,
-        input_size: int = 32,
-        patch_size: int | Sequence[int] = 2,
-        in_channels: int = 4,
-        hidden_size: int = 1152,
-        depth: int = 28,
-        num_heads: int = 16,
-        mlp_ratio: float = 4.0,
-        class_dropout_prob: float = 0.1,
-        num_classes: int = 1000,
-        learn_sigma: bool = True,
-        *,
-        pos_embed: str = "sincos2d",
-        attention: str = "full",
-        rope: RoPE3D | None = None,
-        max_grid: tuple[int, int, int] = (64, 128, 128),
-        fractional_positions: bool = False,
-        qk_norm: bool = False,
-        cond: str = "class",
-        text_dim: int | None = None,
-        checkpoint_activations: bool = False,
-        backend: str | None = None,
-    ):
+    ``DiT(config)`` with a :class:`~packdit.models.config.DiTConfig` (keywords override its fields), or
+    ``DiT(input_size, patch_size, ..., learn_sigma, *, pos_embed=..., ...)`` with the fields of
+    ``DiTConfig``: the official positional arguments first. ``self.config`` is what was built.
+    """
+
+    def __init__(self, *args, **kwargs):
         super().__init__()
-        if hidden_size % num_heads:
-            raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
-        if pos_embed not in POS_EMBEDS:
-            raise ValueError(f"pos_embed: expected one of {POS_EMBEDS}, got {pos_embed!r}")
-        if attention not in ATTENTIONS:
-            raise ValueError(f"attention: expected one of {ATTENTIONS}, got {attention!r}")
-        if cond not in CONDS:
-            raise ValueError(f"cond: expected one of {CONDS}, got {cond!r}")
-        if cond == "text" and not text_dim:
-            raise ValueError("text_dim: cond='text' needs the width of the text embeddings")
-        self.backend = PF.resolve_backend(backend)
-        self.image_only = isinstance(patch_size, int) or len(patch_size) == 2
-        self.patch_size = normalize_patch_size(patch_size)
-        self.in_channels = in_channels
-        self.learn_sigma = learn_sigma
-        self.out_channels = 2 * in_channels if learn_sigma else in_channels
-        self.num_heads = num_heads
-        self.pos_embed_type, self.fractional_positions, self.cond = pos_embed, fractional_positions, cond
-        self.checkpoint_activations = checkpoint_activations
-        patch_volume = math.prod(self.patch_size)
-        self.attention = attention
-        self.rope = (rope or default_rope(hidden_size // num_heads)) if pos_embed == "rope3d" else None
-        if rope is not None and pos_embed != "rope3d":
-            raise ValueError(f"rope: given, but pos_embed={pos_embed!r}; use pos_embed='rope3d'")
+        if args and isinstance(args[0], DiTConfig):
+            if len(args) > 1:
+                raise TypeError("DiT(config, ...): pass the fields to override as keywords")
+            config = dataclasses.replace(args[0], **kwargs)
+        else:
+            config = DiTConfig(*args, **kwargs)
+        self.config = config
+        self.backend = config.backend
+        self.image_only = config.image_only
+        self.patch_size = normalize_patch_size(config.patch_size)
+        self.in_channels, self.out_channels = config.in_channels, config.out_channels
+        self.learn_sigma, self.num_heads, self.cond = config.learn_sigma, config.num_heads, config.cond
+        self.pos_embed_type, self.fractional_positions = config.pos_embed, config.fractional_positions
+        self.checkpoint_activations = config.checkpoint_activations
+        self.attention = config.attention
+        self.rope = config.resolved_rope
+        hidden = config.hidden_size
 
         # construction order follows the official model (same seed -> same initial weights)
-        self.x_embedder = PatchEmbed(input_size, self.patch_size, in_channels, hidden_size, self.image_only)
-        self.t_embedder = TimestepEmbedder(hidden_size)
-        if cond == "class":
-            self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
+        self.x_embedder = PatchEmbed(config.in_channels, hidden, config.patch_size, input_size=config.input_size)
+        self.t_embedder = TimestepEmbedder(hidden)
+        if config.cond == "class":
+            self.y_embedder = LabelEmbedder(config.num_classes, hidden, config.class_dropout_prob)
         else:
-            self.context_embedder = nn.Sequential(nn.Linear(text_dim, hidden_size), nn.GELU(approximate="tanh"),
-                                                  nn.Linear(hidden_size, hidden_size))
-            self.pooled_context = nn.Linear(hidden_size, hidden_size)
-        self.pos_embed = nn.Parameter(torch.zeros(1, self.x_embedder.num_patches, hidden_size), requires_grad=False)
-        if pos_embed == "factorized":
-            self.max_grid = tuple(max_grid)
+            self.context_embedder = nn.Sequential(nn.Linear(config.text_dim, hidden), nn.GELU(approximate="tanh"),
+                                                  nn.Linear(hidden, hidden))
+            self.pooled_context = nn.Linear(hidden, hidden)
+        if config.pos_embed == "sincos2d":  # a fixed table kept only because official checkpoints hold it
+            self.pos_embed = nn.Parameter(torch.zeros(1, self.x_embedder.num_patches, hidden), requires_grad=False)
+        elif config.pos_embed == "factorized":
+            self.max_grid = config.resolved_max_grid
             self.pos_embed_t, self.pos_embed_h, self.pos_embed_w = (
-                nn.Parameter(torch.zeros(n, hidden_size)) for n in self.max_grid)
-        modes = ["spatial", "temporal"] if attention == "spatial_temporal" else ["full"]
+                nn.Parameter(torch.zeros(n, hidden)) for n in self.max_grid)
+        modes = ["spatial", "temporal"] if config.attention == "spatial_temporal" else ["full"]
         self.blocks = nn.ModuleList([
-            DiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm=qk_norm, cross=cond == "text",
+            DiTBlock(hidden, config.num_heads, config.mlp_ratio, qk_norm=config.qk_norm, cross=config.cond == "text",
                      mode=modes[i % len(modes)], rope=self.rope, backend=self.backend)
-            for i in range(depth)
+            for i in range(config.depth)
         ])
-        self.final_layer = FinalLayer(hidden_size, patch_volume, self.out_channels, self.backend)
+        self.final_layer = FinalLayer(hidden, math.prod(self.patch_size), self.out_channels, self.backend)
         self.initialize_weights()
 
     # ------------------------------------------------------------------ init (official)
@@ -234,8 +194,8 @@ class DiT(nn.Module):
             # one device->host read per forward, skipped with packdit.checks(False) and under torch.compile
             for a, name in enumerate("thw" if checks_enabled() and not torch.compiler.is_compiling() else ""):
                 if pos.shape[0] and int(idx[a].max()) >= len(tables[a]):
-                    raise ValueError(f"seqs: a {name} position of {int(idx[a].max())} exceeds max_grid {self.max_grid}; "
-                                     "raise max_grid or use fractional_positions=True")
+                    raise ValueError(f"seqs: a {name} position of {int(idx[a].max())} exceeds max_grid "
+                                     f"{self.max_grid}; raise max_grid or use fractional_positions=True")
         return sum(table[i] for table, i in zip(tables, idx))
 
     def _condition(self, t: Tensor, y: Tensor | None, seqs: PackedSeqs, context, context_seqs):
@@ -285,7 +245,8 @@ class DiT(nn.Module):
         -> (N, pt*ph*pw*C_out), each token channels-last (``unpack(..., channels_last=True)``)."""
         width = self.in_channels * math.prod(self.patch_size)
         if tokens.dim() != 2 or tokens.shape != (seqs.num_tokens, width):
-            raise ValueError(f"tokens: expected ({seqs.num_tokens}, {width}) packed patches of seqs, got {tuple(tokens.shape)}")
+            raise ValueError(f"tokens: expected ({seqs.num_tokens}, {width}) packed patches of seqs, "
+                             f"got {tuple(tokens.shape)}")
         if len(context or ()) not in (0, len(seqs)) and not isinstance(context, tuple):
             raise ValueError(f"context: expected {len(seqs)} per-sample text sequences, got {len(context)}")
         x = self.x_embedder(tokens)
@@ -318,24 +279,13 @@ class DiT(nn.Module):
 
 
 # ---------------------------------------------------------------------- registry
-_SIZES = {"XL": (28, 1152, 16), "L": (24, 1024, 16), "B": (12, 768, 12), "S": (12, 384, 6)}
+def _entry(config: DiTConfig) -> Callable[..., DiT]:
+    def build(**overrides) -> DiT:
+        return DiT(config, **overrides)
 
-
-def _entry(defaults: dict) -> Callable[..., DiT]:
-    def build(**kwargs) -> DiT:
-        return DiT(**{**defaults, **kwargs})
-
-    build.__doc__ = f"DiT with {defaults}; keyword arguments override."
+    build.__doc__ = f"DiT({config}); keyword arguments override its fields."
     return build
 
 
-DiT_models: dict[str, Callable[..., DiT]] = {
-    f"DiT-{size}/{p}": _entry(dict(depth=d, hidden_size=h, num_heads=nh, patch_size=p))
-    for size, (d, h, nh) in _SIZES.items() for p in (2, 4, 8)
-}
-# Video configs for benchmarks: STDiT-XL/2-like (28 x 1152, head dim 72, spacetime patches) and a 3B-class
-# model (hidden 3072, head dim 128). Both use 3-D patches, so their patch embedding is a Conv3d.
-DiT_models["STDiT-XL/2"] = _entry(dict(depth=28, hidden_size=1152, num_heads=16, patch_size=(1, 2, 2), qk_norm=True,
-                                       attention="spatial_temporal"))
-DiT_models["DiT-3B"] = _entry(dict(depth=32, hidden_size=3072, num_heads=24, patch_size=(1, 2, 2), qk_norm=True,
-                                   pos_embed="rope3d"))
+DiT_models: dict[str, Callable[..., DiT]] = {name: _entry(config) for name, config in DIT_CONFIGS.items()}
+"""``DiT_models[name](**overrides)``: a DiT of the named configuration (:data:`DIT_CONFIGS`)."""

@@ -22,8 +22,7 @@ from torch import Tensor, nn
 
 from packdit.layout import PackedSeqs
 from packdit.nn import functional as PF
-from packdit.ops.attention import MODES
-from packdit.reference.rope import RoPE3D
+from packdit.rope import RoPE3D
 
 __all__ = ["PackedAttention", "PackedCrossAttention"]
 
@@ -59,16 +58,17 @@ class PackedAttention(nn.Module):
         qkv_bias: bias of the fused qkv Linear. qk_norm: per-head RMSNorm of q and k.
         rope: optional :class:`~packdit.RoPE3D` from ``seqs.positions``, fused into the kernel.
         mode: "full", "spatial" (own frame) or "temporal" (own (h, w) across frames).
-        backend: "triton" (the kernel), "torch" (the reference) or None (the fastest available).
+        backend: "triton" (the kernel), "torch" (the reference) or None (chosen per call, see
+            :mod:`packdit.nn.functional`).
     """
 
     def __init__(self, dim: int, num_heads: int, *, num_kv_heads: int | None = None, qkv_bias: bool = True,
                  qk_norm: bool = False, rope: RoPE3D | None = None, mode: str = "full", backend: str | None = None):
         super().__init__()
-        self.backend = backend
+        self.backend = PF.check_backend(backend, "varlen_attention")
         self.head_dim, self.num_kv_heads = _head_sizes(dim, num_heads, num_kv_heads)
-        if mode not in MODES:
-            raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
+        if mode not in PF.ATTENTION_MODES:
+            raise ValueError(f"mode: expected one of {PF.ATTENTION_MODES}, got {mode!r}")
         if rope is not None:
             rope.check_head_dim(self.head_dim)
         self.num_heads, self.rope, self.mode = num_heads, rope, mode
@@ -82,7 +82,7 @@ class PackedAttention(nn.Module):
         q, k, v = self.qkv(x).split([hq * d, hk * d, hk * d], dim=-1)
         q = self.q_norm(q.unflatten(-1, (hq, d)))
         k = self.k_norm(k.unflatten(-1, (hk, d)))
-        out = PF.attention(q, k, v.unflatten(-1, (hk, d)), seqs.cu_seqlens, seqs.max_seqlen,
+        out = PF.varlen_attention(q, k, v.unflatten(-1, (hk, d)), seqs.cu_seqlens, seqs.max_seqlen,
                            mode=self.mode, seqs=seqs, rope=self.rope, backend=self.backend)
         return self.proj(out.flatten(1))
 
@@ -94,7 +94,7 @@ class PackedCrossAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int, *, context_dim: int | None = None, num_kv_heads: int | None = None,
                  qkv_bias: bool = True, qk_norm: bool = False, backend: str | None = None):
         super().__init__()
-        self.backend = backend
+        self.backend = PF.check_backend(backend, "varlen_attention")
         self.head_dim, self.num_kv_heads = _head_sizes(dim, num_heads, num_kv_heads)
         self.num_heads = num_heads
         self.q = nn.Linear(dim, dim, bias=qkv_bias)
@@ -108,6 +108,6 @@ class PackedCrossAttention(nn.Module):
         d, hk = self.head_dim, self.num_kv_heads
         q = self.q_norm(self.q(x).unflatten(-1, (self.num_heads, d)))
         k, v = self.kv(context).unflatten(-1, (2 * hk, d)).split([hk, hk], dim=1)
-        out = PF.attention(q, self.k_norm(k), v, seqs.cu_seqlens, seqs.max_seqlen, context_cu_seqlens,
+        out = PF.varlen_attention(q, self.k_norm(k), v, seqs.cu_seqlens, seqs.max_seqlen, context_cu_seqlens,
                            context_max_seqlen, seqs=seqs, backend=self.backend)
         return self.proj(out.flatten(1))

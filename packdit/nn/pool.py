@@ -41,7 +41,7 @@ class AttentionPool(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, *, backend: str | None = None):
         super().__init__()
-        self.backend = backend
+        self.backend = PF.check_backend(backend, "varlen_attention")
         if dim % num_heads:
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
@@ -55,5 +55,5 @@ class AttentionPool(nn.Module):
         k, v = self.kv(x).view(n, 2, heads, head_dim).unbind(1)
         q = self.probe.expand(b, dim).reshape(b, heads, head_dim)
         cu_seqlens_q = torch.arange(b + 1, dtype=torch.int32, device=x.device)
-        out = PF.attention(q, k, v, cu_seqlens_q, 1, seqs.cu_seqlens, seqs.max_seqlen, backend=self.backend)
+        out = PF.varlen_attention(q, k, v, cu_seqlens_q, 1, seqs.cu_seqlens, seqs.max_seqlen, backend=self.backend)
         return self.proj(out.reshape(b, dim))

@@ -22,26 +22,26 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
+from packdit._backends import triton_interpreting as interpreting
+from packdit._backends import triton_unsupported
 from packdit._validate import checks_enabled
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def interpreting() -> bool:
-    """True when Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def use_triton(t: Tensor) -> bool:
-    """Whether the Triton kernels can run on ``t``'s device (CUDA, or any device under the interpreter)."""
-    return t.is_cuda or (interpreting() and t.device.type == "cpu")
+def require_triton(op: str, t: Tensor) -> None:
+    """``ValueError`` naming why unless the Triton kernels can run on ``t``'s device (CUDA, or the CPU under
+    ``TRITON_INTERPRET=1``); the dispatcher (:mod:`packdit.nn.functional`) falls back instead."""
+    reason = triton_unsupported(t.device)
+    if reason:
+        raise ValueError(f"packdit.ops: the Triton kernel of {op} is not supported because {reason}; "
+                         f"packdit.{op} chooses the PyTorch reference automatically")
 
 
 def tma_capable(device: torch.device) -> bool:

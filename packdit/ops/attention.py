@@ -57,10 +57,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from packdit._validate import checks_enabled
+from packdit._validate import checks_enabled, validate_offsets
 from packdit.determinism import deterministic_enabled
 from packdit.layout import PackedSeqs
-from packdit.reference.rope import RoPE3D
+from packdit.rope import RoPE3D
 
 __all__ = ["varlen_attention", "RoPE3D", "MODES"]
 
@@ -97,16 +97,6 @@ def _tiles(lengths: np.ndarray, active: np.ndarray, size: int) -> np.ndarray:
     return np.stack([seg, first], 1).astype(np.int32).reshape(-1, 2)
 
 
-def _check_cu_seqlens(name: str, cu: np.ndarray, num_tokens: int, max_seqlen: int) -> None:
-    if cu[0] != 0 or (np.diff(cu) < 0).any():
-        raise ValueError(f"{name}: expected non-decreasing offsets starting at 0, got {cu[:8].tolist()}...")
-    if cu[-1] != num_tokens:
-        raise ValueError(f"{name}: last entry {int(cu[-1])} must equal the number of tokens {num_tokens}")
-    lengths = np.diff(cu)
-    if lengths.size and lengths.max() > max_seqlen:
-        raise ValueError(f"{name}: a segment has {int(lengths.max())} tokens, more than max_seqlen={max_seqlen}")
-
-
 def _segments(cu_q: np.ndarray, cu_k: np.ndarray, grids: Optional[np.ndarray], mode: str) -> np.ndarray:
     """``(S, 5)`` int64 segment table: q_start, k_start, q_len, k_len, row_stride."""
     if mode == "full":
@@ -139,8 +129,8 @@ def attention_schedule(
     key rows are in no key tile (keys of an empty query segment: their dK/dV are zero-filled), else 0."""
     cu_q = cu_seqlens_q.cpu().numpy().astype(np.int64)
     cu_k = cu_seqlens_k.cpu().numpy().astype(np.int64)
-    _check_cu_seqlens("cu_seqlens_q", cu_q, num_q, max_seqlen_q)
-    _check_cu_seqlens("cu_seqlens_k", cu_k, num_k, max_seqlen_k)
+    validate_offsets(cu_q, num_q, "cu_seqlens_q", max_seqlen_q)
+    validate_offsets(cu_k, num_k, "cu_seqlens_k", max_seqlen_k)
     grids = None if grid is None else grid.cpu().numpy().astype(np.int64).reshape(-1, 3)
     seg = _segments(cu_q, cu_k, grids, mode)
     q_len, k_len = seg[:, 2], seg[:, 3]

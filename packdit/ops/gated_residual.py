@@ -12,6 +12,9 @@ loads its tile's gate row once, writes df with the loads of the next steps in fl
 and one dgate partial per tile, reduced in fixed order (bitwise deterministic). ``dx`` is ``dout`` itself,
 no copy. The same backward serves the gated-residual epilogue of :func:`packdit.ops.mlp.fused_mlp`.
 :func:`gated_residual_traffic` gives the HBM bytes per token against the minimum.
+
+Runs on CUDA tensors (and on CPU under ``TRITON_INTERPRET=1``). The oracle is
+:func:`packdit.reference.gated_residual_reference`; :func:`packdit.gated_residual` chooses between the two.
 """
 
 from __future__ import annotations
@@ -22,7 +25,6 @@ import triton.language as tl
 from torch import Tensor
 
 from packdit.ops import _triton_utils as tu
-from packdit.reference.modulate import gated_residual_reference
 
 __all__ = ["gated_residual", "gated_residual_backward", "gated_residual_traffic"]
 
@@ -98,8 +100,7 @@ def _check_inputs(x: Tensor, f: Tensor, gate: Tensor, index: Tensor, values: boo
 @torch.library.custom_op("packdit::gated_residual", mutates_args=())
 def _gated_residual_op(x: Tensor, f: Tensor, gate: Tensor, index: Tensor) -> Tensor:
     _check_inputs(x, f, gate, index)
-    if not tu.use_triton(x):
-        return gated_residual_reference(x, f, gate, index).to(x.dtype)
+    tu.require_triton("gated_residual", x)
     num_tokens, width = x.shape
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
     if out.numel() == 0:
@@ -121,11 +122,6 @@ def _(x, f, gate, index):
 @torch.library.custom_op("packdit::gated_residual_backward", mutates_args=())
 def gated_residual_backward(dout: Tensor, f: Tensor, gate: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
     """``(df (N, D) in f's dtype, dgate (R, D) in gate's dtype)`` of ``out = x + gate[index] * f``."""
-    if not tu.use_triton(dout):
-        gate_rows = gate[index.long()]
-        dgate = torch.zeros(gate.shape, device=gate.device, dtype=torch.float32)
-        dgate.index_add_(0, index.long(), dout.float() * f.float())
-        return (dout * gate_rows).to(f.dtype), dgate.to(gate.dtype)
     num_tokens, width = f.shape
     num_rows = gate.shape[0]
     df = torch.empty_like(f, memory_format=torch.contiguous_format)

@@ -49,7 +49,8 @@ transposed operands (df^T, dpre^T), which cuBLAS runs near peak. The dgate reduc
 ``torch.sum``, deterministic for a fixed shape (cuBLAS given ``CUBLAS_WORKSPACE_CONFIG``, as PyTorch's
 deterministic mode requires).
 
-Runs Triton on CUDA tensors (and on CPU under ``TRITON_INTERPRET=1``); elsewhere the PyTorch oracle.
+Runs Triton on CUDA tensors (and on CPU under ``TRITON_INTERPRET=1``). The oracle is
+:func:`packdit.reference.mlp_reference`; :func:`packdit.fused_mlp` chooses between the two.
 """
 
 from __future__ import annotations
@@ -57,7 +58,6 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
@@ -387,12 +387,7 @@ def _fused_mlp_op(
     """``(out (N, D_out), pre (N, H), f)``: f (N, D_out) with a gated residual, else empty."""
     _check_inputs(h, fc1_weight, fc1_bias, fc2_weight, fc2_bias, x, gate, index)
     gated = x is not None
-    if not tu.use_triton(h):
-        pre = F.linear(h, fc1_weight, fc1_bias)
-        f = F.linear(F.gelu(pre, approximate="tanh"), fc2_weight, fc2_bias)
-        if not gated:
-            return f, pre, f.new_empty(0)
-        return (x + gate[index.long()] * f).to(x.dtype), pre, f
+    tu.require_triton("fused_mlp", h)
     act, pre = _linear(h, fc1_weight, fc1_bias, _EPILOGUE_GELU)
     if not gated:
         return _linear(act, fc2_weight, fc2_bias, _EPILOGUE_BIAS)[0], pre, h.new_empty(0)
@@ -413,9 +408,6 @@ def gelu_tanh_backward(pre: Tensor, dact: Tensor) -> tuple[Tensor, Tensor]:
     """``(dpre, act) = (dact * gelu_tanh'(pre), gelu_tanh(pre))`` elementwise, in pre's dtype; one pass."""
     if pre.shape != dact.shape:
         raise ValueError(f"dact: expected shape {tuple(pre.shape)} like pre, got {tuple(dact.shape)}")
-    if not tu.use_triton(pre):
-        dpre = torch.ops.aten.gelu_backward(dact, pre, approximate="tanh")
-        return dpre.to(pre.dtype), F.gelu(pre, approximate="tanh")
     pre, dact = pre.contiguous(), dact.contiguous()
     dpre, act = torch.empty_like(pre), torch.empty_like(pre)
     if pre.numel():
@@ -434,8 +426,6 @@ def _(pre, dact):
 def _gelu_dgrad_op(df: Tensor, fc2_weight: Tensor, pre: Tensor) -> tuple[Tensor, Tensor]:
     """``(dpre, act)``: ``dpre = (df @ fc2_weight) * gelu_tanh'(pre)``, ``act = gelu_tanh(pre)``, the GELU gradient
     as the epilogue of the dgrad GEMM (df (N, D_out), fc2_weight (D_out, H), pre (N, H))."""
-    if not tu.use_triton(df):
-        return gelu_tanh_backward(pre, df @ fc2_weight)
     return _linear(df.contiguous(), fc2_weight, None, _EPILOGUE_GELU_GRAD, w_kn=True, src=pre)
 
 

@@ -34,8 +34,8 @@ chunks' elementwise sum.
 
 :func:`modulated_norm_traffic` gives the HBM bytes per token against the minimum.
 
-Runs the Triton kernels on CUDA tensors (and on CPU under ``TRITON_INTERPRET=1``); elsewhere
-the PyTorch oracle :func:`packdit.reference.modulated_norm_reference` with autograd.
+Runs the Triton kernels on CUDA tensors (and on CPU under ``TRITON_INTERPRET=1``). The oracle is
+:func:`packdit.reference.modulated_norm_reference`; :func:`packdit.modulated_norm` chooses between the two.
 """
 
 from __future__ import annotations
@@ -48,7 +48,6 @@ import triton.language as tl
 from torch import Tensor
 
 from packdit.ops import _triton_utils as tu
-from packdit.reference.modulate import modulated_norm_reference
 
 __all__ = ["modulated_norm", "modulated_norm_traffic"]
 
@@ -301,17 +300,10 @@ def _modulated_norm_op(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(y (N, D), mean (N,) fp32, rstd (N,) fp32)``; mean is 0 for RMSNorm."""
     _check_inputs(x, shift, scale, index, weight, bias, eps)
+    tu.require_triton("modulated_norm", x)
     num_tokens, width = x.shape
     mean = torch.zeros(num_tokens, device=x.device, dtype=torch.float32)
     rstd = torch.empty(num_tokens, device=x.device, dtype=torch.float32)
-    if not tu.use_triton(x):
-        xf = x.float()
-        if not rms:
-            mean = xf.mean(1)
-            xf = xf - mean[:, None]
-        rstd = torch.rsqrt(xf.square().mean(1) + eps)
-        y = modulated_norm_reference(x, shift, scale, index, weight, bias, eps, "rms" if rms else "layer")
-        return y.to(x.dtype), mean, rstd
     y = torch.empty_like(x, memory_format=torch.contiguous_format)
     if num_tokens == 0:
         return y, mean, rstd
@@ -339,8 +331,6 @@ def _modulated_norm_backward_op(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(dx, dshift, dscale, dweight, dbias)``; dshift has scale's shape and dtype (shift and scale are
     checked alike); dweight/dbias are empty when weight/bias are None."""
-    if not tu.use_triton(x):
-        return _backward_torch(dy, x, scale, index, weight, bias, mean, rstd, rms)
     num_tokens, width = x.shape
     num_rows = scale.shape[0]
     dx = torch.empty_like(x, memory_format=torch.contiguous_format)
@@ -374,23 +364,6 @@ def _modulated_norm_backward_op(
     if bias is not None:
         dbias.copy_(partial_bias.sum(0))
     return dx, dshift, dscale, dweight, dbias
-
-
-def _backward_torch(dy, x, scale, index, weight, bias, mean, rstd, rms):
-    """The backward formulas of the module docstring in PyTorch (fp32), for devices without Triton."""
-    xhat = (x.float() if rms else x.float() - mean[:, None]) * rstd[:, None]
-    z = xhat if weight is None else xhat * weight.float()
-    z = z if bias is None else z + bias.float()
-    rows, dy = index.long(), dy.float()
-    dshift = torch.zeros(scale.shape, device=x.device, dtype=torch.float32).index_add_(0, rows, dy)
-    dscale = torch.zeros_like(dshift).index_add_(0, rows, dy * z)
-    dz = dy * (1 + scale.float()[rows])
-    dxhat = dz if weight is None else dz * weight.float()
-    dx = dxhat - xhat * (dxhat * xhat).mean(1, keepdim=True)
-    dx = (dx if rms else dx - dxhat.mean(1, keepdim=True)) * rstd[:, None]
-    dweight = _param_grad_like(None, x) if weight is None else (dz * xhat).sum(0).to(weight.dtype)
-    dbias = _param_grad_like(None, x) if bias is None else dz.sum(0).to(bias.dtype)
-    return dx.to(x.dtype), dshift.to(scale.dtype), dscale.to(scale.dtype), dweight, dbias
 
 
 @_modulated_norm_backward_op.register_fake

@@ -9,16 +9,17 @@ official DiT output order).
 
 Implementations:
 
-* CUDA tensors and ``packdit._C`` built with CUDA: ``csrc/cuda/patchify.cu``, one launch over the
-  N*F elements of the packed buffer, driven by an int64 descriptor table (B, 9) on the device (each
-  sample's data pointer, element strides, grid, first token; see ``csrc/include/packdit/patchify.h``),
-  so the latents stay separate tensors of any strides and nothing is padded or concatenated first.
-  It is a pure copy of raw element bits, so it is bit-exact to the PyTorch path.
-* Otherwise :mod:`packdit.reference.patchify` (an explicit coordinate gather).
+Kernel: ``csrc/cuda/patchify.cu`` (CUDA tensors, ``packdit._C`` built with CUDA), one launch over the
+N*F elements of the packed buffer, driven by an int64 descriptor table (B, 9) on the device (each
+sample's data pointer, element strides, grid, first token; see ``csrc/include/packdit/patchify.h``),
+so the latents stay separate tensors of any strides and nothing is padded or concatenated first.
+It is a pure copy of raw element bits, so it is bit-exact to its oracle
+:func:`packdit.reference.patchify_reference`. Anywhere else the ops raise after checking their
+arguments; :func:`packdit.nn.functional.patchify` (and so :func:`packdit.pack`, :func:`packdit.pack_like`,
+:func:`packdit.unpack`) choose between this kernel and the reference per call.
 
-:func:`packdit.pack`, :func:`packdit.pack_like` and :func:`packdit.unpack` use the kernel on CUDA tensors
-when the extension has CUDA. Both ops are ``torch.library`` custom ops with fake implementations and
-autograd (each is the other's backward; dropped positions get zero gradient).
+Both ops are ``torch.library`` custom ops with fake implementations and autograd (each is the other's
+backward; dropped positions get zero gradient).
 """
 
 from __future__ import annotations
@@ -29,14 +30,17 @@ import torch
 from torch import Tensor
 
 from packdit import _ext
-from packdit.reference.patchify import patchify_reference, unpatchify_reference
+from packdit._backends import cuda_ext_unsupported
+from packdit.layout import check_latents
 
-__all__ = ["patchify", "unpatchify", "implementation"]
+__all__ = ["patchify", "unpatchify"]
 
 
-def implementation(t: Tensor) -> str:
-    """``"cuda"`` (kernel of packdit._C) or ``"torch"`` (reference gather) for tensors like ``t``."""
-    return "cuda" if t.is_cuda and _ext.has_cuda_ext() else "torch"
+def _require_kernel(t: Tensor) -> None:
+    reason = cuda_ext_unsupported(t.device)
+    if reason:
+        raise ValueError(f"packdit.ops.patchify: the CUDA kernel is not supported because {reason}; "
+                         "packdit.pack / packdit.unpack choose the PyTorch reference automatically")
 
 
 # ---------------------------------------------------------------------- checks
@@ -60,23 +64,6 @@ def _check_layout(cu_seqlens: Tensor, segment_ids: Tensor, raster_index: Optiona
     for name, t in (("cu_seqlens", cu_seqlens), ("segment_ids", segment_ids), ("raster_index", raster_index)):
         if t is not None and (t.device != device or not t.is_contiguous()):
             raise ValueError(f"{name}: expected a contiguous tensor on {device}, got {t.device}")
-
-
-def _check_latents(latents: list[Tensor], patch_size) -> list[tuple[int, int, int]]:
-    """Grid (T', H', W') of each latent; ``ValueError`` naming ``latents[b]``."""
-    if not latents:
-        raise ValueError("latents: expected at least one sample, got an empty list")
-    ref = latents[0]
-    grids = []
-    for b, x in enumerate(latents):
-        if x.dim() not in (3, 4) or x.dtype != ref.dtype or x.device != ref.device or x.shape[0] != ref.shape[0]:
-            raise ValueError(f"latents[{b}]: expected a (C, T, H, W) or (C, H, W) tensor with C={ref.shape[0]}, "
-                             f"{ref.dtype} on {ref.device} like latents[0], got {x.dtype} {tuple(x.shape)} on {x.device}")
-        size = x.shape[1:] if x.dim() == 4 else (1, *x.shape[1:])
-        if any(s % p for s, p in zip(size, patch_size)):
-            raise ValueError(f"latents[{b}]: (T, H, W) = {tuple(size)} is not divisible by patch_size {patch_size}")
-        grids.append(tuple(s // p for s, p in zip(size, patch_size)))
-    return grids
 
 
 def _full_offsets(grids) -> list[int]:
@@ -110,19 +97,18 @@ def patchify(latents: list[Tensor], cu_seqlens: Tensor, segment_ids: Tensor, ras
              patch_size: list[int], channels_last: bool) -> Tensor:
     """Samples -> packed tokens ``(N, C*pt*ph*pw)``, N = ``segment_ids.shape[0]``; see the module docstring.
 
-    ``channels_last`` orders each token (pt, ph, pw, C). ``segment_ids`` (N,) int32 and ``cu_seqlens`` (B+1,) int32 come from the layout
-    (:class:`packdit.PackedSeqs`); ``raster_index`` (N,) int64 (``seqs.raster_index()``) is required
-    when tokens were dropped and must be None otherwise.
+    ``channels_last`` orders each token (pt, ph, pw, C). ``segment_ids`` (N,) int32 and ``cu_seqlens`` (B+1,)
+    int32 come from the layout (:class:`packdit.PackedSeqs`); ``raster_index`` (N,) int64
+    (``seqs.raster_index()``) is required when tokens were dropped and must be None otherwise.
     """
     patch = _check_patch_size(patch_size)
-    grids = _check_latents(latents, patch)
+    grids = check_latents(latents, patch)
     _check_layout(cu_seqlens, segment_ids, raster_index, len(latents), latents[0].device)
     num_tokens = segment_ids.shape[0]
     if raster_index is None and num_tokens != _full_offsets(grids)[-1]:
         raise ValueError(f"segment_ids: {num_tokens} tokens, but the latents have {_full_offsets(grids)[-1]} "
                          "patches; pass raster_index for a layout with dropped tokens")
-    if implementation(latents[0]) == "torch":
-        return patchify_reference(latents, cu_seqlens, raster_index, patch, channels_last)
+    _require_kernel(latents[0])
     features = latents[0].shape[0] * patch[0] * patch[1] * patch[2]
     tokens = latents[0].new_empty(num_tokens, features)
     if tokens.numel():
@@ -133,7 +119,7 @@ def patchify(latents: list[Tensor], cu_seqlens: Tensor, segment_ids: Tensor, ras
 @patchify.register_fake
 def _(latents, cu_seqlens, segment_ids, raster_index, patch_size, channels_last):
     patch = _check_patch_size(patch_size)
-    _check_latents(latents, patch)
+    check_latents(latents, patch)
     return latents[0].new_empty(segment_ids.shape[0], latents[0].shape[0] * patch[0] * patch[1] * patch[2])
 
 
@@ -141,7 +127,7 @@ def _patchify_setup(ctx, inputs, output):
     latents, cu_seqlens, segment_ids, raster_index, patch_size, channels_last = inputs
     patch = _check_patch_size(patch_size)
     ctx.channels_last = channels_last
-    ctx.grids = [g for grid in _check_latents(latents, patch) for g in grid]
+    ctx.grids = [g for grid in check_latents(latents, patch) for g in grid]
     ctx.sample_ndims = [x.dim() for x in latents]
     ctx.patch_size = list(patch)
     ctx.save_for_backward(cu_seqlens, segment_ids, raster_index)
@@ -189,9 +175,7 @@ def unpatchify(tokens: Tensor, cu_seqlens: Tensor, segment_ids: Tensor, raster_i
     patch, channels = _check_unpatchify(tokens, cu_seqlens, segment_ids, raster_index, grids, sample_ndims,
                                         patch_size)
     grid_triples = [tuple(grids[3 * b:3 * b + 3]) for b in range(len(sample_ndims))]
-    if implementation(tokens) == "torch":
-        return unpatchify_reference(tokens, cu_seqlens, raster_index, grid_triples, sample_ndims, patch,
-                                    channels_last, fill_value)
+    _require_kernel(tokens)
     shapes = _sample_shapes(channels, grids, sample_ndims, patch)
     if raster_index is None:
         samples = [tokens.new_empty(s) for s in shapes]

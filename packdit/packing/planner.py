@@ -45,13 +45,16 @@ from __future__ import annotations
 import dataclasses
 import functools
 import heapq
+import math
+import numbers
 
 import numpy as np
 
 from packdit import _ext
 from packdit.packing.cost import resolve_costs
 
-__all__ = ["Plan", "PlanStats", "plan_steps", "prepare_samples", "tie_keys", "implementation"]
+__all__ = ["Plan", "PlanStats", "plan_steps", "prepare_samples", "as_lengths", "positive_int", "is_integer",
+           "tie_keys", "implementation"]
 
 _GOLDEN = 0x9E3779B97F4A7C15
 
@@ -184,19 +187,60 @@ def implementation() -> str:
     return "cpp" if hasattr(_ext.load(), "plan_lookahead") else "python"
 
 
+def is_integer(value) -> bool:
+    """An int, a numpy integer or an integral float (not a bool, not NaN/inf)."""
+    if isinstance(value, (bool, np.bool_)):
+        return False
+    if isinstance(value, numbers.Integral):
+        return True
+    return isinstance(value, numbers.Real) and math.isfinite(value) and float(value).is_integer()
+
+
+def positive_int(value, name: str) -> int:
+    """``value`` as an int, or ValueError naming ``name`` unless it is an integer >= 1."""
+    if not is_integer(value) or value < 1:
+        raise ValueError(f"{name}: expected a positive int, got {value!r}")
+    return int(value)
+
+
+def as_lengths(lengths, name: str = "lengths") -> np.ndarray:
+    """``(n,)`` int64 token counts from a 1-D sequence / array / tensor of non-negative integers.
+
+    Integral floats are accepted; a fractional, NaN or infinite count, a bool or non-numeric dtype, an
+    array of another rank or a negative count raises ValueError naming the sample, instead of being
+    truncated or flattened.
+    """
+    try:
+        array = np.asarray(lengths)
+    except ValueError as exc:  # ragged nested lists
+        raise ValueError(f"{name}: expected a 1-D sequence of token counts: {exc}") from exc
+    if array.ndim != 1:
+        raise ValueError(f"{name}: expected a 1-D sequence of token counts, got shape {array.shape}")
+    if array.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    if not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
+        raise ValueError(f"{name}: expected integer token counts, got dtype {array.dtype}")
+    if np.issubdtype(array.dtype, np.floating):
+        bad = np.flatnonzero(~np.isfinite(array) | (array != np.round(array)))
+        if bad.size:
+            i = int(bad[0])
+            raise ValueError(f"{name}: expected integer token counts, got {array[i]} for sample {i} "
+                             f"({bad.size} such samples)")
+    if array.min() < 0:
+        i = int(np.argmin(array))
+        raise ValueError(f"{name}: sample {i} has negative length {array[i]}")
+    return array.astype(np.int64)
+
+
 def prepare_samples(lengths, *, capacity, ranks, window=1, cost=None, hidden_size=None, split_long=False):
     """Validate planner inputs; return ``(lengths int64, costs float64, planned, too_long)``, the last two
     the indices of the samples that fit ``capacity`` and of those that do not (ValueError for the latter
     unless ``split_long``)."""
-    for name, v in (("capacity", capacity), ("ranks", ranks), ("window", window)):
-        if int(v) != v or v <= 0:
-            raise ValueError(f"{name}: expected a positive int, got {v}")
+    capacity, ranks, window = (positive_int(v, name) for v, name in
+                               ((capacity, "capacity"), (ranks, "ranks"), (window, "window")))
     if window * ranks * capacity >= 2**62:
         raise ValueError(f"window * ranks * capacity = {window * ranks * capacity} tokens must stay below 2**62")
-    lengths = np.asarray(lengths, dtype=np.int64).reshape(-1)
-    if lengths.size and lengths.min() < 0:
-        i = int(np.argmin(lengths))
-        raise ValueError(f"lengths: sample {i} has negative length {int(lengths[i])}")
+    lengths = as_lengths(lengths)
     costs = resolve_costs(lengths, cost, hidden_size)
     too_long = np.flatnonzero(lengths > capacity)
     if too_long.size and not split_long:
@@ -237,6 +281,9 @@ def plan_steps(
 
     Returns a :class:`Plan`; see the module docstring for the algorithm and guarantees.
     """
+    if not is_integer(seed):
+        raise ValueError(f"seed: expected an int, got {seed!r}")
+    seed = int(seed)
     lengths, costs, planned, too_long = prepare_samples(lengths, capacity=capacity, ranks=ranks, window=window,
                                                         cost=cost, hidden_size=hidden_size, split_long=split_long)
     backend = backend or implementation()

@@ -9,16 +9,24 @@
     modulated_norm_reference, gated_residual_reference, mlp_reference
                               adaLN norm + modulate, gated residual, DiT MLP on packed tokens
     patchify_reference, unpatchify_reference
-                              samples <-> packed tokens as an explicit coordinate gather
+                              samples <-> packed tokens, one reshape + permute per sample
+    layout_positions_reference, layout_reference
+                              segment ids and (t, h, w) positions of a packed layout, token by token
+
+A leaf of the package: it imports torch and packdit's plain value types and official layers
+(:mod:`packdit.rope`, :mod:`packdit.layout`, :mod:`packdit.official`) only, never a kernel, and at run
+time only the dispatcher (:mod:`packdit.nn.functional`) calls it.
 """
 
+from packdit.official import get_2d_sincos_pos_embed
 from packdit.reference.attention import varlen_attention
-from packdit.reference.rope import RoPE3D, apply_rope_3d, rope_angles
-from packdit.reference.dit import DiT, DiT_models, get_2d_sincos_pos_embed
+from packdit.reference.dit import DiT, DiT_models
+from packdit.reference.layout import layout_positions_reference, layout_reference
 from packdit.reference.mlp import mlp_reference
 from packdit.reference.modulate import gated_residual_reference, modulated_norm_reference
 from packdit.reference.patchify import patchify_reference, unpatchify_reference
+from packdit.reference.rope import RoPE3D, apply_rope_3d, rope_angles
 
 __all__ = ["varlen_attention", "RoPE3D", "apply_rope_3d", "rope_angles", "DiT", "DiT_models", "get_2d_sincos_pos_embed",
            "modulated_norm_reference", "gated_residual_reference", "mlp_reference", "patchify_reference",
-           "unpatchify_reference"]
+           "unpatchify_reference", "layout_positions_reference", "layout_reference"]

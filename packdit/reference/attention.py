@@ -14,7 +14,10 @@ token of another sample (``mode="full"``). Factorized spacetime attention reads 
 
 Segments with no keys give zero output (the flash-attn convention) and
 ``lse = -inf``. This is the oracle the Triton kernels are tested against: slow, one launch per
-segment, obviously correct.
+segment, obviously correct. It rejects every layout the kernel rejects (always, whatever
+``packdit.checks`` says): ``cu_seqlens`` not a ``(B+1,)`` int32 tensor starting at 0, non-decreasing
+and ending at N; q and k layouts with different segment counts; a grid that is not ``(B, 3)`` or does
+not match the segment lengths; a non-finite ``scale``.
 """
 
 from __future__ import annotations
@@ -26,6 +29,25 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = ["varlen_attention"]
+
+
+def _host_offsets(cu_seqlens: Tensor, num_tokens: int, name: str) -> list[int]:
+    """``cu_seqlens`` as a host list after checking it is a (B+1,) int32 prefix sum over ``num_tokens`` tokens."""
+    if not isinstance(cu_seqlens, Tensor):
+        raise ValueError(f"{name}: expected a (B+1,) int32 tensor, got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 1:
+        raise ValueError(f"{name}: expected a (B+1,) int32 tensor, got {cu_seqlens.dtype} of shape "
+                         f"{tuple(cu_seqlens.shape)}")
+    offsets = cu_seqlens.tolist()
+    if offsets[0] != 0:
+        raise ValueError(f"{name}: expected {name}[0] = 0, got {offsets[0]}")
+    for b in range(len(offsets) - 1):
+        if offsets[b + 1] < offsets[b]:
+            raise ValueError(f"{name}: expected non-decreasing offsets, got {name}[{b}] = {offsets[b]} > "
+                             f"{name}[{b + 1}] = {offsets[b + 1]} (segment {b} would have negative length)")
+    if offsets[-1] != num_tokens:
+        raise ValueError(f"{name}: expected {name}[-1] = {num_tokens} (the number of tokens), got {offsets[-1]}")
+    return offsets
 
 
 def varlen_attention(
@@ -52,19 +74,19 @@ def varlen_attention(
     hq, hk = q.shape[1], k.shape[1]
     if hq % hk:
         raise ValueError(f"q, k: query heads {hq} must be a multiple of key/value heads {hk}")
+    if scale is not None and not math.isfinite(scale):
+        raise ValueError(f"scale: expected a finite softmax scale, got {scale}")
+    cq = _host_offsets(cu_seqlens_q, q.shape[0], "cu_seqlens_q")
+    if cu_seqlens_k is None and k.shape[0] != q.shape[0]:
+        raise ValueError(f"k: self-attention needs as many key as query tokens, got {k.shape[0]} vs {q.shape[0]}")
     if mode != "full":
         if grid is None or cu_seqlens_k is not None:
             raise ValueError(f"mode={mode!r}: needs grid and self-attention (cu_seqlens_k=None)")
-        return _factorized(q, k, v, cu_seqlens_q, grid, mode, scale, return_lse)
-    if cu_seqlens_k is None:
-        cu_seqlens_k = cu_seqlens_q
-    if cu_seqlens_q.shape != cu_seqlens_k.shape:
-        raise ValueError(f"cu_seqlens_k: expected {len(cu_seqlens_q) - 1} segments like cu_seqlens_q, "
-                         f"got {len(cu_seqlens_k) - 1}")
+        return _factorized(q, k, v, cq, grid, mode, scale, return_lse)
+    ck = cq if cu_seqlens_k is None else _host_offsets(cu_seqlens_k, k.shape[0], "cu_seqlens_k")
+    if len(ck) != len(cq):
+        raise ValueError(f"cu_seqlens_k: expected {len(cq) - 1} segments like cu_seqlens_q, got {len(ck) - 1}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
-    if cq[-1] != q.shape[0] or ck[-1] != k.shape[0]:
-        raise ValueError(f"cu_seqlens: last entries ({cq[-1]}, {ck[-1]}) must equal Nq={q.shape[0]}, Nk={k.shape[0]}")
 
     out = q.new_zeros(q.shape)
     lse = q.new_full((hq, q.shape[0]), -math.inf, dtype=torch.float32)
@@ -81,12 +103,19 @@ def varlen_attention(
     return (out, lse) if return_lse else out
 
 
-def _factorized(q, k, v, cu_seqlens, grid, mode, scale, return_lse):
+def _factorized(q, k, v, cu, grid, mode, scale, return_lse):
     """Spatial / temporal attention: regroup each sample's (T*H*W) raster tokens into a batch of frames
-    ``(T, H*W)`` or of spatial positions ``(H*W, T)`` and run one batched SDPA per sample."""
+    ``(T, H*W)`` or of spatial positions ``(H*W, T)`` and run one batched SDPA per sample; ``cu`` the
+    checked host offsets."""
     hq, hk = q.shape[1], k.shape[1]
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    cu = cu_seqlens.tolist()
+    if not isinstance(grid, Tensor) or grid.shape != (len(cu) - 1, 3) or grid.is_floating_point():
+        got = f"{grid.dtype} of shape {tuple(grid.shape)}" if isinstance(grid, Tensor) else type(grid).__name__
+        raise ValueError(f"grid: expected a ({len(cu) - 1}, 3) integer tensor, one (T, H, W) per segment, got {got}")
+    negative = (grid < 0).any(dim=1)
+    if bool(negative.any()):
+        b = int(negative.nonzero()[0, 0])
+        raise ValueError(f"grid[{b}]: expected (T, H, W) >= 0, got {tuple(grid[b].tolist())}")
     out = q.new_zeros(q.shape)
     lse = q.new_full((hq, q.shape[0]), -math.inf, dtype=torch.float32)
     for b, (t, h, w) in enumerate(grid.tolist()):

@@ -29,15 +29,14 @@ for packed (N, D) tokens) and an attention function (dense per batch row, or
 :func:`packdit.reference.varlen_attention` per packed sample, so samples never see each other and
 nothing is padded).
 
-Position embedding: the fixed 2-D sin-cos embedding of MAE/DiT, computed in float64. Token at patch row
-h, column w gets ``concat(emb_1d(D/2, w), emb_1d(D/2, h))`` with
-``emb_1d(D', pos) = concat(sin(pos * omega), cos(pos * omega))``, ``omega_i = 10000^(-i / (D'/2))``.
-The packed path computes it from each token's ``(h, w)``, so images of any size and aspect are valid;
-for the square ``input_size / p`` grid it is exactly the stored ``pos_embed`` table.
+The patch, timestep and label embedders, the sin-cos position table, the init and the CFG combination
+are the shared official pieces of :mod:`packdit.official`; the blocks, attention and MLP here are the
+oracle's own.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 
@@ -46,10 +45,22 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from packdit.layout import PackedSeqs, pack, unpack
+from packdit.layout import PackedSeqs
+from packdit.official import (
+    OFFICIAL_CONFIGS,
+    LabelEmbedder,
+    PatchEmbed,
+    TimestepEmbedder,
+    get_2d_sincos_pos_embed,
+    grid_pos_embed,
+    guide_first_channels,
+    official_init,
+)
 from packdit.reference.attention import varlen_attention
+from packdit.reference.layout import layout_reference
+from packdit.reference.patchify import patchify_reference, unpatchify_reference
 
-__all__ = ["DiT", "DiT_models", "get_1d_sincos_pos_embed", "get_2d_sincos_pos_embed", "official_init", "guide_first_channels"]
+__all__ = ["DiT", "DiT_models"]
 
 RowsToTokens = Callable[[Tensor], Tensor]
 """Per-sample rows (B, k) -> a tensor that broadcasts against tokens (..., k): (B, 1, k) or (N, k)."""
@@ -58,62 +69,10 @@ Attend = Callable[[Tensor, Tensor, Tensor], Tensor]
 """q, k, v (*tokens, heads, head_dim) -> attention output (*tokens, heads, head_dim)."""
 
 
-# ---------------------------------------------------------------------- position embedding
-def get_1d_sincos_pos_embed(dim: int, pos: Tensor) -> Tensor:
-    """(M,) positions -> (M, dim) float64 ``concat(sin(pos*omega), cos(pos*omega))``."""
-    omega = torch.arange(dim // 2, dtype=torch.float64, device=pos.device) / (dim / 2.0)
-    omega = 1.0 / 10000**omega
-    angles = pos.to(torch.float64).reshape(-1, 1) * omega
-    return torch.cat([angles.sin(), angles.cos()], dim=1)
-
-
-def get_2d_sincos_pos_embed(embed_dim: int, h: Tensor, w: Tensor) -> Tensor:
-    """Fixed 2-D sin-cos embedding of patches at rows ``h`` and columns ``w``, both (M,): -> (M, embed_dim) float64.
-
-    The first half of the channels encodes the column w, the second half the row h (the official
-    ``meshgrid(grid_w, grid_h)`` order). For ``h, w`` the raster coordinates of an S x S grid this is the
-    official ``get_2d_sincos_pos_embed(embed_dim, S)`` table.
-    """
-    if embed_dim % 4:
-        raise ValueError(f"embed_dim: the 2-D sin-cos embedding needs a multiple of 4, got {embed_dim}")
-    if h.shape != w.shape:
-        raise ValueError(f"h, w: expected equal shapes, got {tuple(h.shape)} and {tuple(w.shape)}")
-    return torch.cat([get_1d_sincos_pos_embed(embed_dim // 2, w), get_1d_sincos_pos_embed(embed_dim // 2, h)], dim=1)
-
-
-def _grid_pos_embed(embed_dim: int, grid_h: int, grid_w: int, device: torch.device) -> Tensor:
-    """(grid_h*grid_w, embed_dim) float64 embedding of a full grid in raster (row-major) order."""
-    h = torch.arange(grid_h, device=device).repeat_interleave(grid_w)
-    w = torch.arange(grid_w, device=device).repeat(grid_h)
-    return get_2d_sincos_pos_embed(embed_dim, h, w)
-
-
 # ---------------------------------------------------------------------- layers
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     """adaLN modulation ``x * (1 + scale) + shift``; shift/scale already broadcast against x."""
     return x * (1 + scale) + shift
-
-
-class PatchEmbed(nn.Module):
-    """Non-overlapping p x p patches -> D-vectors by a stride-p ``Conv2d`` named ``proj`` (timm layout).
-
-    ``num_patches`` and ``grid_size`` describe the ``input_size`` square the ``pos_embed`` table is for.
-    """
-
-    def __init__(self, input_size: int, patch_size: int, in_channels: int, hidden_size: int):
-        super().__init__()
-        self.patch_size = (patch_size, patch_size)
-        self.grid_size = (input_size // patch_size, input_size // patch_size)
-        self.num_patches = self.grid_size[0] * self.grid_size[1]
-        self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size, bias=True)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """(B, C, H, W) -> (B, L, D), L = (H/p)*(W/p) in raster order."""
-        return self.proj(x).flatten(2).transpose(1, 2)
-
-    def embed_tokens(self, tokens: Tensor) -> Tensor:
-        """Packed patches (N, C*p*p) in (C, p, p) order -> (N, D): the conv as a Linear."""
-        return F.linear(tokens, self.proj.weight.flatten(1), self.proj.bias)
 
 
 class Attention(nn.Module):
@@ -143,67 +102,6 @@ class Mlp(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc2(self.act(self.fc1(x)))
-
-
-class TimestepEmbedder(nn.Module):
-    """Scalar timesteps (B,) -> (B, D): 256 sinusoidal frequencies, then ``Linear -> SiLU -> Linear``."""
-
-    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256):
-        super().__init__()
-        self.mlp = nn.Sequential(
-            nn.Linear(frequency_embedding_size, hidden_size, bias=True),
-            nn.SiLU(),
-            nn.Linear(hidden_size, hidden_size, bias=True),
-        )
-        self.frequency_embedding_size = frequency_embedding_size
-
-    @staticmethod
-    def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000) -> Tensor:
-        """(B,) possibly fractional timesteps -> (B, dim) float32 ``concat(cos(t*f), sin(t*f))``.
-
-        ``f_i = max_period^(-i / (dim//2))`` for i < dim//2 (computed in float32); an odd ``dim`` gets a
-        trailing zero column.
-        """
-        half = dim // 2
-        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half).to(t.device)
-        args = t[:, None].float() * freqs[None]
-        embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-        if dim % 2:
-            embedding = torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1)
-        return embedding
-
-    def forward(self, t: Tensor) -> Tensor:
-        t_freq = self.timestep_embedding(t, self.frequency_embedding_size)
-        return self.mlp(t_freq.to(self.mlp[0].weight.dtype))
-
-
-class LabelEmbedder(nn.Module):
-    """Class labels (B,) -> (B, D) by an embedding table, with label dropout for classifier-free guidance.
-
-    With ``dropout_prob > 0`` the table has ``num_classes + 1`` rows; row ``num_classes`` is the
-    "no class" embedding that dropped labels (and the unconditional half of CFG sampling) use.
-    """
-
-    def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float):
-        super().__init__()
-        use_cfg_embedding = dropout_prob > 0
-        self.embedding_table = nn.Embedding(num_classes + use_cfg_embedding, hidden_size)
-        self.num_classes = num_classes
-        self.dropout_prob = dropout_prob
-
-    def token_drop(self, labels: Tensor, force_drop_ids: Tensor | None = None) -> Tensor:
-        """Replace labels by the null class ``num_classes``: where ``force_drop_ids == 1`` if given,
-        else each with probability ``dropout_prob`` (one ``torch.rand`` draw per label on labels.device)."""
-        if force_drop_ids is None:
-            drop_ids = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
-        else:
-            drop_ids = force_drop_ids == 1
-        return torch.where(drop_ids, self.num_classes, labels)
-
-    def forward(self, labels: Tensor, train: bool, force_drop_ids: Tensor | None = None) -> Tensor:
-        if (train and self.dropout_prob > 0) or force_drop_ids is not None:
-            labels = self.token_drop(labels, force_drop_ids)
-        return self.embedding_table(labels)
 
 
 class DiTBlock(nn.Module):
@@ -252,50 +150,6 @@ def _dense_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return out.transpose(1, 2)
 
 
-def official_init(model: nn.Module) -> None:
-    """The official DiT init, for any model with the official submodule names (``packdit.DiT`` too).
-
-    Xavier-uniform Linears (zero bias), the sin-cos ``pos_embed`` table, the patch conv xavier-uniform
-    as the (D, C*prod(patch)) matrix, N(0, 0.02) label table (if any) and timestep MLP weights, and zeros
-    for every adaLN modulation Linear and the final Linear (adaLN-Zero). Same order of random draws as
-    upstream, so the same seed gives the same weights.
-    """
-
-    def xavier_linear(module: nn.Module) -> None:
-        if isinstance(module, nn.Linear):
-            nn.init.xavier_uniform_(module.weight)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-
-    model.apply(xavier_linear)
-    grid_h, grid_w = model.x_embedder.grid_size
-    table = _grid_pos_embed(model.pos_embed.shape[-1], grid_h, grid_w, model.pos_embed.device)
-    model.pos_embed.data.copy_(table.float().unsqueeze(0))
-    conv_weight = model.x_embedder.proj.weight.data
-    nn.init.xavier_uniform_(conv_weight.view(conv_weight.shape[0], -1))
-    if hasattr(model, "y_embedder"):
-        nn.init.normal_(model.y_embedder.embedding_table.weight, std=0.02)
-    nn.init.normal_(model.t_embedder.mlp[0].weight, std=0.02)
-    nn.init.normal_(model.t_embedder.mlp[2].weight, std=0.02)
-    for layer in [block.adaLN_modulation[-1] for block in model.blocks] + [
-            model.final_layer.adaLN_modulation[-1], model.final_layer.linear]:
-        nn.init.zeros_(layer.weight)
-        nn.init.zeros_(layer.bias)
-
-
-def guide_first_channels(model_out: Tensor, cfg_scale: float) -> Tensor:
-    """The official CFG combination of ``model_out = [cond half; uncond half]`` (2B, C_out, ...).
-
-    ``uncond + cfg_scale * (cond - uncond)`` on the first 3 channels, written to both halves; the other
-    channels pass through. Upstream guides 3 channels "for exact reproducibility" of its samples (the
-    standard choice would be all ``in_channels`` noise channels); kept for output parity.
-    """
-    eps, rest = model_out[:, :3], model_out[:, 3:]
-    cond_eps, uncond_eps = torch.split(eps, len(eps) // 2, dim=0)
-    half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
-    return torch.cat([torch.cat([half_eps, half_eps], dim=0), rest], dim=1)
-
-
 # ---------------------------------------------------------------------- model
 class DiT(nn.Module):
     """Diffusion model with a Transformer backbone (DiT), class-conditional, adaLN-Zero.
@@ -327,7 +181,7 @@ class DiT(nn.Module):
         self.patch_size = patch_size
         self.num_heads = num_heads
 
-        self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
+        self.x_embedder = PatchEmbed(in_channels, hidden_size, patch_size, input_size=input_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
         self.pos_embed = nn.Parameter(torch.zeros(1, self.x_embedder.num_patches, hidden_size), requires_grad=False)
@@ -380,8 +234,8 @@ class DiT(nn.Module):
         if grid_hw == self.x_embedder.grid_size:
             pos_embed = self.pos_embed
         else:
-            pos_embed = _grid_pos_embed(self.pos_embed.shape[-1], *grid_hw, x.device).to(self.pos_embed.dtype)
-        tokens = self.x_embedder(x) + pos_embed                               # (B, L, D)
+            pos_embed = grid_pos_embed(self.pos_embed.shape[-1], *grid_hw, x.device).to(self.pos_embed.dtype)
+        tokens = self.x_embedder.embed_images(x) + pos_embed                  # (B, L, D)
         c = self._condition(t, y)                                             # (B, D)
         out = self._trunk(tokens, c, _rows_over_sequence, _dense_attention)   # (B, L, p*p*C_out)
         return self.unpatchify(out, grid_hw)
@@ -429,7 +283,7 @@ class DiT(nn.Module):
                 raise ValueError(f"{name}: expected one entry per sample, shape ({len(seqs)},), got {tuple(v.shape)}")
 
         segment_ids = seqs.segment_ids.long()
-        x = self.x_embedder.embed_tokens(tokens)                              # (N, D)
+        x = self.x_embedder(tokens)                                           # (N, D)
         pos_embed = get_2d_sincos_pos_embed(x.shape[-1], seqs.positions[:, 1], seqs.positions[:, 2])
         x = x + pos_embed.to(x.dtype)
         c = self._condition(t, y)                                             # (B, D)
@@ -443,36 +297,25 @@ class DiT(nn.Module):
         return self._trunk(x, c, rows_to_tokens, attend)
 
     def forward_list(self, latents: Sequence[Tensor], t: Tensor, y: Tensor) -> list[Tensor]:
-        """Images of any sizes ``[(C, H_b, W_b)]``, t (B,), y (B,) -> ``[(C_out, H_b, W_b)]``, via pack/unpack."""
-        patch = (1, self.patch_size, self.patch_size)
-        tokens, seqs = pack(latents, patch)
+        """Images of any sizes ``[(C, H_b, W_b)]``, t (B,), y (B,) -> ``[(C_out, H_b, W_b)]``, packed and unpacked
+        by the reference patchify (no kernel)."""
+        p = self.patch_size
+        patch = (1, p, p)
+        for b, x in enumerate(latents):
+            if x.dim() != 3 or x.shape[1] % p or x.shape[2] % p:
+                raise ValueError(f"latents[{b}]: expected a (C, H, W) image with H, W divisible by {p}, "
+                                 f"got {tuple(x.shape)}")
+        seqs = layout_reference([(1, x.shape[1] // p, x.shape[2] // p) for x in latents], [3] * len(latents),
+                                latents[0].device)
+        tokens = patchify_reference(latents, seqs.cu_seqlens, None, patch)
         out = self.forward_packed(tokens, seqs, t, y)
-        return unpack(out, seqs, patch, channels_last=True)
+        return unpatchify_reference(out, seqs.cu_seqlens, None, seqs.grids, seqs.sample_ndims, patch,
+                                    channels_last=True)
 
 
 # ---------------------------------------------------------------------- registry
-_MODEL_SIZES = {  # name: (depth, hidden_size, num_heads)
-    "XL": (28, 1152, 16),
-    "L": (24, 1024, 16),
-    "B": (12, 768, 12),
-    "S": (12, 384, 6),
-}
-
-
-def _registry_entry(size: str, patch_size: int) -> Callable[..., DiT]:
-    depth, hidden_size, num_heads = _MODEL_SIZES[size]
-
-    def build(**kwargs) -> DiT:
-        config = dict(depth=depth, hidden_size=hidden_size, patch_size=patch_size, num_heads=num_heads)
-        return DiT(**{**config, **kwargs})
-
-    build.__name__ = build.__qualname__ = f"DiT_{size}_{patch_size}"
-    build.__doc__ = (f"DiT-{size}/{patch_size}: depth {depth}, hidden {hidden_size}, {num_heads} heads, "
-                     f"patch {patch_size}; keyword arguments go to DiT (and may override these).")
-    return build
-
-
 DiT_models: dict[str, Callable[..., DiT]] = {
-    f"DiT-{size}/{p}": _registry_entry(size, p) for size in _MODEL_SIZES for p in (2, 4, 8)
+    name: functools.partial(DiT, **config) for name, config in OFFICIAL_CONFIGS.items()
 }
-"""The 12 official configurations, "DiT-XL/2" ... "DiT-S/8", each a constructor taking DiT kwargs."""
+"""The 12 official configurations, "DiT-XL/2" ... "DiT-S/8", each a constructor taking DiT kwargs (which
+may override the configuration's)."""

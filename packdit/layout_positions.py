@@ -25,6 +25,10 @@ Implementations, chosen per call:
 
 It is a ``torch.library`` custom op (``torch.ops.packdit.layout_positions``) with a fake
 implementation, so it works under ``torch.compile(fullgraph=True)``.
+
+It belongs to the layout, not to :mod:`packdit.ops`: :meth:`packdit.PackedSeqs.from_grids` calls it, and
+the layout sits below the kernels and the dispatcher. All three implementations are the same integer
+arithmetic and give identical results (no tolerance, no oracle to choose), so there is nothing to dispatch.
 """
 
 from __future__ import annotations

@@ -1,0 +1,155 @@
+"""Section ``sass``: static measures of every hot packdit Triton kernel, compiled for sm_90 (and sm_80), no GPU.
+
+The compiled code is the measurement until a GPU runs the timed sections. The real launchers run under a
+recorder (``tests/kernel_launches.py``: one- and two-block DiT-B/2, DiT-XL/2, STDiT-XL/2, a 2B-class and
+DiT-3B with RoPE on and off, all attention modes, GQA, every attention tile size, the MLP's bias epilogue),
+so each kernel compiles with exactly the specialisation its launcher produces at run time (constexprs, every
+autotuning configuration, integers equal to 1 or divisible by 16, pointer alignment). Each distinct
+specialisation is compiled through Triton's CUDA backend and read back from the cubin (``tests/triton_aot.py``)
+and its SASS (``tests/sass_parser.py``, which defines the hot loop and issue/MMA).
+
+Columns per kernel x config: registers, ``spill_bytes`` (stack frame per thread; nonzero = local memory) and
+ptxas's spill stores, shared memory, MMA instructions in the hot loop (``wgmma`` HGMMA, ``mma_sync`` HMMA),
+``cp_async`` (16-byte LDGSTS: cp.async tile copies) / ``tma`` (UTMALDG, UBLKCP) anywhere in the kernel and
+``loop_pipelined`` (either in the hot loop), MUFU in the loop, ``loop_instructions_per_warp``,
+``issue_per_mma`` (<= 1: the tensor cores bound the loop), ``c7515`` (ptxas: wgmma serialised), global load /
+store widths (``ldg_bits``: "128x12 32x2" = twelve 128-bit and two 32-bit loads per thread in the kernel).
+All are estimates from static code.
+
+Writes ``<out>/static-sm90/sass.{json,csv,png}`` and ``<out>/static-sm80/sass.{json,csv}``. ``--quick`` compiles
+one configuration of each kernel of one model on sm_90 only.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common import Context, print_table, write_results
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+import kernel_launches  # noqa: E402
+import sass_parser  # noqa: E402
+import triton_aot  # noqa: E402
+
+RESULTS_SLUG = "static-sm90"
+ARCHS = (90, 80)
+PROCESSES = 2
+COLUMNS = ["kernel", "config", "head_dim", "rope", "width", "registers", "spill_bytes", "shared_bytes", "wgmma",
+           "mma_sync", "cp_async", "tma", "loop_pipelined", "mufu", "loop_instructions_per_warp", "issue_per_mma",
+           "c7515"]
+
+
+def _widths(counts: dict) -> str:
+    return " ".join(f"{bits}x{count}" for bits, count in counts.items())
+
+
+def row(case: triton_aot.CompileCase, launches: list[triton_aot.Launch], result: triton_aot.CompileResult) -> dict:
+    """One table row: what the case is (from its constexprs and the scenarios that launch it) and its measures."""
+    stats = sass_parser.kernel_stats(result.sass, result.ptxas_log, case.num_warps)
+    loop = stats.loop
+    values = dict(case.constexprs)
+    tags = launches[0].tags and dict(launches[0].tags)
+    int_args = dict(launches[0].int_args)
+    autotune = launches[0].autotune
+    return {
+        "kernel": case.name.strip("_"),
+        "config": triton_aot.case_label(case),
+        "arch": f"sm_{case.arch}",
+        "head_dim": values.get("HEAD_DIM"),
+        "rope": values.get("ROPE"),
+        "width": tags.get("width"),
+        "gemm_nk": f"{int_args['N']}x{int_args['K']}" if case.name == "_linear_kernel" else None,
+        "warps": case.num_warps,
+        "stages": case.num_stages,
+        "autotune_configs": autotune[2] if autotune else None,
+        "scenarios": "; ".join(dict.fromkeys(dict(launch.tags)["scenario"] for launch in launches)),
+        "registers": result.registers,
+        "spill_bytes": result.stack,
+        "spill_stores": stats.spill_stores,
+        "shared_bytes": result.shared,
+        "wgmma": loop.wgmma if loop else 0,
+        "mma_sync": loop.mma_sync if loop else 0,
+        "wgmma_kernel": stats.wgmma,
+        "mma_sync_kernel": stats.mma_sync,
+        "cp_async": bool(stats.cp_async_widths.get(128)),
+        "tma": stats.tma > 0,
+        "loop_pipelined": bool(loop and loop.pipelined),
+        "mufu": loop.mufu if loop else None,
+        "loop_instructions_per_warp": loop.instructions if loop else None,
+        "loop_mma_flops": loop.mma_flops_per_cta(case.num_warps) if loop else None,
+        "issue_per_mma": round(loop.issue_per_mma(case.num_warps), 3) if loop and loop.has_mma else None,
+        "hot_loop_candidates": stats.hot_loop_candidates,
+        "kernel_instructions": stats.instructions,
+        "ldg_bits": _widths(stats.ldg_widths),
+        "stg_bits": _widths(stats.stg_widths),
+        "cp_async_bits": _widths(stats.cp_async_widths),
+        "c7515": "C7515" in stats.warnings,
+        "ptxas_codes": " ".join(stats.warnings),
+        "compile_seconds": round(result.seconds, 2),
+    }
+
+
+def _first_per_kernel(cases: dict) -> dict:
+    first: dict = {}
+    for case, launches in cases.items():
+        first.setdefault(case.name, (case, launches))
+    return dict(first.values())
+
+
+def measure(workers: triton_aot.Workers, scenarios, arch: int, quick: bool = False) -> list[dict]:
+    """Rows of every distinct compile case the ``scenarios`` launch, compiled for ``arch``."""
+    from tqdm import tqdm
+
+    cases = triton_aot.unique_cases(workers.captured(scenarios), arch)
+    if quick:
+        cases = _first_per_kernel(cases)
+    futures = {case: workers.compile(case) for case in cases}
+    return [row(case, cases[case], future.result())
+            for case, future in tqdm(futures.items(), desc=f"compiling for sm_{arch}", unit="kernel")]
+
+
+def run(ctx: Context) -> list[dict]:
+    started = time.perf_counter()
+    if ctx.quick:
+        scenarios, archs = [s for s in kernel_launches.PRODUCTION if s.name == "DiT-XL/2 long"], ARCHS[:1]
+    else:
+        scenarios, archs = kernel_launches.PRODUCTION, ARCHS
+    # TRITON_CACHE_DIR keeps compiled kernels (and their ptxas logs) across runs; default: a fresh cache
+    with tempfile.TemporaryDirectory() as fresh:
+        cache = os.environ.get("TRITON_CACHE_DIR", fresh)
+        with triton_aot.Workers(PROCESSES, cache, archs) as workers:
+            rows = measure(workers, scenarios, 90, ctx.quick)
+            seconds = time.perf_counter() - started
+            for arch in archs[1:]:  # other targets: their own folder beside the section's
+                write_results(ctx, "sass", measure(workers, scenarios, arch, ctx.quick), slug=f"static-sm{arch}")
+    print_table(f"SASS, sm_90 ({len(rows)} kernel configurations, captured and compiled in {seconds:.0f} s "
+                f"on {PROCESSES} processes; static estimates)", rows, COLUMNS)
+    return rows
+
+
+def plot(rows: list[dict], path) -> None:
+    """issue/MMA of every MMA kernel configuration (bars, left) and spill bytes (right), grouped by kernel."""
+    import matplotlib.pyplot as plt
+
+    mma = sorted((r for r in rows if r["issue_per_mma"] is not None), key=lambda r: (r["kernel"], r["config"]))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(16, max(4, 0.13 * len(mma) + 1.5)), sharey=True)
+    labels = [r["config"].removesuffix("-sm90") for r in mma]
+    colors = ["tab:red" if r["issue_per_mma"] > 1 else "tab:orange" if r["issue_per_mma"] > 0.8 else "tab:green"
+              for r in mma]
+    left.barh(range(len(mma)), [r["issue_per_mma"] for r in mma], color=colors)
+    left.axvline(1.0, color="black", lw=0.8)
+    left.set_xscale("log")
+    left.set_xlabel("issue / MMA of the hot loop (<= 1: tensor-core bound; red > 1, orange > 0.8)")
+    left.set_yticks(range(len(mma)), labels, fontsize=5)
+    left.invert_yaxis()
+    right.barh(range(len(mma)), [r["spill_bytes"] for r in mma], color="tab:purple")
+    right.set_xlabel("spill (stack) bytes per thread")
+    fig.suptitle("packdit Triton kernels on sm_90, static SASS estimates (bf16, every autotune configuration)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)

@@ -1,0 +1,224 @@
+"""What packdit's launchers launch: the model and op calls whose Triton launches the static tools compile.
+
+One description of "what runs", shared by the sass section of the benchmark runner
+(``benchmarks/sass.py``), the SASS budget tests and the compile tests. Each :class:`Scenario` runs real
+packdit code -- a one- or two-block DiT of a published configuration, or one op module -- forward and
+backward on CPU tensors inside :func:`triton_aot.capturing`, which records every Triton launch (with the
+specialisation Triton computes for it) instead of running it. So the recorded kernels see exactly the
+tensors the model passes: q/k/v as strided views of the fused qkv projection (row stride 3 H D) or the
+contiguous output of the qk-norm, modulation rows as chunks of the adaLN output (row stride 6 D), unit
+strides as the constant 1, head dim 72's head stride of 72 (not a multiple of 16), each launcher's warps,
+stages, tile sizes and every autotuning configuration.
+
+Token counts. Strides and widths depend on the model only, but a few integer arguments scale with the
+pack (token count N, modulation rows R, tile counts, GEMM rows M). Triton specialises such a value when it
+is 1 or a multiple of 16; a training run sees both variants, most often (15 in 16 packs) the unspecialised
+one, which is what the layouts here produce: every layout's token count is neither 1 nor a multiple of 16
+and every pack holds at least two samples. :func:`token_count_dependence` recaptures a scenario with one
+and two extra one-token samples and reports the arguments whose specialisation changes; the compile tests
+check that the captured layouts give the majority (the generic) specialisation.
+
+Layouts (patch grids ``(T, H, W)``) are chosen for the attention tile size (BLOCK_M) the schedule picks:
+"long" keeps 128-row tiles (DiT-XL/2 at 256 px is one 16 x 16 grid), "medium" 64, "short" 32, "tiny" 16;
+the video layout gives 128-row spatial tiles and 16-row temporal tiles (T = 9).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+
+from triton_aot import Launch, capturing
+
+LAYOUTS = {
+    "long": ((1, 16, 16), (1, 15, 17)),         # 511 tokens, BLOCK_M 128
+    "medium": ((1, 8, 8), (1, 8, 8), (1, 7, 9)),  # 191 tokens, BLOCK_M 64
+    "short": ((1, 4, 8), (1, 4, 8), (1, 5, 6)),   # 94 tokens, BLOCK_M 32
+    "tiny": ((1, 4, 4), (1, 3, 5), (1, 4, 4)),    # 47 tokens, BLOCK_M 16
+    "video": ((9, 8, 14), (1, 15, 17)),         # 1,263 tokens: spatial BLOCK_M 128, temporal 16
+}
+ATTENTION_LAYOUTS = ("long", "medium", "short", "tiny")
+
+# name -> DiT constructor arguments (packdit.models.dit.DiT_models and the widths the kernels are tuned for)
+MODELS = {
+    "DiT-XL/2": dict(hidden_size=1152, num_heads=16, patch_size=2),                   # hd 72, q/k/v views of qkv
+    "STDiT-XL/2": dict(hidden_size=1152, num_heads=16, patch_size=(1, 2, 2), qk_norm=True,
+                       attention="spatial_temporal"),                              # hd 72, spatial + temporal
+    "DiT-B/2": dict(hidden_size=768, num_heads=12, patch_size=2),                     # hd 64
+    "DiT-2B": dict(hidden_size=2048, num_heads=16, patch_size=(1, 2, 2), qk_norm=True),  # hd 128, width 2048
+    "DiT-3B": dict(hidden_size=3072, num_heads=24, patch_size=(1, 2, 2), qk_norm=True),  # hd 128, width 3072
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Scenario:
+    """A packdit call to capture. ``kind``: "model" (DiT blocks + final layer, forward and backward),
+    "attention" (``PackedAttention`` forward, backward with atomic and with deterministic dQ) or "mlp"
+    (``FusedMLP`` without residual: the bias epilogue). ``params``: the runner's keyword arguments."""
+
+    name: str
+    kind: str
+    params: tuple[tuple[str, object], ...]
+
+    @property
+    def tags(self) -> dict:
+        return dict(self.params, scenario=self.name)
+
+
+def _model(name: str, rope: bool, layout: str, dtype: str = "bf16") -> Scenario:
+    overrides = dict(MODELS[name], pos_embed="rope3d" if rope else "sincos2d")
+    return Scenario(f"{name}{' rope' if rope else ''} {layout}", "model",
+                    (("model", name), ("overrides", tuple(overrides.items())), ("layout", layout), ("dtype", dtype),
+                     ("width", overrides["hidden_size"]), ("rope", rope)))
+
+
+def _attention(width: int, heads: int, layout: str, rope: bool, kv_heads: int | None = None, qk_norm: bool = False,
+               mode: str = "full", dtype: str = "bf16") -> Scenario:
+    group = f" gqa{heads // kv_heads}" if kv_heads else ""
+    return Scenario(f"attention {width}/{heads}{group}{' rope' if rope else ''} {mode} {layout} {dtype}", "attention",
+                    (("width", width), ("heads", heads), ("kv_heads", kv_heads), ("qk_norm", qk_norm), ("mode", mode),
+                     ("layout", layout), ("rope", rope), ("dtype", dtype)))
+
+
+def _mlp(width: int, tokens: int, dtype: str = "bf16", gated: bool = False) -> Scenario:
+    return Scenario(f"mlp {width}{' gated' if gated else ''} {dtype}", "mlp",
+                    (("width", width), ("tokens", tokens), ("dtype", dtype), ("gated", gated)))
+
+
+# The production set (bf16): the sass section and the budget tests.
+PRODUCTION = (
+    *(_model(name, rope, "video" if name == "STDiT-XL/2" else "long")
+      for name in MODELS for rope in (False, True)),
+    *(_attention(width, heads, layout, rope, mode=mode) for width, heads in ((768, 12), (1152, 16), (3072, 24))
+      for layout, mode in [*((layout, "full") for layout in ATTENTION_LAYOUTS), ("video", "temporal")]
+      for rope in (False, True)),
+    _attention(3072, 24, "long", True, kv_heads=8, qk_norm=True),
+    _attention(1152, 16, "long", False, kv_heads=8),
+    _mlp(1152, 300), _mlp(3072, 300),
+)
+# Beyond production, for the compile tests: head dim 256, fp32 / fp16 inputs, every tile size, GQA.
+COVERAGE = (
+    *(_attention(2048, 8, layout, rope) for layout in ATTENTION_LAYOUTS for rope in (False, True)),
+    *(_attention(width, heads, layout, rope, dtype=dtype, kv_heads=heads // 2)
+      for dtype in ("fp32", "fp16") for width, heads in ((768, 12), (1152, 16), (2048, 16), (2048, 8))
+      for layout in ("long", "tiny") for rope in (False, True)),
+    *(_mlp(width, 77, dtype, gated) for dtype in ("fp32", "fp16") for width in (64, 1152, 4096)
+      for gated in (False, True)),
+)
+
+
+# ---------------------------------------------------------------------------------------------- runners
+def _torch_dtype(name: str):
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+
+
+def _seqs(layout: str, extra_tokens: int):
+    from packdit.layout import PackedSeqs
+
+    return PackedSeqs.from_grids(list(LAYOUTS[layout]) + [(1, 1, 1)] * extra_tokens)
+
+
+@contextlib.contextmanager
+def _deterministic(enabled: bool):
+    import packdit
+
+    packdit.use_deterministic(enabled)
+    try:
+        yield
+    finally:
+        packdit.use_deterministic(False)
+
+
+def _backward_both_ways(forward) -> None:
+    """Forward and backward with atomic dQ, then with the deterministic kernels."""
+    for deterministic in (False, True):
+        with _deterministic(deterministic):
+            out = forward()
+            out.backward(out.detach().clone())
+
+
+def _run_model(model: str, overrides, layout: str, dtype: str, extra_tokens: int, **_) -> None:
+    import torch
+
+    from packdit.models.dit import DiT
+
+    overrides = dict(overrides)
+    depth = 2 if overrides.get("attention") == "spatial_temporal" else 1
+    with torch.device("meta"):  # uninitialised weights: the launches depend on shapes only, not values
+        net = DiT(depth=depth, backend="triton", **overrides).to(_torch_dtype(dtype))
+    net.to_empty(device="cpu")
+    seqs = _seqs(layout, extra_tokens)
+    patch_width = net.x_embedder.proj.weight[0].numel()  # C * pt * ph * pw
+    tokens = torch.randn(seqs.num_tokens, patch_width, dtype=_torch_dtype(dtype))
+    t = torch.rand(len(seqs)) * 1000
+    y = torch.zeros(len(seqs), dtype=torch.long)
+    _backward_both_ways(lambda: net.forward_packed(tokens, seqs, t, y))
+
+
+def _run_attention(width: int, heads: int, kv_heads, qk_norm: bool, mode: str, layout: str, rope: bool, dtype: str,
+                   extra_tokens: int, **_) -> None:
+    import torch
+
+    from packdit.models.dit import default_rope
+    from packdit.nn.attention import PackedAttention
+
+    module = PackedAttention(width, heads, num_kv_heads=kv_heads, qk_norm=qk_norm, mode=mode, backend="triton",
+                             rope=default_rope(width // heads) if rope else None).to(_torch_dtype(dtype))
+    seqs = _seqs(layout, extra_tokens)
+    x = torch.randn(seqs.num_tokens, width, dtype=_torch_dtype(dtype), requires_grad=True)
+    _backward_both_ways(lambda: module(x, seqs))
+
+
+def _run_mlp(width: int, tokens: int, dtype: str, gated: bool, extra_tokens: int, **_) -> None:
+    import torch
+
+    from packdit.nn.mlp import FusedMLP
+
+    module = FusedMLP(width, 4 * width, backend="triton").to(_torch_dtype(dtype))
+    count = tokens + extra_tokens
+    h = torch.randn(count, width, dtype=_torch_dtype(dtype), requires_grad=True)
+    residual = {}
+    if gated:
+        rows = 3
+        residual = dict(x=torch.randn(count, width, dtype=h.dtype), gate=torch.randn(rows, width, dtype=h.dtype),
+                        index=torch.arange(count, dtype=torch.int32) % rows)
+    out = module(h, **residual)
+    out.backward(out.detach().clone())
+
+
+_RUNNERS = {"model": _run_model, "attention": _run_attention, "mlp": _run_mlp}
+
+
+def capture(scenarios, archs=(90, 80), extra_tokens: int = 0) -> list[Launch]:
+    """The launches of ``scenarios`` (run in a worker process, see ``triton_aot.init_worker``), tagged with
+    their scenario; ``extra_tokens`` one-token samples are added to every pack."""
+    import torch
+
+    torch.manual_seed(0)
+    with capturing(archs) as recorder:
+        for scenario in scenarios:
+            recorder.tags = tuple(scenario.tags.items())
+            _RUNNERS[scenario.kind](extra_tokens=extra_tokens, **dict(scenario.params))
+    if not recorder.launches:
+        raise RuntimeError("no Triton launch was recorded: did the launchers take their torch fallback?")
+    return recorder.launches
+
+
+def token_count_dependence(scenario: Scenario, archs=(90,)) -> dict[tuple[str, str], list[str]]:
+    """``{(kernel, argument): [specialisation with 0, 1, 2 extra one-token samples]}`` for the integer
+    arguments of ``scenario``'s launches whose specialisation ("1", "16" for divisible by 16, "" for neither)
+    changes with the token count. The extra samples may change tile sizes (constexprs), not the launches."""
+    runs = [capture([scenario], archs, extra) for extra in (0, 1, 2)]
+    kernels = [[launch.case(archs[0]).kernel for launch in run] for run in runs]
+    if kernels[1] != kernels[0] or kernels[2] != kernels[0]:
+        raise RuntimeError(f"{scenario.name}: extra tokens changed the sequence of launched kernels")
+    changed: dict[tuple[str, str], list[str]] = {}
+    for kernel, *launches in zip(kernels[0], *runs):
+        for name, _ in launches[0].int_args:
+            kinds = ["1" if value == 1 else "16" if value % 16 == 0 else ""
+                     for value in (dict(launch.int_args)[name] for launch in launches)]
+            if len(set(kinds)) > 1:
+                changed[(kernel, name)] = kinds
+    return changed

@@ -1,0 +1,38 @@
+"""The GPU check's dry run on the CPU: every step of .ci/gpu_check starts, in order, and leaves in $OUT the few
+files the GPU machine can return, so a shell or import error never costs GPU time."""
+
+import os
+import re
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / ".ci" / "gpu_check"
+OUT_FILES = {"gpu_check.log", "build.log", "benchmarks.log", "pytest_gpu.log", "sanitizer.log", "results.tar.gz"}
+SECTIONS = ("attention", "e2e", "mlp", "norm", "patchify", "layout")  # most valuable first
+
+
+def test_gpu_check_script_parses():
+    subprocess.run(["bash", "-n", str(SCRIPT)], check=True)
+
+
+def test_gpu_check_dry_run(tmp_path):
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable}
+    done = subprocess.run(["bash", str(SCRIPT), "--dry-run"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=900)
+    log = (tmp_path / "gpu_check.log").read_text() if (tmp_path / "gpu_check.log").exists() else ""
+    assert done.returncode == 0, log[-4000:] + done.stderr[-2000:]
+    assert {p.name for p in tmp_path.iterdir()} == OUT_FILES  # the device tool returns at most 8 files
+    steps = re.findall(r"^=== \S+ \+\d+s (.*?) ===$", log, flags=re.M)
+    benchmarks = [s.split()[1] for s in steps if s.startswith("benchmark ")]
+    assert benchmarks == ["attention", "e2e", "mlp,norm", "patchify,layout"]
+    last_benchmark = max(k for k, s in enumerate(steps) if s.startswith("benchmark "))
+    assert steps.index("GPU tests (gpu and cuda_ext markers)") > last_benchmark
+    assert "done (status 0, 6 files in $OUT)" in steps[-1]
+    with tarfile.open(tmp_path / "results.tar.gz") as tar:
+        names = {name.partition("/")[2] for name in tar.getnames() if name.partition("/")[0].endswith("-quick")}
+    for section in SECTIONS:
+        assert {f"{section}.{ext}" for ext in ("json", "csv", "png")} <= names, section
+    assert "memcheck exit 0" in log and "racecheck exit 0" in log
