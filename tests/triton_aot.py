@@ -40,8 +40,13 @@ import traceback
 # The launchers' checks that a device can run Triton kernels (CUDA, or the CPU under the interpreter). The
 # capture replaces them so that CPU tensors reach the (recorded, not executed) launch.
 _RUNNABLE_CHECKS = (
-    ("packdit.ops._triton_utils", "use_triton", lambda tensor: True),
+    # The dispatcher's and the ops' check (CPU tensors pass it as under the interpreter; the kernels' own
+    # interpreter switches, imported by name, stay off).
+    ("packdit._backends", "triton_interpreting", lambda: True),
     ("packdit.ops.attention", "_check_runnable", lambda tensor: None),
+    # The GEMM's TMA kernel is what runs on sm_90, the budgets' target (sm_80 rows then show it lowered to
+    # pointer loads, which sm_80 does not run: it takes the pointer kernel).
+    ("packdit.ops._triton_utils", "tma_capable", lambda device: True),
 )
 # Compile options a launch may pass besides num_warps / num_stages (``triton.Config.all_kwargs``), and defaults.
 _OTHER_OPTION_DEFAULTS = {"num_ctas": 1, "maxnreg": None}
@@ -301,6 +306,8 @@ class _Recorder:
         group = (f"{base.__module__}:{base.__name__}", *key)
         for index, config in enumerate(configs):
             self.autotune = (group, index, len(configs))
+            if config.pre_hook is not None:  # e.g. the block shapes of tensor descriptors, as Autotuner.run does
+                config.pre_hook({**dict(zip(tuner.arg_names, args)), **kwargs, **config.all_kwargs()})
             try:
                 tuner.fn.run(*args, **kwargs, **config.all_kwargs())
             finally:
