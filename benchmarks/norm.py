@@ -3,8 +3,9 @@
 GPU: bf16, D in {1152, 3072}, N in {16k, 64k} tokens in 1 or 64 segments; packdit's Triton kernels vs eager
 PyTorch (``modulated_norm_reference``: layer_norm, gather of the modulation rows, multiply-add) and
 ``torch.compile`` of the same function. Before anything is timed, every implementation's output and all its
-gradients (x, and shift and scale as one adaLN output) are checked against the reference in fp32 with the 2x rule against the same
-reference in the precision under test (``common.verify_outputs``); one that disagrees is refused, not timed.
+gradients (x, and shift and scale as one adaLN output) are checked against the reference in fp32 with the 2x
+rule against the same reference in the precision under test (``common.verify_outputs``); one that disagrees
+is refused, not timed.
 
 Reported per pass (forward; backward alone, on a retained graph): time, the effective bandwidth of the
 minimal traffic and its % of the HBM peak. The minimum (``packdit.ops.modulate.modulated_norm_traffic``)
