@@ -184,7 +184,7 @@ def _modulated_norm_bwd(
         acc_scale = ()
         acc_weight = ()
         acc_bias = ()
-        for c in tl.static_range(NUM_CHUNKS):
+        for _ in tl.static_range(NUM_CHUNKS):
             acc_shift = acc_shift + (tl.zeros((BLOCK_M, CHUNK), tl.float32),)
             acc_scale = acc_scale + (tl.zeros((BLOCK_M, CHUNK), tl.float32),)
             if HAS_WEIGHT:
@@ -302,7 +302,8 @@ def _modulated_norm_op(
     _check_inputs(x, shift, scale, index, weight, bias, eps)
     tu.require_triton("modulated_norm", x)
     num_tokens, width = x.shape
-    mean = torch.zeros(num_tokens, device=x.device, dtype=torch.float32)
+    # RMSNorm's mean is zeros (returned, not written by the kernel); LayerNorm's is written by the kernel.
+    mean = (torch.zeros if rms else torch.empty)(num_tokens, device=x.device, dtype=torch.float32)
     rstd = torch.empty(num_tokens, device=x.device, dtype=torch.float32)
     y = torch.empty_like(x, memory_format=torch.contiguous_format)
     if num_tokens == 0:
