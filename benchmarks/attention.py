@@ -48,7 +48,7 @@ from workloads import take_tokens
 import packdit
 from packdit import reference
 from packdit.layout import PackedSeqs
-from packdit.models.dit import default_rope
+from packdit.models.config import default_rope
 
 MODEL_WIDTH = 1152
 HEAD_DIMS = (128, 72, 64)

@@ -180,8 +180,8 @@ class PaddedAttention(nn.Module):
         q = a.q_norm(q.unflatten(-1, (hq, d)))
         k = a.k_norm(k.unflatten(-1, (hk, d)))[seqs.key_index]
         v = v.unflatten(-1, (hk, d))[seqs.key_index]
-        out = PF.attention(q, k, v, seqs.cu_seqlens, seqs.max_seqlen, seqs.key_cu_seqlens, seqs.key_max_seqlen,
-                           seqs=seqs, backend=a.backend)
+        out = PF.varlen_attention(q, k, v, seqs.cu_seqlens, seqs.max_seqlen, seqs.key_cu_seqlens, seqs.key_max_seqlen,
+                                  seqs=seqs, backend=a.backend)
         return a.proj(out.flatten(1))
 
 

@@ -11,14 +11,21 @@ Default mix (``video-mix``): 30% images / 70% videos.
     frames uniform over {17, 33, ..., 129}
 Stress mixes: ``image-heavy`` (70% images), ``long-videos`` (10% images; videos 480p/720p only,
 65..129 frames), and ``images`` (images only, the short-sequence case for attention).
+Long-sample mix ``video-1080p``: the default mix with 1080p videos and long clips, for sequence
+parallelism: 30% images as above; video short side 144/240/360/480/720/1080 p with probability
+.10/.20/.28/.22/.16/.04; frames uniform over {17, 33, ..., 129} for 92% of the videos and over
+{145, 161, 177, 193, 201} for 8%. Its longest samples, 1080p x 201 frames, are 51 x 68 x 120 = 416,160
+patches (1080 px snaps to 1088); 21:9 ones 548k. About 2.4% of its samples (22% of its tokens) are longer
+than 131,072 tokens.
 All streams are seeded and reproducible.
 
 Shape buckets (:func:`bucket_shape`), for the baselines that batch by shape: Open-Sora's bucket table
 (``opensora/datasets/bucket.py`` and ``aspect.py`` of hpcaitech/Open-Sora v1.2) configured for this mix.
 A bucket is (resolution, frames, aspect ratio):
 
-* resolution: the largest of the mix's five resolutions (pixel area ``short * 16/9 short``: 144p .. 720p)
-  whose area is at most the sample's area / 0.8; smaller samples go to 144p (Open-Sora drops them);
+* resolution: the largest of the five resolutions (pixel area ``short * 16/9 short``: 144p .. 720p)
+  whose area is at most the sample's area / 0.8; smaller samples go to 144p (Open-Sora drops them), and
+  the 1080p samples of ``video-1080p`` to 720p;
 * frames: the longest of 1 (images), 17, 33, 65, 129 frames not longer than the clip (Open-Sora's
   doubling ladder; it also drops clips shorter than the shortest bucket, which this mix has none of);
 * aspect ratio h/w: the closest of Open-Sora's 15 ratios 0.39 .. 2.10; the bucket's size is
@@ -31,11 +38,12 @@ are all 1 here, which changes the fewest samples.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import random
 
-MIXES = ("images", "image-heavy", "video-mix", "long-videos")
+MIXES = ("images", "image-heavy", "video-mix", "long-videos", "video-1080p")
 LATENT_CHANNELS = 4
 RESOLUTIONS = (144, 240, 360, 480, 720)
 _VIDEO_RES_P = (0.10, 0.20, 0.30, 0.25, 0.15)
@@ -44,12 +52,27 @@ _ASPECTS = ((16, 9), (4, 3), (1, 1), (3, 4), (9, 16), (21, 9))  # width : height
 _ASPECT_P = (0.55, 0.12, 0.10, 0.05, 0.15, 0.03)
 _FRAMES = tuple(range(17, 130, 16))
 
-# name -> (image fraction, video resolution probabilities, frame choices)
+_HD_RESOLUTIONS = (*RESOLUTIONS, 1080)
+_HD_VIDEO_RES_P = (0.10, 0.20, 0.28, 0.22, 0.16, 0.04)
+_LONG_FRAMES = (145, 161, 177, 193, 201)
+
+
+@dataclasses.dataclass(frozen=True)
+class _MixSpec:
+    image_fraction: float
+    video_res_p: tuple[float, ...]
+    frames: tuple[int, ...]
+    video_resolutions: tuple[int, ...] = RESOLUTIONS
+    long_clip_p: float = 0.0  # the fraction of videos with frames from long_frames instead
+    long_frames: tuple[int, ...] = ()
+
+
 _MIX_SPECS = {
-    "images": (1.0, _VIDEO_RES_P, _FRAMES),
-    "image-heavy": (0.7, _VIDEO_RES_P, _FRAMES),
-    "video-mix": (0.3, _VIDEO_RES_P, _FRAMES),
-    "long-videos": (0.1, (0.0, 0.0, 0.0, 0.5, 0.5), tuple(f for f in _FRAMES if f >= 65)),
+    "images": _MixSpec(1.0, _VIDEO_RES_P, _FRAMES),
+    "image-heavy": _MixSpec(0.7, _VIDEO_RES_P, _FRAMES),
+    "video-mix": _MixSpec(0.3, _VIDEO_RES_P, _FRAMES),
+    "long-videos": _MixSpec(0.1, (0.0, 0.0, 0.0, 0.5, 0.5), tuple(f for f in _FRAMES if f >= 65)),
+    "video-1080p": _MixSpec(0.3, _HD_VIDEO_RES_P, _FRAMES, _HD_RESOLUTIONS, 0.08, _LONG_FRAMES),
 }
 
 
@@ -62,9 +85,10 @@ def _snap16(px: float) -> int:
     return max(16, int(round(px / 16)) * 16)
 
 
-def _latent_hw(rng: random.Random, res_p) -> tuple[int, int]:
-    """(H, W) of a latent: short side from ``res_p``, aspect from the default distribution, / 8."""
-    short = rng.choices(RESOLUTIONS, weights=res_p)[0]
+def _latent_hw(rng: random.Random, res_p, resolutions=RESOLUTIONS) -> tuple[int, int]:
+    """(H, W) of a latent: short side from ``resolutions`` with probabilities ``res_p``, aspect from the default
+    distribution, / 8."""
+    short = rng.choices(resolutions, weights=res_p)[0]
     aw, ah = rng.choices(_ASPECTS, weights=_ASPECT_P)[0]
     h, w = (short, short * aw / ah) if aw >= ah else (short * ah / aw, short)
     return _snap16(h) // 8, _snap16(w) // 8
@@ -74,15 +98,17 @@ def latent_shapes(mix: str, num_samples: int, *, seed: int = 0) -> list[tuple[in
     """``num_samples`` latent shapes ``(C, H, W)`` (images) / ``(C, T, H, W)`` (videos) drawn from ``mix``."""
     if mix not in _MIX_SPECS:
         raise ValueError(f"mix: expected one of {MIXES}, got {mix!r}")
-    image_fraction, video_res_p, frames = _MIX_SPECS[mix]
+    spec = _MIX_SPECS[mix]
     rng = random.Random(f"{mix}-{seed}")
     shapes = []
     for _ in range(num_samples):
-        if rng.random() < image_fraction:
+        if rng.random() < spec.image_fraction:
             shapes.append((LATENT_CHANNELS, *_latent_hw(rng, _IMAGE_RES_P)))
         else:
-            h, w = _latent_hw(rng, video_res_p)
-            shapes.append((LATENT_CHANNELS, 1 + (rng.choice(frames) - 1) // 4, h, w))
+            h, w = _latent_hw(rng, spec.video_res_p, spec.video_resolutions)
+            long_clip = spec.long_clip_p > 0 and rng.random() < spec.long_clip_p
+            frames = rng.choice(spec.long_frames if long_clip else spec.frames)
+            shapes.append((LATENT_CHANNELS, 1 + (frames - 1) // 4, h, w))
     return shapes
 
 

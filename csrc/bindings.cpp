@@ -5,8 +5,10 @@
 // Python callers.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <cstdint>
+#include <vector>
 
 #include "packdit/build_config.h"
 #include "packdit/layout.h"
@@ -19,7 +21,7 @@ namespace {
 
 // Bump when a function signature or its semantics change; packdit/_ext.py
 // refuses to load a module with a different value.
-constexpr int kAbiVersion = 1;
+constexpr int kAbiVersion = 2;
 
 template <typename T>
 T* ptr(std::uintptr_t address) {
@@ -63,21 +65,24 @@ PYBIND11_MODULE(_C, m) {
 
   m.def(
       "plan_lookahead",
-      [](std::uintptr_t lengths, std::uintptr_t costs, std::uintptr_t keys, int64_t num_samples,
-         int64_t capacity, int64_t ranks, int64_t window) {
+      [](std::uintptr_t lengths, std::uintptr_t costs, std::uintptr_t alltoall, std::uintptr_t keys,
+         int64_t num_samples, int64_t capacity, int64_t ranks, int64_t window,
+         const std::vector<int64_t>& sp_sizes) {
         packdit::PackPlan plan;
         {
           py::gil_scoped_release no_gil;
           plan = packdit::plan_lookahead(ptr<const int64_t>(lengths), ptr<const double>(costs),
-                                         ptr<const uint64_t>(keys), num_samples, capacity, ranks,
-                                         window);
+                                         ptr<const double>(alltoall), ptr<const uint64_t>(keys),
+                                         num_samples, capacity, ranks, window, sp_sizes);
         }
-        return py::make_tuple(to_numpy(std::move(plan.order)), to_numpy(std::move(plan.bin_offsets)));
+        return py::make_tuple(to_numpy(std::move(plan.order)), to_numpy(std::move(plan.bin_offsets)),
+                              to_numpy(std::move(plan.bin_sizes)));
       },
-      py::arg("lengths_ptr"), py::arg("costs_ptr"), py::arg("keys_ptr"), py::arg("num_samples"),
-      py::arg("capacity"), py::arg("ranks"), py::arg("window"),
-      "Lookahead LPT packing plan of int64 lengths, float64 costs and uint64 tie keys (host "
-      "arrays); returns (order, bin_offsets) int64 arrays, see packdit/packing/planner.py.");
+      py::arg("lengths_ptr"), py::arg("costs_ptr"), py::arg("alltoall_ptr"), py::arg("keys_ptr"),
+      py::arg("num_samples"), py::arg("capacity"), py::arg("ranks"), py::arg("window"), py::arg("sp_sizes"),
+      "Lookahead LPT packing plan with sequence-parallel groups of int64 lengths, float64 costs and "
+      "all-to-all costs and uint64 tie keys (host arrays); returns (order, bin_offsets, bin_sizes) int64 "
+      "arrays, see packdit/packing/planner.py.");
 
 #ifdef PACKDIT_WITH_CUDA
   m.def(

@@ -19,7 +19,7 @@ from types import ModuleType
 __all__ = ["ABI_VERSION", "load", "has_cuda_ext"]
 
 #: Must equal ``packdit._C.ABI_VERSION`` (kAbiVersion in csrc/bindings.cpp).
-ABI_VERSION = 1
+ABI_VERSION = 2
 
 _UNSET = object()
 _module: ModuleType | None | object = _UNSET

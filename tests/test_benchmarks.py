@@ -229,7 +229,7 @@ def test_verify_outputs_two_x_rule_with_a_peer():
 def test_packing_section_refuses_a_broken_plan():
     import packing
 
-    from packdit.packing import CostModel, Plan
+    from packdit.packing import CostModel, Plan, plan_steps
     from packdit.packing.baselines import STRATEGIES
 
     plan = STRATEGIES["navit-greedy"]([6, 6, 5, 3, 8], capacity=10, ranks=2, cost=CostModel(0.0, 1.0))
@@ -239,3 +239,7 @@ def test_packing_section_refuses_a_broken_plan():
         packing.check_plan("lost", Plan.from_bins([0, 1, 2, 4], [0, 1, 2, 3, 4], **kwargs), 10)
     with pytest.raises(OutputMismatch, match="exceed the capacity"):
         packing.check_plan("full", Plan.from_bins([0, 1, 2, 3, 4], [0, 2, 3, 5, 5], **kwargs), 10)
+    grouped = plan_steps([25, 5, 5], capacity=10, ranks=4, hidden_size=8, sp_sizes=(1, 2, 4))
+    packing.check_plan("groups", grouped, 10)  # 25 tokens on a group of 4 ranks of 10
+    with pytest.raises(OutputMismatch, match="exceed the capacity of 6 tokens per rank"):
+        packing.check_plan("groups", grouped, 6)

@@ -1,4 +1,4 @@
-"""PackedSampler (per-rank batches, epochs, resume, drop_last) and collate_packed."""
+"""PackedSampler (per-rank batches, epochs, resume, drop_last, sequence-parallel groups) and collate_packed."""
 
 import functools
 
@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader
 import packdit
 from packdit import checkpoint
 from packdit.data import PackedSampler, collate_packed
+from packdit.packing import CostModel
 
 LENGTHS = np.random.default_rng(0).integers(0, 120, 400).tolist()
 ARGS = dict(capacity=256, ranks=3, hidden_size=16, window=4, seed=5)
@@ -162,7 +163,7 @@ def flipped_bit(bits: bytes) -> bytes:
 
 
 @pytest.mark.parametrize("make_bad, match", [
-    (lambda s: {"epoch": 0, "step": 3}, r"state: expected a PackedSampler.state_dict\(\) of version 2"),
+    (lambda s: {"epoch": 0, "step": 3}, r"state: expected a PackedSampler.state_dict\(\) of version 3"),
     (lambda s: tampered(s, step=-1), r"state\['step'\]: expected an int >= 0, got -1"),
     (lambda s: tampered(s, step=10**6), r"state\['step'\]: expected 0 <= step <= \d+ .*got 1000000"),
     (lambda s: tampered(s, step=2.5), r"state\['step'\]: expected an int >= 0, got 2.5"),
@@ -245,3 +246,124 @@ def test_with_dataloader():
         assert list(seqs.seqlens) == [lengths[i] for i in labels.tolist()]
         seen += labels.tolist()
     assert sorted(seen) == list(range(30))
+
+
+# sequence parallelism: 8 of the 150 samples are longer than the capacity of 256 tokens (up to 4 ranks' worth)
+SP_LENGTHS = [257 + 131 * i % 767 if i % 19 == 7 else n for i, n in enumerate(LENGTHS[:150])]
+SP_ARGS = dict(capacity=256, ranks=4, hidden_size=16, window=2, seed=5, sp_sizes=(1, 2, 4))
+
+
+def test_sequence_parallel_ranks_learn_their_group_and_cover_every_sample_once():
+    assert sum(n > 256 for n in SP_LENGTHS) == 8 and max(SP_LENGTHS) <= 4 * 256
+    samplers = [PackedSampler(SP_LENGTHS, rank=r, **SP_ARGS) for r in range(4)]
+    groups = [list(s.groups()) for s in samplers]
+    assert [[g.indices for g in rank] for rank in groups] == [list(s) for s in samplers]  # iter: the same packs
+    seen = []
+    for step in zip(*groups):
+        for rank, group in enumerate(step):
+            assert rank in group.ranks and group.first_rank % group.size == 0
+            assert all(step[r] == group for r in group.ranks)  # every rank of the group has the same group
+            assert sum(SP_LENGTHS[i] for i in group.indices) <= group.size * 256
+            if rank == group.first_rank:
+                seen += group.indices
+    assert sorted(seen) == list(range(150))
+    long_groups = [g for rank in groups for g in rank for i in g.indices if SP_LENGTHS[i] > 256]
+    assert {g.size for g in long_groups} == {2, 4}  # the smallest group that holds each
+
+
+def test_sequence_parallel_resume_is_exact():
+    for rank in range(4):
+        sampler = PackedSampler(SP_LENGTHS, rank=rank, **SP_ARGS)
+        sampler.set_epoch(1)
+        full = list(sampler.groups())
+        sampler.set_epoch(2)
+        sampler.set_epoch(1)
+        it = sampler.groups()
+        head = [next(it) for _ in range(5)]
+        resumed = PackedSampler(SP_LENGTHS, rank=rank, **SP_ARGS)
+        resumed.load_state_dict(sampler.state_dict())
+        assert head + list(resumed.groups()) == full
+
+
+SP_CHANGES = {  # (before, after, longest sample both can run)
+    "groups on, world 4 -> 2": (dict(ranks=4, sp_sizes=(1, 2, 4)), dict(ranks=2, sp_sizes=(1, 2)), 512),
+    "groups off -> on": (dict(ranks=4, sp_sizes=(1,), split_long=True), dict(ranks=4, sp_sizes=(1, 2, 4)), 1024),
+    "groups on -> off": (dict(ranks=4, sp_sizes=(1, 4)), dict(ranks=4, sp_sizes=(1,)), 256),
+    "all-to-all cost": (dict(ranks=2, sp_sizes=(1, 2), hidden_size=None, cost=CostModel(64.0, 1.0)),
+                        dict(ranks=2, sp_sizes=(1, 2), hidden_size=None, cost=CostModel(64.0, 1.0, 0.0, 9.0)), 512),
+}
+
+
+@pytest.mark.parametrize("change", list(SP_CHANGES))
+def test_resume_with_other_groups_replans_the_rest_of_the_epoch(change):
+    before, after, longest = SP_CHANGES[change]
+    before, after = {**SP_ARGS, **before}, {**SP_ARGS, **after}
+    lengths = [min(n, longest) for n in SP_LENGTHS]
+    old = [PackedSampler(lengths, rank=r, **before) for r in range(before["ranks"])]
+    head = run_ranks([s.groups() for s in old], 3)
+    state = old[0].state_dict()
+    assert state["config"]["sp_sizes"] == list(before["sp_sizes"])
+    new = [PackedSampler(lengths, rank=r, **after) for r in range(after["ranks"])]
+    for s in new:
+        s.load_state_dict(state)
+    tail = run_ranks([s.groups() for s in new], len(new[0]))
+    led = [(i, g.size) for taken in (head, tail) for rank, groups in enumerate(taken) for g in groups
+           if g.first_rank == rank for i in g.indices]  # each group counted once, by its first rank
+    assert sorted(i for i, _ in led) == list(range(150)), "each sample of the epoch once"
+    assert all(size > 1 for i, size in led if lengths[i] > 256)  # the long ones (after a drop too) run by groups
+    assert all(g.size in after["sp_sizes"] for groups in tail for g in groups)
+    assert new[0].state_dict()["consumed"] == np.packbits(np.ones(150, bool)).tobytes()
+
+
+def test_a_version_2_state_resumes_exactly():
+    sampler = PackedSampler(LENGTHS, rank=1, **ARGS)
+    full = list(sampler)
+    head = run_ranks([sampler], 6)[0]
+    state = sampler.state_dict()
+    assert state["version"] == 3 and state["config"]["sp_sizes"] == [1]
+    old = {**state, "version": 2, "config": {k: v for k, v in state["config"].items() if k != "sp_sizes"}}
+    resumed = PackedSampler(LENGTHS, rank=1, **ARGS)
+    resumed.load_state_dict(old)
+    assert head + list(resumed) == full
+    with pytest.raises(ValueError, match=r"state\['config'\]\['sp_sizes'\]: expected a list of group sizes, got 4"):
+        PackedSampler(LENGTHS, rank=1, **ARGS).load_state_dict({**state, "config": {**state["config"], "sp_sizes": 4}})
+
+
+def test_pass_groups_follow_a_dataloader_pass_and_a_resume():
+    dataset = [(torch.zeros(1), i) for i in range(150)]
+    sampler = PackedSampler(SP_LENGTHS, rank=2, **SP_ARGS)
+    expected = list(sampler.plan().rank_groups(2))
+    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=lambda batch: [label for _, label in batch])
+    pairs = list(zip(loader, sampler.pass_groups()))
+    assert len(pairs) == len(sampler) and all(labels == group.indices for labels, group in pairs)
+    assert [g.size for _, g in pairs] == [g.size for g in expected]
+    it = iter(loader)
+    for _ in range(4):
+        next(it)
+    resumed = PackedSampler(SP_LENGTHS, rank=2, **SP_ARGS)
+    resumed.load_state_dict(sampler.state_dict(consumed_batches=4))
+    loader = DataLoader(dataset, batch_sampler=resumed, collate_fn=lambda batch: [label for _, label in batch])
+    rest = list(zip(loader, resumed.pass_groups()))  # the pass starts at step 4: so do its groups
+    assert [group for _, group in rest] == [group for _, group in pairs[4:]]
+    assert all(labels == group.indices for labels, group in rest)
+
+
+def test_drop_last_with_groups_skips_steps_with_idle_ranks():
+    lengths = [500] * 3 + [200] * 3  # three 2-rank groups and three single-rank packs on 4 ranks
+    kwargs = dict(SP_ARGS, sp_sizes=(1, 2), window=1)
+    keep = [list(PackedSampler(lengths, rank=r, **kwargs).groups()) for r in range(4)]
+    drop = [list(PackedSampler(lengths, rank=r, drop_last=True, **kwargs).groups()) for r in range(4)]
+    idle = [s for s, step in enumerate(zip(*keep)) if any(not g.indices for g in step)]
+    assert idle and len(drop[0]) == len(keep[0]) - len(idle)
+    assert all(g.indices for rank in drop for g in rank)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(sp_sizes=(1, 3)), r"sp_sizes: 3 does not divide ranks=4"),
+    (dict(lengths=[2000]), r"sample 0 has 2000 tokens, more than the largest sequence-parallel group holds "
+                           r"\(4 ranks x capacity=256 = 1024 tokens\)"),
+])
+def test_invalid_sequence_parallel_arguments(bad, match):
+    kwargs = dict(SP_ARGS, lengths=SP_LENGTHS, rank=0) | bad
+    with pytest.raises(ValueError, match=match):
+        PackedSampler(kwargs.pop("lengths"), **kwargs)

@@ -40,10 +40,11 @@ import traceback
 # The launchers' checks that a device can run Triton kernels (CUDA, or the CPU under the interpreter). The
 # capture replaces them so that CPU tensors reach the (recorded, not executed) launch.
 _RUNNABLE_CHECKS = (
-    # The dispatcher's and the ops' check (CPU tensors pass it as under the interpreter; the kernels' own
-    # interpreter switches, imported by name, stay off).
-    ("packdit._backends", "triton_interpreting", lambda: True),
+    ("packdit.ops._triton_utils", "require_triton", lambda op, tensor: None),
     ("packdit.ops.attention", "_check_runnable", lambda tensor: None),
+    # the dispatcher's availability table: explicit backend="triton" requests reach the launchers
+    ("packdit.nn.functional", "_UNSUPPORTED",
+     {"triton": lambda device: None, "cuda": lambda device: "the capture records Triton launches only"}),
     # The GEMM's TMA kernel is what runs on sm_90, the budgets' target (sm_80 rows then show it lowered to
     # pointer loads, which sm_80 does not run: it takes the pointer kernel).
     ("packdit.ops._triton_utils", "tma_capable", lambda device: True),

@@ -8,25 +8,36 @@
     for epoch in range(epochs):
         sampler.set_epoch(epoch)
         for batch in loader: ...
+
+With sequence parallelism (``sp_sizes=(1, 2, 4, 8)``) a pack may be run by a group of ranks; every rank
+of the group gets the same indices, and learns its group per step (:class:`~packdit.packing.Group`:
+``first_rank``, ``size``, ``indices``)::
+
+    blocks = packdit.packing.group_blocks(world, sampler.sp_sizes)  # every group a plan may use, in one order
+    process_groups = {block: dist.new_group(list(range(block[0], sum(block)))) for block in blocks}
+    for group in sampler.groups():                          # a loop that drives the sampler itself
+        pg = process_groups.get((group.first_rank, group.size))   # None: this rank runs the pack alone
+        ...
+    for batch, group in zip(loader, sampler.pass_groups()): ...    # a DataLoader over the sampler
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import Sampler
 
 from packdit.packing import Plan, plan_steps
-from packdit.packing.cost import resolve_costs
-from packdit.packing.planner import as_lengths, is_integer, positive_int, prepare_samples
+from packdit.packing.cost import resolve_alltoall_costs, resolve_costs
+from packdit.packing.planner import Group, as_lengths, as_sp_sizes, is_integer, positive_int, prepare_samples
 from packdit.patches import pack
 
 __all__ = ["PackedSampler", "collate_packed"]
 
-STATE_VERSION = 2
+STATE_VERSION = 3
 
 
 def _sha256(array: np.ndarray) -> str:
@@ -53,18 +64,27 @@ class PackedSampler(Sampler[list[int]]):
     keeps the given order), plans it with tie seed ``seed + e``, and yields
     ``perm[plan.steps[s][rank]]`` for every step s. A rank idle at a step (possible at the end of a
     planner window, see :mod:`packdit.packing.planner`) gets ``[]``; ``drop_last=True`` skips the steps
-    where any rank would be idle instead. Samples longer than ``capacity`` raise, or with
-    ``split_long=True`` are left out (``plan().long_samples``, indices into :meth:`plan_stream`).
+    where any rank would be idle instead.
+
+    Sequence parallelism. With ``sp_sizes`` (see :func:`~packdit.packing.plan_steps`; default ``(1,)``:
+    none) a pack may be run by a group of ranks, an aligned block, and every rank of the group gets the
+    same indices. ``iter(self)`` yields the indices (``list[int]``, for a DataLoader's ``batch_sampler``);
+    :meth:`groups` iterates the same steps yielding this rank's :class:`~packdit.packing.Group`
+    ``(first_rank, size, indices)``, for a loop that drives the sampler itself; :meth:`pass_groups` gives
+    the groups of the pass a DataLoader is iterating. Samples longer than ``capacity`` run on the
+    smallest group that holds them; a sample too long for the largest group raises, or with
+    ``split_long=True`` is left out (``plan().long_samples``, indices into :meth:`plan_stream`).
 
     Resuming. ``state_dict()`` is the same dict on every rank (save it from one), and holds::
 
-        version        2
+        version        3
         epoch          the epoch being iterated
         step           batches of the current plan handed out in this epoch
         num_samples, lengths_sha256, seed, shuffle
                        what fixes the epoch's samples and their order (sha256 of the int64 lengths)
-        config         {"capacity", "ranks", "window", "drop_last", "split_long", "costs_sha256"}: what
-                       fixes the plan besides the stream (costs_sha256 of the float64 per-sample costs)
+        config         {"capacity", "ranks", "window", "drop_last", "split_long", "sp_sizes", "costs_sha256"}:
+                       what fixes the plan besides the stream (costs_sha256 of the float64 per-sample costs,
+                       followed by their all-to-all costs when sp_sizes is not [1])
         plan_excludes  bytes, a bitmap (np.packbits over sample indices): the samples consumed before
                        the current plan was made, all zero for the epoch's own plan
         consumed       bytes, a bitmap: every sample handed out to any rank in this epoch so far
@@ -76,17 +96,19 @@ class PackedSampler(Sampler[list[int]]):
 
     * same lengths, seed, shuffle and ``config``: the same plan from ``step`` on, so the batches are
       exactly those an uninterrupted run would have seen;
-    * another ``config`` (world size, capacity, window, cost model, ``drop_last``, ``split_long``): the
-      samples not in ``consumed``, in stream order, are re-planned for this sampler's configuration and
-      the iteration starts at their first step, so across the interruption every sample of the epoch
-      is trained exactly once (minus those ``drop_last`` drops), none lost or repeated;
+    * another ``config`` (world size, capacity, window, cost model, ``drop_last``, ``split_long``,
+      ``sp_sizes``): the samples not in ``consumed``, in stream order, are re-planned for this sampler's
+      configuration and the iteration starts at their first step, so across the interruption every
+      sample of the epoch is trained exactly once (minus those ``drop_last`` drops and, with
+      ``split_long``, those too long for the new configuration), none lost or repeated;
     * other lengths, seed or shuffle, a step outside ``[0, steps of the saved plan]`` or a ``consumed``
       set that is not the first ``step`` steps of the saved plan: ValueError, nothing changes.
 
     The current plan (possibly re-planned) stays the plan of this epoch for every later pass over it,
     until :meth:`set_epoch` moves to another epoch. A DataLoader with workers prefetches batches, so
     save what the training loop has consumed: ``state_dict(consumed_batches=k)`` for k batches taken
-    from the current pass.
+    from the current pass. A state of version 2 (saved before ``sp_sizes`` existed) is read as one with
+    ``sp_sizes`` ``[1]``.
     """
 
     def __init__(
@@ -103,6 +125,7 @@ class PackedSampler(Sampler[list[int]]):
         shuffle: bool = True,
         cost=None,
         split_long: bool = False,
+        sp_sizes: Sequence[int] = (1,),
     ):
         ranks = positive_int(ranks, "ranks")
         if not is_integer(rank) or not 0 <= rank < ranks:
@@ -112,11 +135,12 @@ class PackedSampler(Sampler[list[int]]):
         self.lengths = as_lengths(lengths)
         # validate the configuration now, not at the first iteration
         prepare_samples(self.lengths, capacity=capacity, ranks=ranks, window=window, cost=cost,
-                        hidden_size=hidden_size, split_long=split_long)
+                        hidden_size=hidden_size, split_long=split_long, sp_sizes=sp_sizes)
+        self.sp_sizes = as_sp_sizes(sp_sizes, ranks)
         self._cost_args = dict(hidden_size=hidden_size, cost=cost)
         self._config = dict(capacity=int(capacity), ranks=ranks, window=int(window), drop_last=bool(drop_last),
-                           split_long=bool(split_long),
-                           costs_sha256=_sha256(resolve_costs(self.lengths, cost, hidden_size).astype("<f8")))
+                            split_long=bool(split_long), sp_sizes=list(self.sp_sizes),
+                            costs_sha256=self._costs_sha256(self.sp_sizes))
         self.rank, self.seed, self.shuffle = int(rank), int(seed), bool(shuffle)
         self._lengths_sha256 = _sha256(self.lengths.astype("<i8"))
         self.epoch = 0
@@ -125,6 +149,14 @@ class PackedSampler(Sampler[list[int]]):
         self._pass_start = 0   # the step the current (or next) pass starts at
         self._resume_pending = False
         self._planned: tuple[np.ndarray, Plan, list[int], list[list[int]]] | None = None
+
+    def _costs_sha256(self, sp_sizes) -> str:
+        """Fingerprint of what the cost model gives the planner under ``sp_sizes``: the float64 costs, and the
+        all-to-all costs unless every pack runs on one rank."""
+        digest = hashlib.sha256(resolve_costs(self.lengths, **self._cost_args).astype("<f8").tobytes())
+        if list(sp_sizes) != [1]:
+            digest.update(resolve_alltoall_costs(self.lengths, **self._cost_args).astype("<f8").tobytes())
+        return digest.hexdigest()
 
     def set_epoch(self, epoch: int) -> None:
         """Use epoch ``epoch``'s shuffle and plan from the next iteration, starting at its first step
@@ -163,12 +195,13 @@ class PackedSampler(Sampler[list[int]]):
         if excludes is not None:
             stream = stream[~excludes[stream]]
         plan = plan_steps(self.lengths[stream], capacity=config["capacity"], ranks=config["ranks"],
-                          window=config["window"], split_long=config["split_long"], seed=self.seed + epoch,
-                          **self._cost_args)
+                          window=config["window"], split_long=config["split_long"], sp_sizes=config["sp_sizes"],
+                          seed=self.seed + epoch, **self._cost_args)
         step_ids = range(plan.num_steps)
         if config["drop_last"]:
-            sizes = np.diff(plan.bin_offsets).reshape(plan.num_steps, plan.ranks)
-            step_ids = np.flatnonzero((sizes > 0).all(axis=1))
+            has_idle = np.zeros(plan.num_steps, dtype=bool)
+            has_idle[plan.bin_step[np.diff(plan.bin_offsets) == 0]] = True
+            step_ids = np.flatnonzero(~has_idle)
         return stream, plan, list(step_ids)
 
     @staticmethod
@@ -178,32 +211,53 @@ class PackedSampler(Sampler[list[int]]):
         consumed = np.zeros(num_samples, dtype=bool) if excludes is None else excludes.copy()
         handed_out = np.zeros(plan.num_steps, dtype=bool)
         handed_out[step_ids[:steps]] = True
-        step_of_entry = np.repeat(np.arange(len(plan.bin_offsets) - 1) // plan.ranks, np.diff(plan.bin_offsets))
+        step_of_entry = np.repeat(plan.bin_step, np.diff(plan.bin_offsets))
         consumed[stream[plan.order[handed_out[step_of_entry]]]] = True
         return consumed
 
-    def _current(self) -> tuple[np.ndarray, Plan, list[int], list[list[int]]]:
-        """``(stream, plan, step_ids, this rank's batches)`` of the current plan, memoized."""
+    def _current(self) -> tuple[np.ndarray, Plan, list[int], list[Group]]:
+        """``(stream, plan, step_ids, this rank's group per handed-out step)`` of the current plan, memoized."""
         if self._planned is None:
             stream, plan, step_ids = self._make_plan(self.epoch, self._plan_excludes, self._config)
-            positions = plan.rank_batches(self.rank)
-            self._planned = (stream, plan, step_ids, [stream[positions[s]].tolist() for s in step_ids])
+            groups = plan.rank_groups(self.rank)
+            self._planned = (stream, plan, step_ids, [groups[s]._replace(indices=stream[groups[s].indices].tolist())
+                                                      for s in step_ids])
         return self._planned
 
     def __len__(self) -> int:
         return len(self._current()[3])
 
-    def __iter__(self):
-        batches = self._current()[3]
+    def __iter__(self) -> Iterator[list[int]]:
+        """This rank's sample indices per step (its group's pack), from the epoch's first step or where a
+        loaded state left off."""
+        return self._start_pass(lambda group: group.indices)
+
+    def groups(self) -> Iterator[Group]:
+        """Iterate like ``iter(self)``, yielding this rank's :class:`~packdit.packing.Group` per step: ranks
+        ``first_rank .. first_rank + size - 1`` run ``indices`` together (``size`` 1: this rank alone). For a
+        loop that drives the sampler itself; it shares the position, epochs and resume state of ``iter``."""
+        return self._start_pass(lambda group: group)
+
+    def pass_groups(self) -> Iterator[Group]:
+        """This rank's groups for the batches of the pass in progress, in order, without moving the sampler:
+        for a DataLoader that iterates the sampler (``batch_sampler=sampler``), iterate it alongside the
+        loader: ``for batch, group in zip(loader, sampler.pass_groups())``. Lazy: the pass's first step is
+        read at the first ``next()``, so create it before or after the loader's iterator, but advance it only
+        once the loader's pass has started."""
+        groups = self._current()[3]
+        yield from groups[self._pass_start:]
+
+    def _start_pass(self, view: Callable[[Group], object]):
+        groups = self._current()[3]
         start = self._position if self._resume_pending else 0
         self._resume_pending = False
         self._position = self._pass_start = start
-        return self._hand_out(batches, start)
+        return self._hand_out(groups, start, view)
 
-    def _hand_out(self, batches: list[list[int]], start: int):
-        for s in range(start, len(batches)):
+    def _hand_out(self, groups: list[Group], start: int, view: Callable[[Group], object]):
+        for s in range(start, len(groups)):
             self._position = s + 1
-            yield batches[s]
+            yield view(groups[s])
 
     def state_dict(self, consumed_batches: int | None = None) -> dict:
         """The resume state (see the class docstring) after the batches handed out so far, or after the
@@ -231,10 +285,11 @@ class PackedSampler(Sampler[list[int]]):
         configuration (see the class docstring); ValueError when the state does not describe this data."""
         keys = ("version", "epoch", "step", "num_samples", "lengths_sha256", "seed", "shuffle", "config",
                 "plan_excludes", "consumed")
-        if not isinstance(state, Mapping) or state.get("version") != STATE_VERSION or not set(keys) <= set(state):
+        if not isinstance(state, Mapping) or state.get("version") not in (2, STATE_VERSION) or \
+                not set(keys) <= set(state):
             got = sorted(state) if isinstance(state, Mapping) else type(state).__name__
-            raise ValueError(f"state: expected a PackedSampler.state_dict() of version {STATE_VERSION} with keys "
-                             f"{list(keys)}, got {got}; a state without the configuration and the lengths "
+            raise ValueError(f"state: expected a PackedSampler.state_dict() of version {STATE_VERSION} (or 2) with "
+                             f"keys {list(keys)}, got {got}; a state without the configuration and the lengths "
                              "fingerprint cannot be checked against this sampler")
         n = len(self.lengths)
         if state["num_samples"] != n:
@@ -259,12 +314,16 @@ class PackedSampler(Sampler[list[int]]):
             raise ValueError("state['consumed']: expected to contain every sample of state['plan_excludes']")
         excludes = excludes if excludes.any() else None
         saved = state["config"]
+        if state["version"] == 2 and isinstance(saved, Mapping):  # saved before sp_sizes: one rank per pack
+            saved = {**saved, "sp_sizes": [1]}
         if not isinstance(saved, Mapping) or set(saved) != set(self._config):
             raise ValueError(f"state['config']: expected keys {sorted(self._config)}, got {saved!r}")
+        if not isinstance(saved["sp_sizes"], (list, tuple)):
+            raise ValueError(f"state['config']['sp_sizes']: expected a list of group sizes, got {saved['sp_sizes']!r}")
 
         # with the same costs the saved plan can be rebuilt, and the state checked against it; otherwise
         # only its consumed set is known, which is all a re-plan needs
-        if saved["costs_sha256"] == self._config["costs_sha256"]:
+        if saved["costs_sha256"] == self._costs_sha256(saved["sp_sizes"]):
             try:
                 stream, plan, step_ids = self._make_plan(epoch, excludes, saved)
             except ValueError as exc:

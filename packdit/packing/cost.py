@@ -6,6 +6,23 @@ per block ``cost ∝ 6*D*L + L**2`` after dividing by ``12*D``: :meth:`CostModel
 ``a = 6*D, b = 1, c = 0``. Only ratios of costs matter to the planner, so the unit is arbitrary.
 ``c`` is a per-sample constant (conditioning, kernel launches per segment) that timings reveal.
 :func:`calibrate` fits (a, b, c) by least squares to measured step times of packs.
+
+Sequence parallelism (Ulysses). A pack of N tokens run by a group of P > 1 GPUs costs each GPU of the group
+``(sum_i cost(L_i) + alltoall * N) / P``: every GPU computes 1/P of the pack (its N/P tokens through the
+projections and MLP, H/P heads of the attention over all N tokens), plus its share of the all-to-alls
+that move the attention inputs from sequence shards to head shards and back. Per attention layer these
+are 4 all-to-alls (q, k, v in, the output back) forward and 4 backward, each of ``N * D / P`` elements
+per rank, all on the critical path. At ``e`` FLOP-equivalents per element, in the unit of
+:meth:`CostModel.flops` (``12 * D`` FLOPs per block, forward + backward) that is
+``8 * N * D / P * e / (12 * D) = (2/3) * e * N / P``: ``alltoall = 2 * e / 3`` whatever the width D.
+
+The default ``e`` (:data:`ALLTOALL_FLOPS_PER_ELEMENT`, about 2,160) is an estimate for H100/H200 SXM
+groups inside one NVLink node, not a measurement: ~400 TFLOP/s achieved bf16 dense compute (about 40% of
+the 989 TFLOP/s peak, a typical DiT training MFU) against ~370 GB/s of all-to-all bus bandwidth (NVLink 4
+line rate 450 GB/s less NCCL's ~20% protocol overhead), 2 bytes per bf16 element. Counting the whole
+``N * D / P`` buffer, not the ``(P - 1) / P`` of it that leaves the rank, makes it an upper bound for
+small groups. Groups that span nodes (InfiniBand, ~50 GB/s per GPU) cost ~8x more per element: pass
+``alltoall_flops_per_element=`` accordingly, or set ``alltoall`` from measured all-to-all times.
 """
 
 from __future__ import annotations
@@ -16,56 +33,88 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-__all__ = ["CostModel", "Calibration", "calibrate", "resolve_costs"]
+__all__ = ["CostModel", "Calibration", "calibrate", "resolve_costs", "resolve_alltoall_costs",
+           "ALLTOALL_FLOPS_PER_ELEMENT"]
+
+#: FLOP-equivalents of one bf16 element of a Ulysses all-to-all inside an NVLink node (module docstring):
+#: achieved compute (FLOP/s) / all-to-all elements per second.
+ALLTOALL_FLOPS_PER_ELEMENT = 400e12 / (370e9 / 2)
 
 
 @dataclasses.dataclass(frozen=True)
 class CostModel:
-    """``cost(L) = a*L + b*L**2 + c`` (arbitrary unit); all coefficients must be finite and >= 0."""
+    """``cost(L) = a*L + b*L**2 + c`` (arbitrary unit), and the all-to-all cost ``alltoall * L`` of a sample of L
+    tokens run by a sequence-parallel group (summed over the group's GPUs; module docstring). All
+    coefficients must be finite and >= 0."""
 
     a: float
     b: float
     c: float = 0.0
+    alltoall: float = 0.0
 
     def __post_init__(self):
-        for name in ("a", "b", "c"):
+        for name in ("a", "b", "c", "alltoall"):
             v = getattr(self, name)
             if not (np.isfinite(v) and v >= 0):
                 raise ValueError(f"CostModel.{name}: expected a finite value >= 0, got {v}")
 
     @classmethod
-    def flops(cls, hidden_size: int) -> CostModel:
-        """The transformer FLOP model: ``a = 6 * hidden_size``, ``b = 1``, ``c = 0``."""
+    def flops(cls, hidden_size: int, alltoall_flops_per_element: float = ALLTOALL_FLOPS_PER_ELEMENT) -> CostModel:
+        """The transformer FLOP model: ``a = 6 * hidden_size``, ``b = 1``, ``c = 0``, and
+        ``alltoall = 2 / 3 * alltoall_flops_per_element`` (4 + 4 all-to-alls of ``N * D / P`` elements per
+        block, in units of ``12 * hidden_size`` FLOPs)."""
         if hidden_size <= 0:
             raise ValueError(f"hidden_size: expected a positive int, got {hidden_size}")
-        return cls(a=6.0 * hidden_size, b=1.0)
+        return cls(a=6.0 * hidden_size, b=1.0, alltoall=8.0 * alltoall_flops_per_element / 12.0)
 
     def __call__(self, lengths) -> np.ndarray:
         """Float64 costs of an array of token counts (same shape)."""
         L = np.asarray(lengths, dtype=np.float64)
         return self.a * L + self.b * L * L + self.c
 
+    def alltoall_costs(self, lengths) -> np.ndarray:
+        """Float64 all-to-all cost ``alltoall * L`` of samples of ``lengths`` tokens run with sequence parallelism."""
+        return self.alltoall * np.asarray(lengths, dtype=np.float64)
 
-def resolve_costs(lengths: np.ndarray, cost, hidden_size: int | None) -> np.ndarray:
-    """Float64 cost per sample from ``cost`` (None -> :meth:`CostModel.flops`, a CostModel, or a vectorized
-    callable ``int64 array of lengths -> array of costs`` of the same shape). Costs must be finite and >= 0."""
+
+def _resolve_model(cost, hidden_size: int | None):
     if cost is None:
         if hidden_size is None:
             raise ValueError("hidden_size: required for the default FLOP cost model (or pass cost=)")
         cost = CostModel.flops(hidden_size)
     if not callable(cost):
         raise TypeError(f"cost: expected None, a CostModel or a callable, got {type(cost).__name__}")
-    costs = np.asarray(cost(lengths), dtype=np.float64)
-    if costs.shape != lengths.shape:
+    return cost
+
+
+def _checked(values, lengths: np.ndarray, name: str) -> np.ndarray:
+    values = np.asarray(values, dtype=np.float64)
+    if values.shape != lengths.shape:
         raise ValueError(
-            f"cost: a callable cost is called once on the int64 array of all lengths and must return an array of "
-            f"the same shape {lengths.shape}, got shape {costs.shape}"
+            f"{name}: a callable cost is called once on the int64 array of all lengths and must return an array of "
+            f"the same shape {lengths.shape}, got shape {values.shape}"
         )
-    bad = np.flatnonzero(~np.isfinite(costs) | (costs < 0))
+    bad = np.flatnonzero(~np.isfinite(values) | (values < 0))
     if bad.size:
         i = int(bad[0])
-        raise ValueError(f"cost: expected finite costs >= 0, got cost({int(lengths[i])}) = {costs[i]} for sample {i}")
-    return costs
+        raise ValueError(f"{name}: expected finite costs >= 0, got {name}({int(lengths[i])}) = {values[i]} for "
+                         f"sample {i}")
+    return values
+
+
+def resolve_costs(lengths: np.ndarray, cost, hidden_size: int | None) -> np.ndarray:
+    """Float64 cost per sample from ``cost`` (None -> :meth:`CostModel.flops`, a CostModel, or a vectorized
+    callable ``int64 array of lengths -> array of costs`` of the same shape). Costs must be finite and >= 0."""
+    return _checked(_resolve_model(cost, hidden_size)(lengths), lengths, "cost")
+
+
+def resolve_alltoall_costs(lengths: np.ndarray, cost, hidden_size: int | None) -> np.ndarray:
+    """Float64 all-to-all cost per sample run with sequence parallelism: ``cost.alltoall_costs(lengths)`` for a
+    CostModel (or any cost with such a method), zeros for a plain callable (no communication term)."""
+    model = _resolve_model(cost, hidden_size)
+    if not hasattr(model, "alltoall_costs"):
+        return np.zeros(lengths.shape, dtype=np.float64)
+    return _checked(model.alltoall_costs(lengths), lengths, "cost.alltoall_costs")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,7 +164,9 @@ def calibrate(
     Timed calls report the median of ``repeats`` after one warm-up (CUDA synchronized).
     A pack of samples ``L_1..L_k`` is modelled as
     ``time = a * sum L + b * sum L**2 + c * k``, fitted by least squares over ``packs`` (default
-    :func:`_default_packs` of ``max_tokens``). Negative fitted coefficients are clipped to 0.
+    :func:`_default_packs` of ``max_tokens``). Negative fitted coefficients are clipped to 0. The fit
+    times packs on one device, so the model's ``alltoall`` is 0: for sequence parallelism set it with
+    ``dataclasses.replace(fit.model, alltoall=...)``, in the fitted unit (``seconds_per_unit``).
     """
     packs = [list(map(int, p)) for p in (packs if packs is not None else _default_packs(max_tokens))]
     if len(packs) < 3:
