@@ -34,22 +34,37 @@ every measured step of every strategy (varied sizes: padded, bucketed and packed
 mean |relative error| are reported next to every simulated number. It predicts each strategy's time over
 a longer stream of the mix on 8 data-parallel ranks (a step lasts as long as its slowest rank). Simulated
 speedups are printed only when R^2 >= 0.9 and the mean |error| <= 10%; otherwise the rows say why.
+
+Sequence parallelism (measured only on a machine with >= 2 GPUs; elsewhere one row says why): one long
+video (720p, 16 latent frames: 57,600 tokens) trained on a group of P = 1, 2, 4, 8 GPUs with Ulysses
+(``DiT.set_sequence_parallel``, NCCL, one process per GPU). Before timing, each group size's step on a small
+image + video batch is checked against the one-process fp32 reference model with the 2x rule (as above).
+Reported per P: median step time (forward + backward + AdamW, the slowest rank of the group), tokens/s,
+speedup over one GPU and scaling efficiency (speedup / P), and the peak memory of the busiest rank.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import socket
+import tempfile
 import textwrap
 import time
+from datetime import timedelta
+from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from common import Context, OutputMismatch, print_table, refused_row, verify_outputs
 from torch import nn
 from workloads import bucket_shape, latent_shapes, num_patches
 
 import packdit
+from packdit._validate import mark_validated
 from packdit.layout import PackedSeqs
 from packdit.models import DiT
 from packdit.nn import functional as PF
@@ -199,6 +214,7 @@ def _padded_inputs(tokens: torch.Tensor, seqs: PackedSeqs) -> tuple[torch.Tensor
         grid=seqs.grid, positions=positions,
         segment_ids=torch.arange(count, dtype=torch.int32, device=device).repeat_interleave(longest),
         key_index=real, key_cu_seqlens=seqs.cu_seqlens, key_max_seqlen=longest)
+    mark_validated(layout)  # its segments are longer than their grids on purpose (pad rows): trusted, not checked
     return padded, layout
 
 
@@ -386,7 +402,8 @@ def run(ctx: Context) -> list[dict]:
                  "MFU", "peak_memory_GiB", "useful_tokens_per_s_vs_shape-buckets", "useful_tokens_per_s_vs_pad",
                  "rel_err", "refused"])
     fit = fit_step_model(np.array([f for f, _ in steps]), np.array([ms for _, ms in steps]))
-    return rows + simulated_rows(fit, _stream(40 * len(stream.shapes), cfg["scale"], seed=11), cfg)
+    rows += simulated_rows(fit, _stream(40 * len(stream.shapes), cfg["scale"], seed=11), cfg)
+    return rows + sequence_parallel_rows(ctx, cfg, dtype)
 
 
 # ---------------------------------------------------------------------------------------------- simulation
@@ -470,6 +487,112 @@ def simulated_rows(fit: StepModel, stream: Stream, cfg: dict, ranks: int = SIMUL
     else:
         print(f"{label}: {fit.why_untrusted()}")
     return rows
+
+
+# ---------------------------------------------------------------------------------------------- sequence parallel
+SP_GROUP_SIZES = (1, 2, 4, 8)
+SP_LONG_VIDEO = (4, 16, 90, 160)           # 720p through a 4x8x8 VAE, 16 latent frames: 57,600 tokens
+SP_VERIFY = ((4, 2, 16, 24), (4, 16, 16))  # a video and an image of 192 + 64 tokens: uneven shards
+SP_STEPS = 5
+SP_TIMEOUT = timedelta(minutes=5)
+
+
+def sequence_parallel_rows(ctx: Context, cfg: dict, dtype: torch.dtype) -> list[dict]:
+    """The sequence-parallel rows (module docstring): measured with >= 2 GPUs, else one row saying why."""
+    gpus = torch.cuda.device_count() if ctx.is_gpu else 0
+    if gpus < 2 or ctx.out_of_time():
+        why = f"needs >= 2 GPUs, this machine has {gpus}" if gpus < 2 else "time budget spent"
+        return [{"kind": "sequence-parallel", "note": f"not measured: {why}"}]
+    sizes = tuple(p for p in SP_GROUP_SIZES if p <= gpus)
+    rows = measure_sequence_parallel(sizes, "nccl", cfg, SP_LONG_VIDEO, SP_STEPS, dtype)
+    print_table(f"e2e sequence parallelism: one {rows[0]['tokens']}-token video on groups of GPUs "
+                f"({ctx.env.get('gpu')}, Ulysses, NCCL)", rows,
+                ["gpus", "time_ms", "tokens_per_s", "speedup", "efficiency", "peak_memory_GiB", "rel_err", "refused"])
+    return rows
+
+
+def measure_sequence_parallel(sizes: tuple[int, ...], backend: str, cfg: dict, long_video: tuple[int, ...],
+                              steps: int, dtype: torch.dtype) -> list[dict]:
+    """One process per rank (``max(sizes)`` of them; GPU r for rank r with NCCL, the CPU with gloo): for each group
+    size P, ranks 0..P-1 verify and time training steps of ``long_video`` together. Rows of rank 0."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "rows.json"
+        mp.spawn(_sp_worker, args=(max(sizes), port, backend, cfg, sizes, long_video, steps, str(dtype), str(out)),
+                 nprocs=max(sizes), join=True)
+        rows = json.loads(out.read_text())
+    alone = next((r["time_ms"] for r in rows if r["gpus"] == 1 and "time_ms" in r), None)
+    for r in rows:
+        if "time_ms" in r and alone:
+            r["speedup"] = alone / r["time_ms"]
+            r["efficiency"] = r["speedup"] / r["gpus"]
+    return rows
+
+
+def _sp_worker(rank: int, world: int, port: int, backend: str, cfg: dict, sizes: tuple[int, ...],
+               long_video: tuple[int, ...], steps: int, dtype_name: str, out: str) -> None:
+    device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=SP_TIMEOUT, device_id=device if device.type == "cuda" else None)
+    try:
+        groups = {p: dist.new_group(list(range(p))) for p in sizes if p > 1}  # every rank creates every group
+        dtype = getattr(torch, dtype_name.removeprefix("torch."))
+        gen = torch.Generator().manual_seed(0)
+        verify = [torch.randn(s, generator=gen).to(device) for s in SP_VERIFY]
+        inputs = _step_inputs([torch.randn(long_video, generator=gen).to(device)], padded=False, seed=0)
+        rows = []
+        for size in sizes:
+            if rank < size:  # the same weights on every rank of the group: a fresh model from the same seed
+                model = _model(cfg, device, padded=False)
+                optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+                model.set_sequence_parallel(groups.get(size))
+                row = {"kind": "sequence-parallel", "gpus": size, "tokens": inputs.seqs.num_tokens,
+                       "backend": model.backend}
+                try:
+                    row["rel_err"] = _verify(None, cfg, f"sequence-parallel/{size}", model, verify, dtype)
+                except OutputMismatch as e:
+                    row = refused_row(row, e)
+                else:
+                    row.update(_time_sp_steps(model, optimizer, inputs, dtype, steps, groups.get(size), device))
+                rows.append(row)
+            dist.barrier()
+        if rank == 0:
+            Path(out).write_text(json.dumps(rows))
+    finally:
+        dist.destroy_process_group()
+
+
+def _time_sp_steps(model: nn.Module, optimizer, inputs: StepInputs, dtype: torch.dtype, steps: int, group,
+                   device: torch.device) -> dict:
+    """Median of ``steps`` timed training steps after an untimed one, each the slowest rank of ``group``'s, and
+    the largest peak memory of its ranks."""
+    ctx = Context(device=device, quick=False, env={}, out_dir=Path("."))
+
+    def step():
+        loss, _ = _loss(model, inputs, dtype)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step()  # compiles and autotunes, untimed
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(steps):
+        if group is not None:
+            dist.barrier(group=group)
+        times.append(_time_once(ctx, step))
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else math.nan
+    slowest = torch.tensor([float(np.median(times)), peak], device=device)
+    if group is not None:
+        dist.all_reduce(slowest, op=dist.ReduceOp.MAX, group=group)
+    time_ms, peak = slowest.tolist()
+    return {"time_ms": time_ms, "tokens_per_s": 1e3 * inputs.seqs.num_tokens / time_ms, "peak_memory_GiB": peak}
 
 
 def plot(rows: list[dict], path) -> None:

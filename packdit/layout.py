@@ -28,12 +28,10 @@ import torch
 import torch.utils._pytree as pytree
 from torch import Tensor
 
+from packdit._validate import MAX_TOKENS, check_grid, is_validated, mark_validated, validate_seqs
 from packdit.layout_positions import layout_positions
 
 __all__ = ["PackedSeqs", "PatchSize", "DropRate", "normalize_patch_size", "check_latents", "MAX_TOKENS"]
-
-MAX_TOKENS = 2**31 - 1
-"""Tokens of one packed batch: every index into it is int32."""
 
 PatchSize = Union[int, Sequence[int]]
 DropRate = Union[float, Callable[[tuple[int, int, int]], float], None]
@@ -53,10 +51,12 @@ class PackedSeqs:
         sample_ndims: host tuple, 3 for a sample packed from an image ``(C, H, W)``, 4 for a video;
             ``unpack`` uses it to give back the input shapes.
 
-    ``len(seqs)`` is B. The object is immutable; ops may memoize layout-derived metadata (block
+    ``len(seqs)`` is B. The object is frozen; ops may memoize layout-derived metadata (block
     schedules, host copies of lengths) with :meth:`cached`, so it is computed once per batch, not once
-    per layer. It is a registered pytree node: the tensors and ``max_seqlen`` are leaves (``max_seqlen``
-    becomes a SymInt under ``torch.compile(dynamic=True)``), ``dropped`` and ``sample_ndims`` are static.
+    per layer. A layout entering the public API is validated once (``packdit._validate.validate_seqs``);
+    one whose tensors are written in place afterwards is validated again, its memo dropped. It is a
+    registered pytree node: the tensors and ``max_seqlen`` are leaves (``max_seqlen`` becomes a SymInt
+    under ``torch.compile(dynamic=True)``), ``dropped`` and ``sample_ndims`` are static.
     """
 
     cu_seqlens: Tensor
@@ -66,7 +66,9 @@ class PackedSeqs:
     segment_ids: Tensor
     dropped: bool = False
     sample_ndims: tuple[int, ...] = ()
-    _cache: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
+    # not an init field: dataclasses.replace(seqs, segment_ids=...) gets an empty cache, so it is validated
+    # on first use instead of inheriting "validated" and metadata memoized from the old values
+    _cache: dict = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         # The 3 of (N, 3) / (B, 3) is a constant: marking it static keeps torch.compile(dynamic=True)
@@ -91,10 +93,7 @@ class PackedSeqs:
         ``kept[b]``, when given and not None, is a 1-D integer tensor of the raster indices
         (``t*H*W + h*W + w``, strictly increasing) of the tokens of sample b that survive dropping.
         """
-        grids = [tuple(int(s) for s in g) for g in grids]
-        for b, g in enumerate(grids):
-            if len(g) != 3 or min(g) < 0:
-                raise ValueError(f"grids[{b}]: expected (T, H, W) of non-negative ints, got {g}")
+        grids = [check_grid(g, f"grids[{b}]") for b, g in enumerate(grids)]
         full = [g[0] * g[1] * g[2] for g in grids]
         if kept is None:
             kept = [None] * len(grids)
@@ -106,7 +105,12 @@ class PackedSeqs:
                 lengths.append(n)
                 token_index.append(torch.arange(n, dtype=torch.int32))
                 continue
-            k = torch.as_tensor(k).to("cpu", torch.int64).reshape(-1)
+            k = torch.as_tensor(k)
+            fractional = k.is_floating_point() or k.is_complex() or k.dtype == torch.bool
+            if k.dim() != 1 or (fractional and k.numel()):  # (torch.as_tensor([]) is float32)
+                raise ValueError(f"kept[{b}]: expected a 1-D integer tensor of raster indices, got {k.dtype} of "
+                                 f"shape {tuple(k.shape)}")
+            k = k.to("cpu", torch.int64)
             if k.numel() and (int(k[0]) < 0 or int(k[-1]) >= n or bool((k[1:] <= k[:-1]).any())):
                 raise ValueError(
                     f"kept[{b}]: expected strictly increasing raster indices in [0, {n}) for grid "
@@ -143,7 +147,7 @@ class PackedSeqs:
         )
         seqs._cache["seqlens"] = tuple(lengths)
         seqs._cache["grids"] = tuple(grids)
-        seqs._cache["validated"] = True  # consistent by construction: no device->host check needed later
+        mark_validated(seqs)  # consistent by construction: no device->host check needed later
         return seqs
 
     # ------------------------------------------------------------------ sizes
@@ -187,13 +191,19 @@ class PackedSeqs:
         return self._cache[key]
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> PackedSeqs:
-        """The same layout on ``device``. Host metadata (lengths, grids) is carried over, device caches are not."""
+        """The same layout on ``device``. Host metadata (lengths, grids) and the validation of a layout not
+        written in place since are carried over, device caches are not."""
         moved = dataclasses.replace(
-            self,
-            **{f: getattr(self, f).to(device, non_blocking=non_blocking) for f in _TENSOR_FIELDS},
-            _cache={k: self._cache[k] for k in _HOST_CACHE_KEYS if k in self._cache},
-        )
+            self, **{f: getattr(self, f).to(device, non_blocking=non_blocking) for f in _TENSOR_FIELDS})
+        if is_validated(self):
+            moved._cache.update({k: self._cache[k] for k in _HOST_CACHE_KEYS if k in self._cache})
+            mark_validated(moved)
         return moved
+
+    def validate(self, name: str = "seqs") -> None:
+        """Check the layout's consistency now, whatever ``packdit.checks`` says (memoized): see
+        :func:`packdit._validate.validate_seqs`; for code (the oracles) that checks every layout it gets."""
+        validate_seqs(self, name, always=True)
 
 
 _TENSOR_FIELDS = ("cu_seqlens", "grid", "positions", "segment_ids")

@@ -17,6 +17,7 @@ Computed from each token's (h, w), it serves images of any size and aspect; for 
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -24,9 +25,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from packdit._validate import checks_enabled
+
 __all__ = ["MODEL_SIZES", "OFFICIAL_CONFIGS", "get_1d_sincos_pos_embed", "get_2d_sincos_pos_embed",
-           "grid_pos_embed", "PatchEmbed", "TimestepEmbedder", "LabelEmbedder", "official_init",
-           "guide_first_channels"]
+           "grid_pos_embed", "check_loaded_pos_embed", "PatchEmbed", "TimestepEmbedder", "LabelEmbedder",
+           "official_init", "check_timesteps", "cfg_batch", "guide_first_channels"]
 
 MODEL_SIZES = {"XL": (28, 1152, 16), "L": (24, 1024, 16), "B": (12, 768, 12), "S": (12, 384, 6)}
 """Official model sizes: name -> (depth, hidden_size, num_heads)."""
@@ -67,6 +70,35 @@ def grid_pos_embed(embed_dim: int, grid_h: int, grid_w: int, device: torch.devic
     h = torch.arange(grid_h, device=device).repeat_interleave(grid_w)
     w = torch.arange(grid_w, device=device).repeat(grid_h)
     return get_2d_sincos_pos_embed(embed_dim, h, w)
+
+
+def check_loaded_pos_embed(module: nn.Module, state_dict: dict, prefix: str, local_metadata, strict, missing_keys,
+                           unexpected_keys, error_msgs: list[str]) -> None:
+    """``load_state_dict`` pre-hook of models that store the fixed ``pos_embed`` table for checkpoint
+    compatibility but embed each token's (h, w) with :func:`get_2d_sincos_pos_embed`: a loaded table must
+    be that fixed table (up to 2 ulp of its dtype; official checkpoints hold it in float32), or loading
+    fails, strict or not -- a learned or interpolated table would otherwise be silently ignored.
+    Register with ``module.register_load_state_dict_pre_hook(check_loaded_pos_embed)``."""
+    loaded = state_dict.get(prefix + "pos_embed")
+    if (not isinstance(loaded, Tensor) or loaded.shape != module.pos_embed.shape or loaded.is_meta
+            or not loaded.is_floating_point()):
+        return  # absent, or a shape/dtype load_state_dict itself reports
+    fixed = grid_pos_embed(loaded.shape[-1], *module.x_embedder.grid_size, loaded.device)
+    error = (loaded[0].double() - fixed).abs().max().item() if loaded.numel() else 0.0
+    tolerance = 2 * torch.finfo(loaded.dtype).eps  # |table| <= 1, so rounding to the dtype moves it <= 1 ulp
+    if error > tolerance:
+        error_msgs.append(
+            f"pos_embed: the loaded table differs from the fixed 2-D sin-cos table of the "
+            f"{module.x_embedder.grid_size} patch grid by up to {error:.3g} (more than the {tolerance:.1g} rounding "
+            f"of {loaded.dtype}); this model computes the sin-cos embedding from each token's (h, w), so a learned "
+            f"or interpolated table cannot be used")
+
+
+def check_timesteps(t) -> None:
+    """ValueError naming ``t`` unless it is a 1-D real tensor (integer steps or fractional times)."""
+    if not isinstance(t, Tensor) or t.dim() != 1 or t.dtype == torch.bool or t.is_complex():
+        got = f"{t.dtype} of shape {tuple(t.shape)}" if isinstance(t, Tensor) else repr(t)
+        raise ValueError(f"t: expected a 1-D tensor of timesteps (one per sample, frame or token), got {got}")
 
 
 # ---------------------------------------------------------------------- layers
@@ -142,6 +174,7 @@ class TimestepEmbedder(nn.Module):
         return embedding
 
     def forward(self, t: Tensor) -> Tensor:
+        check_timesteps(t)
         t_freq = self.timestep_embedding(t, self.frequency_embedding_size)
         return self.mlp(t_freq.to(self.mlp[0].weight.dtype))
 
@@ -163,13 +196,35 @@ class LabelEmbedder(nn.Module):
     def token_drop(self, labels: Tensor, force_drop_ids: Tensor | None = None) -> Tensor:
         """Replace labels by the null class ``num_classes``: where ``force_drop_ids == 1`` if given,
         else each with probability ``dropout_prob`` (one ``torch.rand`` draw per label on labels.device)."""
+        if self.embedding_table.num_embeddings <= self.num_classes:
+            raise ValueError(f"force_drop_ids / dropout_prob: dropping a label needs the null class "
+                             f"{self.num_classes}, but the label table was built without its row "
+                             f"(class_dropout_prob=0)")
         if force_drop_ids is None:
             drop_ids = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
         else:
             drop_ids = force_drop_ids == 1
         return torch.where(drop_ids, self.num_classes, labels)
 
+    def check_labels(self, labels: Tensor) -> None:
+        """ValueError naming ``y`` unless ``labels`` are int64/int32 rows of the table: ``[0, num_classes)``,
+        plus the null class ``num_classes`` when the table has its row. The range costs one device->host
+        copy, made only while ``packdit.checks`` is on (an out-of-range label on a GPU is a device-side
+        assert that names nothing)."""
+        if not isinstance(labels, Tensor) or labels.dtype not in (torch.int64, torch.int32):
+            got = labels.dtype if isinstance(labels, Tensor) else type(labels).__name__
+            raise ValueError(f"y: expected integer class labels (int64 or int32), got {got}")
+        if not labels.numel() or not checks_enabled() or torch.compiler.is_compiling():
+            return
+        low, high = torch.stack([labels.min(), labels.max()]).tolist()
+        rows = self.embedding_table.num_embeddings
+        if low < 0 or high >= rows:
+            null = (f"{self.num_classes} is the null class of classifier-free guidance" if rows > self.num_classes
+                    else "no null class: class_dropout_prob=0")
+            raise ValueError(f"y: expected class labels in [0, {rows - 1}] ({null}), got values from {low} to {high}")
+
     def forward(self, labels: Tensor, train: bool, force_drop_ids: Tensor | None = None) -> Tensor:
+        self.check_labels(labels)
         if (train and self.dropout_prob > 0) or force_drop_ids is not None:
             labels = self.token_drop(labels, force_drop_ids)
         return self.embedding_table(labels)
@@ -180,9 +235,10 @@ def official_init(model: nn.Module) -> None:
     """The official DiT init, for any model with the official submodule names (``packdit.DiT`` too).
 
     Xavier-uniform Linears (zero bias), the sin-cos ``pos_embed`` table (models that store one), the patch
-    conv xavier-uniform as the (D, C*prod(patch)) matrix, N(0, 0.02) label table (if any) and timestep MLP
-    weights, and zeros for every adaLN modulation Linear and the final Linear (adaLN-Zero). Same order of
-    random draws as upstream, so the same seed gives the same weights.
+    conv xavier-uniform as the (D, C*prod(patch)) matrix with a zero bias (upstream since its "Fix patchify
+    bias init"), N(0, 0.02) label table (if any) and timestep MLP weights, and zeros for every adaLN
+    modulation Linear and the final Linear (adaLN-Zero). Same order of random draws as upstream, so the
+    same seed gives the same weights.
     """
 
     def xavier_linear(module: nn.Module) -> None:
@@ -197,6 +253,8 @@ def official_init(model: nn.Module) -> None:
         model.pos_embed.data.copy_(table.float().unsqueeze(0))
     conv_weight = model.x_embedder.proj.weight.data
     nn.init.xavier_uniform_(conv_weight.view(conv_weight.shape[0], -1))
+    if model.x_embedder.proj.bias is not None:
+        nn.init.zeros_(model.x_embedder.proj.bias)
     if hasattr(model, "y_embedder"):
         nn.init.normal_(model.y_embedder.embedding_table.weight, std=0.02)
     nn.init.normal_(model.t_embedder.mlp[0].weight, std=0.02)
@@ -207,6 +265,16 @@ def official_init(model: nn.Module) -> None:
         nn.init.zeros_(layer.bias)
 
 
+def cfg_batch(x: Tensor) -> Tensor:
+    """The batch ``forward_with_cfg`` runs: the first half of ``x`` (2B, ...) twice, once for the conditional
+    labels and once for the null class (the official code reads only that half)."""
+    if len(x) % 2:
+        raise ValueError(f"x: forward_with_cfg expects an even batch, B conditional rows then their B "
+                         f"unconditional copies, got {len(x)} rows")
+    half = x[: len(x) // 2]
+    return torch.cat([half, half], dim=0)
+
+
 def guide_first_channels(model_out: Tensor, cfg_scale: float) -> Tensor:
     """The official CFG combination of ``model_out = [cond half; uncond half]`` (2B, C_out, ...).
 
@@ -214,6 +282,8 @@ def guide_first_channels(model_out: Tensor, cfg_scale: float) -> Tensor:
     channels pass through. Upstream guides 3 channels "for exact reproducibility" of its samples (the
     standard choice would be all ``in_channels`` noise channels); kept for output parity.
     """
+    if isinstance(cfg_scale, numbers.Real) and not math.isfinite(cfg_scale):
+        raise ValueError(f"cfg_scale: expected a finite number, got {cfg_scale!r}")  # NaN: every output NaN
     eps, rest = model_out[:, :3], model_out[:, 3:]
     cond_eps, uncond_eps = torch.split(eps, len(eps) // 2, dim=0)
     half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)

@@ -20,6 +20,7 @@ elsewhere. Both are bit-exact copies.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -32,10 +33,18 @@ from packdit.nn import functional as PF
 __all__ = ["pack", "pack_like", "unpack"]
 
 
+def _drop_rate_of(drop_rate: DropRate, grid: tuple[int, int, int]) -> float:
+    """The drop rate of a sample with patch grid ``grid``: ``drop_rate`` or, when callable, ``drop_rate(grid)``;
+    ValueError unless it is a real number in [0, 1] (a string or None is not read as one)."""
+    rate = drop_rate(grid) if callable(drop_rate) else drop_rate
+    if isinstance(rate, bool) or not isinstance(rate, numbers.Real) or not 0.0 <= rate <= 1.0:
+        source = f"drop_rate({grid})" if callable(drop_rate) else "drop_rate"
+        raise ValueError(f"{source}: expected a number in [0, 1], got {rate!r}")
+    return float(rate)
+
+
 def _drop_keep(grid, rate: float, generator) -> Tensor | None:
     n = grid[0] * grid[1] * grid[2]
-    if not 0.0 <= rate <= 1.0:
-        raise ValueError(f"drop_rate: expected a value in [0, 1], got {rate} for grid {grid}")
     keep = n - int(rate * n)
     if keep == n:
         return None
@@ -66,8 +75,7 @@ def pack(
         raise ValueError(f"latents: {num_tokens} patches in total; int32 indexing allows at most {MAX_TOKENS}")
     kept = None
     if drop_rate is not None:
-        rate = drop_rate if callable(drop_rate) else (lambda g: drop_rate)
-        kept = [_drop_keep(g, float(rate(g)), generator) for g in grids]
+        kept = [_drop_keep(g, _drop_rate_of(drop_rate, g), generator) for g in grids]
     seqs = PackedSeqs.from_grids(
         grids, kept=kept, sample_ndims=[x.dim() for x in latents], device=latents[0].device
     )

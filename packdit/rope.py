@@ -9,6 +9,9 @@ the angles are defined) both read it, so it lives below both.
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
+import operator
 
 __all__ = ["RoPE3D"]
 
@@ -21,12 +24,19 @@ class RoPE3D:
     axes_dims: tuple[int, int, int] = (16, 24, 24)
 
     def __post_init__(self):
-        dims = tuple(int(d) for d in self.axes_dims)
+        try:
+            dims = tuple(operator.index(d) for d in self.axes_dims)
+        except TypeError:  # not a sequence, or a float / string size that int() would have truncated
+            dims = ()
         if len(dims) != 3 or any(d < 0 or d % 2 for d in dims):
             raise ValueError(f"axes_dims: expected three non-negative even ints (dt, dh, dw), got {self.axes_dims}")
-        if not self.theta > 0:
-            raise ValueError(f"theta: expected a positive base, got {self.theta}")
+        # the angle of pair i is pos * theta^(-2i/d): a base <= 1 makes the frequencies grow instead of decay,
+        # and an infinite one makes the kernel's exp(-log(theta) * 2i/d) NaN at i = 0
+        theta = self.theta
+        if isinstance(theta, bool) or not isinstance(theta, numbers.Real) or not (math.isfinite(theta) and theta > 1):
+            raise ValueError(f"theta: expected a finite base > 1, got {theta!r}")
         object.__setattr__(self, "axes_dims", dims)
+        object.__setattr__(self, "theta", float(theta))
 
     @property
     def rotated_dims(self) -> int:

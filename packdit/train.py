@@ -25,6 +25,18 @@ gradient is the gradient of ``loss``, and training on 2 ranks equals training on
 their packs (up to fp32 summation order). A rank without samples at a step runs its model on one sample
 with weight 0 so that it still joins the gradient all-reduce.
 
+Sequence parallelism (``sp_sizes=(1, 2, 4, ...)``, the planner's group sizes; :mod:`packdit.distributed`). A sample
+longer than ``capacity`` runs on the smallest group of ranks that holds it (an aligned block: a group of P ranks
+starts at a rank multiple of P), next to single-rank packs in the same step. The process groups of every block
+are created once, up front (:func:`~packdit.distributed.sequence_parallel_groups`); per step each rank learns
+its group and pack from :meth:`~packdit.data.PackedSampler.groups` and runs the model over the group's process
+group (``DiT.set_sequence_parallel``): Ulysses inside the group, DDP (or FSDP2) across every rank. The ranks of a
+group compute the same loss of the same samples; each back-propagates it, times ``world / |G|``, through its
+own shard of the tokens only (the model's own group reduction off), so its gradient is its shard's part, and
+the data-parallel all-reduce over all ranks adds the parts of every group: the same gradient of ``loss`` as
+above, every sample weighing the same whichever group runs it. Only a group's first rank counts its samples
+and loss into ``|G|`` and the reported loss.
+
 Resume: :meth:`Trainer.state_dict` holds the model, optimizer, sampler position (epoch, step), the global
 RNG states, the step count and the losses; a run saved at step k and resumed continues exactly as if it
 had not stopped (the per-sample draws depend on (seed, epoch, index), the rest is restored).
@@ -35,6 +47,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Callable, Sequence
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -43,6 +56,7 @@ from torch import Tensor, nn
 from packdit import checkpoint as ckpt
 from packdit.data import PackedSampler
 from packdit.diffusion import FlowMatching, dit_adapter, full_token_counts, sample_timesteps, shift_timesteps
+from packdit.distributed import sequence_parallel_groups
 from packdit.layout import PatchSize, normalize_patch_size
 
 __all__ = ["Trainer", "StepInfo", "train", "packed_loss_sum", "sample_generator"]
@@ -125,13 +139,17 @@ class Trainer:
         device: where the model and the packs live. fsdp: with more than one rank, shard with FSDP2
             ``fully_shard`` (each of ``model.blocks``, then the whole model; parameters stay DTensors)
             instead of wrapping in DDP.
+        sp_sizes: the sequence-parallel group sizes the planner may use (default ``(1,)``: every pack on one
+            rank); a model with ``set_sequence_parallel`` (:class:`packdit.DiT`) for sizes above 1.
+            group_timeout: the collective timeout of those groups (None: torch's default for the backend);
+            a rank that stops answering then fails its group's collectives instead of hanging them.
     """
 
     def __init__(self, model: nn.Module, dataset, *, lengths: Sequence[int], capacity: int, lr: float,
                  patch_size: PatchSize = 2, hidden_size: int | None = None, window: int = 16, seed: int = 0,
                  optimizer: Callable[..., torch.optim.Optimizer] | None = None, objective: FlowMatching | None = None,
                  cfg_dropout: float = 0.0, null_label: int | None = None, device: torch.device | str = "cpu",
-                 fsdp: bool = False):
+                 fsdp: bool = False, sp_sizes: Sequence[int] = (1,), group_timeout: timedelta | None = None):
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.model, self.dataset, self.device, self.fsdp = model, dataset, torch.device(device), fsdp
@@ -152,7 +170,12 @@ class Trainer:
         if hidden_size is None:
             hidden_size = getattr(getattr(model, "config", None), "hidden_size", None)
         self.sampler = PackedSampler(lengths, capacity=capacity, ranks=self.world, rank=self.rank,
-                                     hidden_size=hidden_size, window=window, seed=seed)
+                                     hidden_size=hidden_size, window=window, seed=seed, sp_sizes=sp_sizes)
+        if self.sampler.sp_sizes[-1] > 1 and not hasattr(model, "set_sequence_parallel"):
+            raise ValueError(f"sp_sizes: groups of {self.sampler.sp_sizes[-1]} ranks need a model with "
+                             f"set_sequence_parallel (packdit.DiT), got {type(model).__name__}")
+        self._sp_groups = sequence_parallel_groups(self.sampler.sp_sizes, timeout=group_timeout)
+        self._idle_sample = min(range(len(lengths)), key=lambda i: lengths[i], default=0)  # what idle ranks run
         self.step, self.losses = 0, []
 
     # ------------------------------------------------------------------ checkpoints
@@ -187,15 +210,23 @@ class Trainer:
         self.load_state_dict(ckpt.load(path, map_location="cpu"))
 
     # ------------------------------------------------------------------ the loop
-    def train_step(self, indices: list[int]) -> StepInfo:
-        """One optimizer step on this rank's pack ``indices`` (all ranks step together)."""
+    def train_step(self, indices: list[int], group_size: int = 1) -> StepInfo:
+        """One optimizer step on this rank's pack ``indices``, run by the aligned group of ``group_size`` ranks
+        that holds this rank (all ranks step together)."""
         epoch = self.sampler.epoch
-        local = packed_loss_sum(self.model, self.dataset, indices or [0], patch_size=self.patch_size,
-                                seed=self.seed, epoch=epoch, device=self.device, forward=self.runner,
-                                objective=self.objective, cfg_dropout=self.cfg_dropout, null_label=self.null_label)
+        if group_size > 1 and indices:
+            self.model.set_sequence_parallel(self._sp_groups[group_size], reduce_gradients=False)
+        elif hasattr(self.model, "set_sequence_parallel"):  # an idle group's ranks run their dummy alone
+            self.model.set_sequence_parallel(None)
+        local = packed_loss_sum(self.model, self.dataset, indices or [self._idle_sample],
+                                patch_size=self.patch_size, seed=self.seed, epoch=epoch, device=self.device,
+                                forward=self.runner, objective=self.objective, cfg_dropout=self.cfg_dropout,
+                                null_label=self.null_label)
         if not indices:
             local = local * 0.0
-        counts = torch.stack([torch.tensor(float(len(indices)), device=self.device), local.detach().double()])
+        counted = float(self.rank % group_size == 0)  # a group's samples and loss count once, on its first rank
+        counts = torch.stack([torch.tensor(float(len(indices)) * counted, device=self.device),
+                              local.detach().double() * counted])
         if self.world > 1:
             dist.all_reduce(counts)
         num_samples, loss_sum = counts.tolist()
@@ -217,8 +248,10 @@ class Trainer:
         if self.step < steps and len(self.sampler) == 0:
             raise ValueError("lengths: the planner made no step of this dataset (is it empty?)")
         while self.step < steps:
-            for indices in self.sampler:
-                info = self.train_step(indices)
+            for group in self.sampler.groups():
+                if group.first_rank != self.rank - self.rank % group.size:
+                    raise ValueError(f"sampler: rank {self.rank} got group {group}, not an aligned block of ranks")
+                info = self.train_step(group.indices, group.size)
                 if on_step is not None:
                     on_step(info)
                 done = self.step >= steps

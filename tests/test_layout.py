@@ -158,6 +158,19 @@ def test_from_grids_rejects_bad_kept_indices():
         PackedSeqs.from_grids([(1, 2, 2), (1, 2, 2)], kept=[None, torch.tensor([0, 4])])
 
 
+def test_from_grids_refuses_grids_whose_raster_index_overflows_int32():
+    """A grid of >= 2^31 cells keeping two tokens: the raster index of the last one does not fit int32 (the
+    positions came out negative, and the layout was marked valid). Nothing of grid size is allocated."""
+    with pytest.raises(ValueError, match=r"grids\[1\]: .* 2147483648 cells"):
+        PackedSeqs.from_grids([(1, 1, 1), (2, 2**15, 2**15)], kept=[None, torch.tensor([0, 2**31 - 1])])
+    with pytest.raises(ValueError, match=r"grids\[0\]: .* 4294967296 cells"):
+        PackedSeqs.from_grids([(0, 2**32, 1)])
+    largest = PackedSeqs.from_grids([(1, 2**15, 2**16 - 1)], kept=[torch.tensor([0, 2**31 - 2**15 - 1])])
+    assert largest.positions.tolist() == [[0, 0, 0], [0, 2**15 - 1, 2**16 - 2]]
+    with pytest.raises(ValueError, match=r"grids\[0\]: expected \(T, H, W\) of non-negative ints"):
+        PackedSeqs.from_grids([(1, 2.5, 2)])  # was truncated to (1, 2, 2)
+
+
 # ---------------------------------------------------------------------- bad input
 @pytest.mark.parametrize(
     "latents, patch, exc, match",
@@ -188,8 +201,24 @@ def test_more_than_int32_tokens_is_refused_before_allocating():
 
 
 def test_drop_rate_out_of_range():
-    with pytest.raises(ValueError, match="drop_rate"):
+    with pytest.raises(ValueError, match=r"drop_rate: expected a number in \[0, 1\], got 1.5"):
         pack([torch.zeros(1, 4, 4)], 1, drop_rate=1.5)
+    with pytest.raises(ValueError, match=r"drop_rate: expected a number in \[0, 1\], got '0.5'"):
+        pack([torch.zeros(1, 4, 4)], 1, drop_rate="0.5")  # was read as 0.5
+    with pytest.raises(ValueError, match=r"drop_rate\(\(1, 4, 4\)\): expected a number in \[0, 1\], got None"):
+        pack([torch.zeros(1, 4, 4)], 1, drop_rate=lambda grid: None)
+    with pytest.raises(ValueError, match=r"drop_rate\(\(1, 4, 4\)\): expected a number in \[0, 1\], got '0.2'"):
+        pack([torch.zeros(1, 4, 4)], 1, drop_rate=lambda grid: "0.2")
+
+
+def test_from_grids_refuses_kept_indices_it_would_truncate_or_flatten():
+    with pytest.raises(ValueError, match=r"kept\[0\]: expected a 1-D integer tensor of raster indices, got "
+                                         r"torch.float32 of shape \(2,\)"):
+        PackedSeqs.from_grids([(1, 2, 2)], kept=[torch.tensor([0.0, 2.5])])  # 2.5 was truncated to 2
+    with pytest.raises(ValueError, match=r"kept\[0\]: .* of shape \(1, 2\)"):
+        PackedSeqs.from_grids([(1, 2, 2)], kept=[torch.tensor([[0, 2]])])
+    assert PackedSeqs.from_grids([(1, 2, 2)], kept=[[0, 2]]).positions.tolist() == [[0, 0, 0], [0, 1, 0]]
+    assert PackedSeqs.from_grids([(1, 2, 2)], kept=[[]]).seqlens == (0,)
 
 
 def test_unpack_shape_errors():

@@ -2,6 +2,7 @@
 
 import dataclasses
 
+import official_dit
 import pytest
 import torch
 from helpers import assert_close, randomize_
@@ -257,6 +258,8 @@ def test_named_configs_are_the_registry():
     (dict(hidden_size=33), "not divisible"),
     (dict(patch_size=(1, 2, 2, 2)), "patch_size"),
     (dict(attention="diagonal"), "attention: expected one of"),
+    (dict(hidden_size=34), r"hidden_size: pos_embed='sincos2d' needs a multiple of 4 .*, got 34"),
+    (dict(attention="spatial_temporal", patch_size=2), r"attention: 'spatial_temporal' .* 2-D patch_size 2"),
 ], ids=lambda x: x if isinstance(x, str) else "")
 def test_config_refuses_options_it_would_ignore(options, match):
     with pytest.raises(ValueError, match=match):
@@ -266,3 +269,113 @@ def test_config_refuses_options_it_would_ignore(options, match):
 def test_only_sincos2d_stores_a_pos_embed_table():
     for pos_embed, stored in (("sincos2d", True), ("factorized", False), ("rope3d", False)):
         assert ("pos_embed" in DiT(**VIDEO, pos_embed=pos_embed).state_dict()) == stored, pos_embed
+
+
+# ---------------------------------------------------------------------- what the configuration cannot honour
+def test_an_image_model_refuses_videos():
+    """2-D patches embed no time: a video's frames would silently share every position embedding."""
+    model = DiT(**TINY, backend="torch").eval()
+    t, y = torch.tensor([1.0, 2.0]), torch.tensor([1, 2])
+    with pytest.raises(ValueError, match=r"seqs: sample 1 has T=2 patch frames, but this DiT has the 2-D "
+                                         r"patch_size 2 of an image model"):
+        model([torch.randn(4, 4, 4), torch.randn(4, 2, 4, 4)], t, y)
+    with pytest.raises(ValueError, match="T=3 patch frames"):
+        model(torch.randn(2, 4, 3, 4, 4), t, y)
+    single_frame = model([torch.randn(4, 1, 4, 4)], t[:1], y[:1])  # one frame is an image
+    assert single_frame[0].shape == (8, 1, 4, 4)
+
+
+def test_conditioning_the_configuration_has_no_use_for_is_refused():
+    latents, t = [torch.randn(4, 2, 4)], torch.tensor([3.0])
+    by_class = DiT(**VIDEO, backend="torch")
+    with pytest.raises(ValueError, match=r"context: given, but this DiT is class-conditioned \(cond='class'\)"):
+        by_class(latents, t, torch.tensor([1]), context=[torch.randn(3, 12)])
+    by_text = DiT(**VIDEO, cond="text", text_dim=12, backend="torch")
+    with pytest.raises(ValueError, match=r"y: given, but this DiT is text-conditioned \(cond='text'\)"):
+        by_text(latents, t, torch.tensor([1]), context=[torch.randn(3, 12)])
+
+
+@pytest.mark.parametrize("model_class", [DiT, reference.DiT])
+def test_a_loaded_pos_embed_must_be_the_fixed_table_the_model_computes(model_class):
+    """The position embedding is computed from token positions, so a learned or interpolated table in a
+    checkpoint would be ignored: loading refuses it, strict or not. Official checkpoints (the numpy table),
+    and the table rounded to half precision, load."""
+    model = model_class(**TINY)
+    official = official_dit.DiT(**TINY).state_dict()
+    model.load_state_dict(official, strict=True)
+    for dtype in (torch.float16, torch.bfloat16):
+        model.load_state_dict({**official, "pos_embed": official["pos_embed"].to(dtype)})
+    altered = {**official, "pos_embed": official["pos_embed"] * 1.01}
+    for strict in (True, False):
+        with pytest.raises(RuntimeError, match=r"pos_embed: the loaded table differs from the fixed 2-D sin-cos "
+                                               r"table .* by up to 0.01"):
+            model.load_state_dict(altered, strict=strict)
+
+
+# ---------------------------------------------------------------------- errors that name the argument
+@pytest.mark.parametrize("model_class", [DiT, reference.DiT], ids=["packdit", "reference"])
+def test_class_labels_are_checked_before_the_embedding(model_class):
+    """On a GPU an out-of-range label is a device-side assert; it is refused on the host while checks are on."""
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([1.0, 2.0])
+    model = model_class(**TINY).eval()  # 10 classes and, with class_dropout_prob 0.1, the null class 10
+    model(x, t, torch.tensor([3, 10]))
+    with pytest.raises(ValueError, match=r"y: expected class labels in \[0, 10\] \(10 is the null class of "
+                                         r"classifier-free guidance\), got values from -1 to 3"):
+        model(x, t, torch.tensor([3, -1]))
+    without_null = model_class(**{**TINY, "class_dropout_prob": 0.0}).eval()
+    with pytest.raises(ValueError, match=r"y: expected class labels in \[0, 9\] \(no null class: "
+                                         r"class_dropout_prob=0\), got values from 3 to 10"):
+        without_null(x, t, torch.tensor([3, 10]))
+    with pytest.raises(ValueError, match=r"force_drop_ids / dropout_prob: dropping a label needs the null class 10"):
+        without_null.y_embedder(torch.tensor([3]), False, force_drop_ids=torch.tensor([1]))
+    with pytest.raises(ValueError, match=r"y: expected integer class labels \(int64 or int32\), got torch.float32"):
+        model(x, t, torch.tensor([3.0, 1.0]))
+    with packdit.checks(False), pytest.raises(IndexError):  # unchecked: no host read of the labels
+        model(x, t, torch.tensor([3, 11]))
+
+
+@pytest.mark.parametrize("model_class", [DiT, reference.DiT], ids=["packdit", "reference"])
+def test_timesteps_and_guidance_arguments_are_named(model_class):
+    model = model_class(**TINY).eval()
+    x, y = torch.randn(2, 4, 8, 8), torch.tensor([1, 2])
+    with pytest.raises(ValueError, match=r"t: expected a 1-D tensor of timesteps .*, got 0.5"):
+        model(x, 0.5, y)
+    with pytest.raises(ValueError, match=r"x: forward_with_cfg expects an even batch.* got 3 rows"):
+        model.forward_with_cfg(torch.randn(3, 4, 8, 8), torch.ones(3), torch.tensor([1, 2, 10]), 4.0)
+    with pytest.raises(ValueError, match=r"cfg_scale: expected a finite number, got nan"):
+        model.forward_with_cfg(torch.randn(2, 4, 8, 8), torch.ones(2), torch.tensor([1, 10]), float("nan"))
+
+
+def test_text_context_errors_name_the_argument():
+    model = DiT(**VIDEO, cond="text", text_dim=12, backend="torch").eval()
+    latents, t = [torch.randn(4, 2, 4), torch.randn(4, 2, 2)], torch.tensor([3.0, 4.0])
+    packed_ctx, ctx_seqs = torch.randn(5, 12), packdit.PackedSeqs.from_grids([(1, 1, 2), (1, 1, 3)])
+    for context, match in [
+        ([], r"context: expected 2 text sequences \(L_b, text_dim=12\), one per sample, got 0"),
+        ([torch.randn(3, 12)], r"context: expected 2 text sequences .* got 1"),
+        (torch.randn(2, 3, 12), r"context: expected a list of 2 \(L_b, text_dim=12\) tensors or a packed"),
+        ([torch.randn(3, 12), torch.randn(3)], r"context\[1\]: expected \(L_b, text_dim=12\), got \(3,\)"),
+        ([torch.randn(3, 12), torch.randn(3, 10)], r"context\[1\]: expected \(L_b, text_dim=12\), got \(3, 10\)"),
+        ((packed_ctx[:, :10], ctx_seqs), r"context\[0\]: expected \(5, 12\) text tokens of context\[1\], got "
+                                         r"\(5, 10\)"),
+        ((packed_ctx, packdit.PackedSeqs.from_grids([(1, 1, 5)])), r"context\[1\]: expected a layout of 2 text "
+                                                                    r"sequences, one per sample, got 1"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            model(latents, t, context=context)
+    model(latents, t, context=(packed_ctx, ctx_seqs))
+
+
+@pytest.mark.parametrize("options, match", [
+    (dict(cond="text", text_dim=-3), r"text_dim: expected a positive int for cond='text' .*, got -3"),
+    (dict(cond="text", text_dim=12.5), r"text_dim: expected a positive int for cond='text' .*, got 12.5"),
+    (dict(depth=2.5), r"depth: expected a non-negative int, got 2.5"),
+    (dict(hidden_size=32.0), r"hidden_size: expected a positive int, got 32.0"),
+    (dict(num_classes=0), r"num_classes: expected a positive int, got 0"),
+    (dict(class_dropout_prob=1.5), r"class_dropout_prob: expected a probability in \[0, 1\], got 1.5"),
+    (dict(class_dropout_prob=float("nan")), r"class_dropout_prob: expected a probability in \[0, 1\], got nan"),
+    (dict(mlp_ratio=0), r"mlp_ratio: expected a finite number > 0, got 0"),
+], ids=lambda x: x if isinstance(x, str) else "")
+def test_config_names_ill_typed_fields(options, match):
+    with pytest.raises(ValueError, match=match):
+        DiTConfig(**{**VIDEO, **options})

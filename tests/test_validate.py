@@ -15,11 +15,11 @@ from packdit._validate import validate_cu_seqlens, validate_seqs
 
 def _seqs():
     _, seqs = packdit.pack([torch.zeros(2, 2, 4, 4), torch.zeros(2, 2, 2), torch.zeros(2, 1, 2, 6)], (1, 2, 2))
-    return dataclasses.replace(seqs, _cache={})  # forget "valid by construction"
+    return dataclasses.replace(seqs)  # a copy with an empty cache: not "valid by construction"
 
 
 def _broken(**fields):
-    return dataclasses.replace(_seqs(), _cache={}, **fields)
+    return dataclasses.replace(_seqs(), **fields)
 
 
 @pytest.mark.parametrize(
@@ -31,7 +31,9 @@ def _broken(**fields):
         (dict(cu_seqlens=torch.tensor([0, 8, 9, 12])), r"seqs.cu_seqlens: expected dtype int32"),
         (dict(cu_seqlens=torch.tensor([0, 7, 9, 12], dtype=torch.int32), max_seqlen=7),
          r"segment 0 has 7 tokens but its grid"),
-        (dict(max_seqlen=5), r"max_seqlen: expected 8"),
+        (dict(max_seqlen=5), r"max_seqlen: expected the int 8"),
+        (dict(max_seqlen=8.0), r"max_seqlen: expected the int 8 \(the longest segment\), got 8.0"),
+        (dict(sample_ndims=(4, 3)), r"sample_ndims: expected \(\) or 3 entries"),
         (dict(grid=torch.tensor([[2, 2, 2], [1, 1, 1]], dtype=torch.int32)), r"grid: expected shape \(3, 3\)"),
         (dict(segment_ids=torch.tensor([0] * 9 + [2] * 3, dtype=torch.int32)), r"token 8 says segment 0"),
     ],
@@ -39,6 +41,11 @@ def _broken(**fields):
 def test_bad_layouts_are_named(fields, match):
     with pytest.raises(ValueError, match=match):
         validate_seqs(_broken(**fields))
+
+
+def test_a_layout_field_that_is_not_a_tensor():
+    with pytest.raises(TypeError, match=r"seqs.segment_ids: expected an int32 tensor, got list"):
+        validate_seqs(_broken(segment_ids=[0] * 12))
 
 
 def test_positions_outside_grid():
@@ -52,7 +59,7 @@ def test_positions_outside_grid():
 
 def test_unpack_refuses_a_layout_that_would_mix_samples():
     tokens, seqs = packdit.pack([torch.randn(2, 4, 4), torch.randn(2, 2, 2)], 2)
-    shifted = dataclasses.replace(seqs, cu_seqlens=torch.tensor([0, 3, 5], dtype=torch.int32), max_seqlen=3, _cache={})
+    shifted = dataclasses.replace(seqs, cu_seqlens=torch.tensor([0, 3, 5], dtype=torch.int32), max_seqlen=3)
     with pytest.raises(ValueError, match="segment"):
         packdit.unpack(tokens, shifted, 2)
 
@@ -149,3 +156,33 @@ def test_use_deterministic_flag():
         assert deterministic_enabled()
     finally:
         torch.use_deterministic_algorithms(False)
+
+
+def test_a_grid_whose_raster_index_overflows_int32_is_refused():
+    """Two kept tokens of a (2, 2^15, 2^15) grid: 2^31 cells, so raster indices overflow int32."""
+    seqs = packdit.PackedSeqs(
+        cu_seqlens=torch.tensor([0, 2], dtype=torch.int32), max_seqlen=2,
+        grid=torch.tensor([[2, 2**15, 2**15]], dtype=torch.int32),
+        positions=torch.tensor([[0, 0, 0], [1, 2**15 - 1, 2**15 - 1]], dtype=torch.int32),
+        segment_ids=torch.zeros(2, dtype=torch.int32), dropped=True)
+    with pytest.raises(ValueError, match=r"seqs.grid\[0\]: .* 2147483648 cells"):
+        validate_seqs(seqs)
+
+
+@pytest.mark.parametrize("theta", [float("inf"), float("nan"), 1.0, 0.5, -2.0, "10000", True])
+def test_rope_refuses_a_base_whose_frequencies_are_not_finite_and_decreasing(theta):
+    """theta = inf passed and made the kernel's angles NaN (log(inf) * 0) while the reference stayed finite."""
+    with pytest.raises(ValueError, match=r"theta: expected a finite base > 1"):
+        packdit.RoPE3D(theta=theta)
+
+
+@pytest.mark.parametrize("axes_dims, match", [
+    ((16, 24.5, 24), r"axes_dims: expected three non-negative even ints"),  # was truncated to 24
+    ((16, 24), r"axes_dims: expected three"),
+    (24, r"axes_dims: expected three"),
+    ((2, 3, 4), r"axes_dims: expected three non-negative even ints"),
+])
+def test_rope_refuses_axes_it_would_truncate_or_cannot_rotate(axes_dims, match):
+    with pytest.raises(ValueError, match=match):
+        packdit.RoPE3D(axes_dims=axes_dims)
+    assert packdit.RoPE3D(theta=500, axes_dims=(2, 4, 4)).axes_dims == (2, 4, 4)

@@ -30,6 +30,7 @@ from typing import Union
 import torch
 from torch import Tensor
 
+from packdit._validate import validate_seqs
 from packdit.diffusion.packed import (
     ModelFn,
     check_finite,
@@ -106,6 +107,7 @@ def shift_timesteps(
 
 def full_token_counts(seqs: PackedSeqs) -> Tensor:
     """``(B,)`` int64 ``T*H*W`` of each sample's patch grid: its resolution, whether or not tokens were dropped."""
+    validate_seqs(seqs)
     return seqs.grid.long().prod(dim=1)
 
 
@@ -116,6 +118,7 @@ def frame_timesteps(t_frames: Sequence[Tensor], seqs: PackedSeqs) -> Tensor:
     conditioning frame has t = 0). Token i gets the t of its own frame ``positions[i, 0]``, so dropped
     layouts work too.
     """
+    validate_seqs(seqs)
     frames = seqs.grid[:, 0].long()
     for b, (tf, n) in enumerate(zip(t_frames, frames.tolist())):
         if tf.shape != (n,):

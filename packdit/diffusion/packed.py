@@ -23,6 +23,7 @@ from typing import Union
 import torch
 from torch import Tensor
 
+from packdit._validate import validate_seqs
 from packdit.layout import PackedSeqs, normalize_patch_size
 from packdit.nn.pool import segment_pool
 
@@ -129,6 +130,7 @@ def classifier_free_guidance(
     def guided(x_tokens: Tensor, seqs: PackedSeqs, t: Tensor, y: Tensor | None) -> Tensor:
         if y is None:
             raise ValueError("y: classifier-free guidance needs class labels")
+        validate_seqs(seqs)  # the doubled layout is built from it
         doubled = seqs.cached("cfg_doubled", lambda: _doubled_layout(seqs))
         y_both = torch.cat([y, torch.full_like(y, null_label)])
         out = model_fn(torch.cat([x_tokens, x_tokens]), doubled, torch.cat([t, t]), y_both)

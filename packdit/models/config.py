@@ -5,13 +5,17 @@ The first ten fields are the official DiT constructor's, in its positional order
 ``DiT(32, 2, 4, 1152, 28, 16, 4.0, 0.1, 1000, True)`` still works; the rest are keyword-only video and
 NaViT options whose defaults keep official compatibility. ``__post_init__`` refuses a combination in
 which an option would be silently ignored (``max_grid`` or ``fractional_positions`` without
-``pos_embed="factorized"``, ``rope`` without ``"rope3d"``, ``text_dim`` with class conditioning) instead
-of building a model that does not do what was asked.
+``pos_embed="factorized"``, ``rope`` without ``"rope3d"``, ``text_dim`` with class conditioning,
+spatial-temporal attention in an image model) or could not be built, instead of building a model that
+does not do what was asked. What a call gives that the configuration cannot honour (a video for an image
+model, labels for a text model, a context for a class model) is refused by the forward.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 
 from packdit.layout import normalize_patch_size
 from packdit.official import OFFICIAL_CONFIGS
@@ -30,6 +34,10 @@ def default_rope(head_dim: int, theta: float = 10000.0) -> RoPE3D:
     """3/8 of the head dim each to h and w, the rest to t (72 -> (20, 26, 26), 128 -> (32, 48, 48))."""
     hw = 2 * (head_dim * 3 // 16)
     return RoPE3D(theta=theta, axes_dims=(head_dim - 2 * hw, hw, hw))
+
+
+def _finite_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,11 +79,16 @@ class DiTConfig:
         normalize_patch_size(self.patch_size)
         if self.max_grid is not None:
             object.__setattr__(self, "max_grid", tuple(self.max_grid))
-        for name in ("input_size", "in_channels", "hidden_size", "num_heads"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name}: expected a positive int, got {getattr(self, name)}")
-        if self.depth < 0:
-            raise ValueError(f"depth: expected a non-negative int, got {self.depth}")
+        for name, minimum in (("input_size", 1), ("in_channels", 1), ("hidden_size", 1), ("num_heads", 1),
+                              ("num_classes", 1), ("depth", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+                kind = "positive" if minimum else "non-negative"
+                raise ValueError(f"{name}: expected a {kind} int, got {value!r}")
+        if not _finite_real(self.mlp_ratio) or self.mlp_ratio <= 0:
+            raise ValueError(f"mlp_ratio: expected a finite number > 0, got {self.mlp_ratio!r}")
+        if not _finite_real(self.class_dropout_prob) or not 0 <= self.class_dropout_prob <= 1:
+            raise ValueError(f"class_dropout_prob: expected a probability in [0, 1], got {self.class_dropout_prob!r}")
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         for name, allowed in (("pos_embed", POS_EMBEDS), ("attention", ATTENTIONS), ("cond", CONDS)):
@@ -84,8 +97,10 @@ class DiTConfig:
         if self.backend is not None and self.backend not in MODEL_BACKENDS:
             raise ValueError(f"backend: expected one of {MODEL_BACKENDS} or None (chosen per call), "
                              f"got {self.backend!r}")
-        if self.cond == "text" and not self.text_dim:
-            raise ValueError("text_dim: cond='text' needs the width of the text embeddings")
+        if self.cond == "text" and (isinstance(self.text_dim, bool) or not isinstance(self.text_dim, numbers.Integral)
+                                    or self.text_dim < 1):
+            raise ValueError(f"text_dim: expected a positive int for cond='text' (the width of the text "
+                             f"embeddings), got {self.text_dim!r}")
         if self.cond == "class" and self.text_dim is not None:
             raise ValueError(f"text_dim: given ({self.text_dim}), but cond='class' has no text; use cond='text'")
         if self.rope is not None and self.pos_embed != "rope3d":
@@ -98,6 +113,13 @@ class DiTConfig:
                                      f"got pos_embed={self.pos_embed!r}")
         if self.max_grid is not None and (len(self.max_grid) != 3 or min(self.max_grid) < 1):
             raise ValueError(f"max_grid: expected three positive ints (T, H, W), got {self.max_grid}")
+        if self.pos_embed == "sincos2d" and self.hidden_size % 4:
+            raise ValueError(f"hidden_size: pos_embed='sincos2d' needs a multiple of 4 (sin and cos of h and w), "
+                             f"got {self.hidden_size}")
+        if self.attention == "spatial_temporal" and self.image_only:
+            raise ValueError(f"attention: 'spatial_temporal' attends across frames, but the 2-D patch_size "
+                             f"{self.patch_size} makes an image model, which takes no videos; use "
+                             f"patch_size=(pt, ph, pw)")
         if self.pos_embed == "rope3d":
             self.resolved_rope.check_head_dim(self.head_dim)
 

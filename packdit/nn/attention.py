@@ -77,13 +77,21 @@ class PackedAttention(nn.Module):
         self.k_norm = _QKNorm(self.head_dim) if qk_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: Tensor, seqs: PackedSeqs) -> Tensor:
+    def forward(self, x: Tensor, seqs: PackedSeqs, heads=None) -> Tensor:
+        """x (N, dim) -> (N, dim). Sequence parallelism: with ``heads`` (a
+        :class:`packdit.distributed.SequenceShard`), x holds the shard's tokens of ``seqs``; ``heads.to_heads``
+        trades q, k, v for all tokens of the rank's heads before the attention, ``heads.to_tokens`` trades back."""
         d, hq, hk = self.head_dim, self.num_heads, self.num_kv_heads
         q, k, v = self.qkv(x).split([hq * d, hk * d, hk * d], dim=-1)
         q = self.q_norm(q.unflatten(-1, (hq, d)))
         k = self.k_norm(k.unflatten(-1, (hk, d)))
-        out = PF.varlen_attention(q, k, v.unflatten(-1, (hk, d)), seqs.cu_seqlens, seqs.max_seqlen,
-                           mode=self.mode, seqs=seqs, rope=self.rope, backend=self.backend)
+        v = v.unflatten(-1, (hk, d))
+        if heads is not None:
+            q, k, v = heads.to_heads(q, k, v)
+        out = PF.varlen_attention(q, k, v, seqs.cu_seqlens, seqs.max_seqlen, mode=self.mode, seqs=seqs,
+                                  rope=self.rope, backend=self.backend)
+        if heads is not None:
+            out = heads.to_tokens(out)
         return self.proj(out.flatten(1))
 
 

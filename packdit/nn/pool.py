@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from packdit._validate import validate_seqs
 from packdit.layout import PackedSeqs
 from packdit.nn import functional as PF
 
@@ -23,6 +24,7 @@ def segment_pool(x: Tensor, seqs: PackedSeqs, mode: str = "mean") -> Tensor:
     """``x (N, D)`` -> ``(B, D)``: the mean (``mode="mean"``) or sum (``"sum"``) of each sample's tokens."""
     if mode not in ("mean", "sum"):
         raise ValueError(f"mode: expected 'mean' or 'sum', got {mode!r}")
+    validate_seqs(seqs)
     if x.dim() != 2 or x.shape[0] != seqs.num_tokens:
         raise ValueError(f"x: expected ({seqs.num_tokens}, D) tokens of seqs, got {tuple(x.shape)}")
     lengths = seqs.lengths
@@ -50,6 +52,7 @@ class AttentionPool(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: Tensor, seqs: PackedSeqs) -> Tensor:
+        validate_seqs(seqs)
         b, (n, dim) = len(seqs), x.shape
         heads, head_dim = self.num_heads, dim // self.num_heads
         k, v = self.kv(x).view(n, 2, heads, head_dim).unbind(1)

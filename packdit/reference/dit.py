@@ -51,6 +51,8 @@ from packdit.official import (
     LabelEmbedder,
     PatchEmbed,
     TimestepEmbedder,
+    cfg_batch,
+    check_loaded_pos_embed,
     get_2d_sincos_pos_embed,
     grid_pos_embed,
     guide_first_channels,
@@ -185,6 +187,7 @@ class DiT(nn.Module):
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
         self.pos_embed = nn.Parameter(torch.zeros(1, self.x_embedder.num_patches, hidden_size), requires_grad=False)
+        self.register_load_state_dict_pre_hook(check_loaded_pos_embed)
         self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio=mlp_ratio) for _ in range(depth)])
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self.initialize_weights()
@@ -252,8 +255,7 @@ class DiT(nn.Module):
         ``in_channels`` noise channels). Channels 3: (the 4th latent noise channel and the variance
         channels) are returned unguided, each half from its own labels.
         """
-        half = x[: len(x) // 2]
-        return guide_first_channels(self.forward(torch.cat([half, half], dim=0), t, y), cfg_scale)
+        return guide_first_channels(self.forward(cfg_batch(x), t, y), cfg_scale)
 
     # ------------------------------------------------------------------ packed path
     def forward_packed(self, tokens: Tensor, seqs: PackedSeqs, t: Tensor, y: Tensor) -> Tensor:
@@ -262,8 +264,10 @@ class DiT(nn.Module):
         ``tokens, seqs = packdit.pack(latents, patch_size=(1, p, p))``; the output token of each patch is
         ordered (p, p, C_out), so ``unpack(out, seqs, (1, p, p), channels_last=True)`` gives the images.
         Token positions come from ``seqs.positions`` (so dropped-token layouts work too: every kept token
-        keeps its true (h, w)); attention stays inside each sample.
+        keeps its true (h, w)); attention stays inside each sample. The layout is checked whatever
+        ``packdit.checks`` says (``seqs.validate()``, once per layout object), as an oracle should.
         """
+        seqs.validate()
         p = self.patch_size
         width = self.in_channels * p * p
         if tokens.dim() != 2 or tokens.shape[1] != width:
