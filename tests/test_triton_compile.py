@@ -166,11 +166,12 @@ def modulated_norm_configs(dtype: str, width: int, rms: bool, affine: bool, arch
                  chunk_tiles_ptr="*i32")
     partials = {name: "*fp32" for name in ("partial_shift_ptr", "partial_scale_ptr", "partial_weight_ptr",
                                             "partial_bias_ptr")}
-    absent_partials = {} if affine else dict(partial_weight_ptr=None, partial_bias_ptr=None)
     for kernel, backward in (("_modulated_norm_fwd", False), ("_modulated_norm_bwd", True)):
         blocks = _triton_utils.row_blocks(width, backward, affine)
         flags = dict(D=width, IS_RMS=rms, HAS_WEIGHT=affine, HAS_BIAS=affine, BLOCK_M=blocks.block_m,
                      CHUNK=blocks.chunk_d, NUM_CHUNKS=blocks.num_chunks)
+        # Only the backward writes weight/bias partials.
+        absent_partials = dict(partial_weight_ptr=None, partial_bias_ptr=None) if backward and not affine else {}
         yield _pointer_case("packdit.ops.modulate", kernel, dtype, dict(flags, **absent, **absent_partials), arch,
                             dict(stats, **partials), float_args=("eps",), num_warps=blocks.num_warps)
 
