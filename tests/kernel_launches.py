@@ -161,7 +161,7 @@ def _run_attention(width: int, heads: int, kv_heads, qk_norm: bool, mode: str, l
                    extra_tokens: int, **_) -> None:
     import torch
 
-    from packdit.models.dit import default_rope
+    from packdit.models.config import default_rope
     from packdit.nn.attention import PackedAttention
 
     module = PackedAttention(width, heads, num_kv_heads=kv_heads, qk_norm=qk_norm, mode=mode, backend="triton",

@@ -44,7 +44,7 @@ ATTENTION_HEAD_DIMS = (64, 72, 128, 256)
 # RoPE axes (dt, dh, dw) rotating every dimension of each head dim.
 # RoPE axes (dt, dh, dw) rotating every dimension of each head dim.
 ROPE_AXES = {64: (16, 24, 24), 72: (24, 24, 24), 128: (32, 48, 48), 256: (64, 96, 96)}
-ROW_WIDTHS = (64, 1152, 4096)  # model widths of the row kernels: BLOCK_D 64, 2048 and 4096
+ROW_WIDTHS = (64, 1152, 4096)  # model widths of the row kernels: one 64-column chunk, 9 x 128, 8 x 512
 DEFAULT_OPTIONS = {"num_warps": 4, "num_stages": 3}  # Triton's CUDA defaults, for launches that pass neither
 ITEMSIZE = {"bf16": 2, "fp16": 2, "fp32": 4}
 
@@ -187,24 +187,27 @@ def _pointer_case(module: str, kernel: str, dtype: str, constexprs: dict, arch: 
 
 
 def modulated_norm_configs(dtype: str, width: int, rms: bool, affine: bool, arch: int):
-    blocks = _triton_utils.row_blocks(width)
-    flags = dict(IS_RMS=rms, HAS_WEIGHT=affine, HAS_BIAS=affine, BLOCK_M=blocks.block_m, BLOCK_D=blocks.block_d)
     absent = {} if affine else dict(weight_ptr=None, bias_ptr=None)
-    stats = dict(mean_ptr="*fp32", rstd_ptr="*fp32", index_ptr="*i32", order_ptr="*i32", tiles_ptr="*i32")
-    yield _pointer_case("packdit.ops.modulate", "_modulated_norm_fwd", dtype, dict(flags, **absent), arch, stats,
-                        float_args=("eps",), num_warps=blocks.num_warps)
+    stats = dict(mean_ptr="*fp32", rstd_ptr="*fp32", index_ptr="*i32", order_ptr="*i32", tiles_ptr="*i32",
+                 chunk_tiles_ptr="*i32")
     partials = {name: "*fp32" for name in ("partial_shift_ptr", "partial_scale_ptr", "partial_weight_ptr",
                                             "partial_bias_ptr")}
-    absent_partials = {} if affine else dict(partial_weight_ptr=None, partial_bias_ptr=None)
-    yield _pointer_case("packdit.ops.modulate", "_modulated_norm_bwd", dtype, dict(flags, **absent, **absent_partials),
-                        arch, dict(stats, **partials), num_warps=blocks.num_warps)
+    for kernel, backward in (("_modulated_norm_fwd", False), ("_modulated_norm_bwd", True)):
+        blocks = _triton_utils.row_blocks(width, backward, affine)
+        flags = dict(D=width, IS_RMS=rms, HAS_WEIGHT=affine, HAS_BIAS=affine, BLOCK_M=blocks.block_m,
+                     CHUNK=blocks.chunk_d, NUM_CHUNKS=blocks.num_chunks)
+        # Only the backward writes weight/bias partials.
+        absent_partials = dict(partial_weight_ptr=None, partial_bias_ptr=None) if backward and not affine else {}
+        yield _pointer_case("packdit.ops.modulate", kernel, dtype, dict(flags, **absent, **absent_partials), arch,
+                            dict(stats, **partials), float_args=("eps",), num_warps=blocks.num_warps)
 
 
 def gated_residual_configs(dtype: str, arch: int):
     blocks = dict(BLOCK_M=gated_residual._BLOCK_M, BLOCK_D=gated_residual._BLOCK_D)
-    rows = dict(index_ptr="*i32", order_ptr="*i32", tiles_ptr="*i32", partial_ptr="*fp32")
-    for kernel in ("_gated_residual_fwd", "_gated_residual_bwd"):
-        yield _pointer_case("packdit.ops.gated_residual", kernel, dtype, blocks, arch, rows)
+    rows = dict(index_ptr="*i32", order_ptr="*i32", tiles_ptr="*i32", chunk_tiles_ptr="*i32", partial_ptr="*fp32")
+    yield _pointer_case("packdit.ops.gated_residual", "_gated_residual_fwd", dtype, blocks, arch, rows)
+    yield _pointer_case("packdit.ops.gated_residual", "_gated_residual_bwd", dtype,
+                        dict(blocks, STAGES=gated_residual._STAGES), arch, rows)
 
 
 def segment_sum_configs(arch: int):
@@ -221,7 +224,9 @@ def linear_configs(dtype: str, epilogue: int, has_bias: bool, arch: int):
     """Autotuning configurations of the GEMM for one epilogue (launch arguments of ``mlp._linear``)."""
     key = ("linear", dtype, epilogue, has_bias, arch)
     gated = epilogue == mlp._EPILOGUE_GATED
-    absent = {} if gated else dict(res_ptr=None, gate_ptr=None, index_ptr=None)
+    absent = {} if gated else dict(src_ptr=None, gate_ptr=None, index_ptr=None)
+    if epilogue == mlp._EPILOGUE_BIAS:
+        absent["aux_ptr"] = None
     if not has_bias:
         absent["bias_ptr"] = None
     flags = dict(EPILOGUE=epilogue, HAS_BIAS=has_bias, IEEE=dtype == "fp32")

@@ -44,6 +44,9 @@ _RUNNABLE_CHECKS = (
     # the dispatcher's availability table: explicit backend="triton" requests reach the launchers
     ("packdit.nn.functional", "_UNSUPPORTED",
      {"triton": lambda device: None, "cuda": lambda device: "the capture records Triton launches only"}),
+    # The GEMM's TMA kernel is what runs on sm_90, the budgets' target (sm_80 rows then show it lowered to
+    # pointer loads, which sm_80 does not run: it takes the pointer kernel).
+    ("packdit.ops._triton_utils", "tma_capable", lambda device: True),
 )
 # Compile options a launch may pass besides num_warps / num_stages (``triton.Config.all_kwargs``), and defaults.
 _OTHER_OPTION_DEFAULTS = {"num_ctas": 1, "maxnreg": None}
@@ -303,6 +306,8 @@ class _Recorder:
         group = (f"{base.__module__}:{base.__name__}", *key)
         for index, config in enumerate(configs):
             self.autotune = (group, index, len(configs))
+            if config.pre_hook is not None:  # e.g. the block shapes of tensor descriptors, as Autotuner.run does
+                config.pre_hook({**dict(zip(tuner.arg_names, args)), **kwargs, **config.all_kwargs()})
             try:
                 tuner.fn.run(*args, **kwargs, **config.all_kwargs())
             finally:
