@@ -2,62 +2,107 @@
 forward + backward.
 
 GPU: bf16, D in {1152, 3072}, hidden 4D, N in {16k, 64k} tokens in 64 segments; packdit's ``fused_mlp``
-(Triton GEMMs with bias+GELU / gated-residual epilogues, cuBLAS backward GEMMs) vs eager PyTorch
-(``mlp_reference``) and ``torch.compile`` of it. TFLOP/s counts the 6 GEMMs: 12 N*D*H FLOPs.
-CPU (quick): the eager PyTorch path on tiny shapes only, no performance claims.
+(persistent TMA GEMMs with bias+GELU / gated-residual epilogues, the GELU gradient fused into the dgrad GEMM,
+cuBLAS weight-gradient GEMMs) vs eager PyTorch (``mlp_reference``) and ``torch.compile`` of it. Before timing,
+each implementation's output and its gradients of h, both weights and biases, x and gate are checked against
+the reference in fp32 with the 2x rule against the reference in bf16 (``common.verify_outputs``); one that
+disagrees is refused, not timed. TFLOP/s counts the 6 GEMMs: 12 N*D*H FLOPs; ``vs_compile`` / ``vs_eager``
+are packdit's speed-ups (goal: >= 1.0 and >= 1.1).
+CPU (quick): the eager path on a tiny fp32 shape, no performance claims; under ``TRITON_INTERPRET=1`` (the
+test suite) packdit's kernels are verified on one tiny case and not timed.
 """
 
 from __future__ import annotations
 
 import torch
 from common import Context, measure, print_table
-from norm import fwd_bwd, segment_index
+from norm import Provider, interpreting, segment_index, verified
 
 from packdit.ops.mlp import fused_mlp
 from packdit.reference.mlp import mlp_reference
 
 SEGMENTS = 64
+GRAD_NAMES = ["out", "dh", "dfc1_weight", "dfc1_bias", "dfc2_weight", "dfc2_bias", "dx", "dgate"]
+
+
+def _providers(ctx: Context) -> list[Provider]:
+    if ctx.is_gpu:
+        return [Provider("packdit", fused_mlp), Provider("eager", mlp_reference),
+                Provider("compile", torch.compile(mlp_reference))]
+    return [Provider("eager", mlp_reference)]
+
+
+def _cases(ctx: Context) -> list[tuple[int, int, int, bool]]:
+    """``(tokens, D, segments, interpreter)``: the interpreter case verifies packdit's kernels only."""
+    if ctx.is_gpu:
+        return [(n, d, SEGMENTS, False) for d in (1152, 3072) for n in (16_384, 65_536)]
+    return [(256, 64, 8, False)] + ([(40, 32, 3, True)] if interpreting() else [])
+
+
+def _inputs(ctx: Context, n: int, d: int, segments: int, dtype: torch.dtype) -> list[torch.Tensor]:
+    """h, fc1 weight and bias, fc2 weight and bias, x, gate (nn.Linear-like scales)."""
+    gen = torch.Generator(device=ctx.device).manual_seed(0)
+    hidden = 4 * d
+
+    def randn(*shape, scale=1.0):
+        return torch.randn(*shape, device=ctx.device, dtype=dtype, generator=gen) * scale
+
+    return [randn(n, d), randn(hidden, d, scale=d**-0.5), randn(hidden, scale=0.1),
+            randn(d, hidden, scale=hidden**-0.5), randn(d, scale=0.1), randn(n, d), randn(segments, d, scale=0.5)]
 
 
 def run(ctx: Context) -> list[dict]:
-    if ctx.is_gpu:
-        shapes = [(n, d) for d in (1152, 3072) for n in (16_384, 65_536)]
-        dtype, repeats = torch.bfloat16, 10
-        peers = {"packdit": fused_mlp, "eager": mlp_reference, "compile": torch.compile(mlp_reference)}
-    else:
-        shapes, dtype, repeats = [(512, 128)], torch.float32, 5
-        peers = {"eager": mlp_reference}
+    dtype = torch.bfloat16 if ctx.is_gpu else torch.float32
+    repeats = 10 if ctx.is_gpu else 3
     rows = []
-    for n, d in shapes:
-        hidden = 4 * d
-
-        def param(*shape, scale=1.0):
-            return (torch.randn(*shape, device=ctx.device, dtype=dtype) * scale).requires_grad_()
-
-        inputs = [param(n, d), param(hidden, d, scale=d**-0.5), param(hidden), param(d, hidden, scale=hidden**-0.5),
-                  param(d), param(n, d), param(SEGMENTS, d)]
-        index = segment_index(n, SEGMENTS, ctx.device)
-        grad_out = torch.randn(n, d, device=ctx.device, dtype=dtype)
-        flops = 12 * n * d * hidden
-        for peer, fn in peers.items():
-            t = measure(fwd_bwd(fn, inputs, grad_out, index), device=ctx.device, repeats=repeats)
-            rows.append({"impl": peer, "tokens": n, "D": d, "hidden": hidden, "segments": SEGMENTS, "dtype": str(dtype),
-                         "fwd_bwd_ms": t.median_ms, "TFLOPs": flops / t.median_ms / 1e9})
+    for n, d, segments, interpreter in _cases(ctx):
+        inputs = _inputs(ctx, n, d, segments, dtype)
+        index = segment_index(n, segments, ctx.device)
+        grad = torch.randn(n, d, device=ctx.device, dtype=dtype)
+        base = {"tokens": n, "D": d, "hidden": 4 * d, "segments": segments, "dtype": str(dtype).removeprefix("torch.")}
+        providers = [Provider("packdit", fused_mlp, timed=False)] if interpreter else _providers(ctx)
+        accepted, refused = verified(f"mlp/N{n}/D{d}", providers, mlp_reference, inputs, grad, (index,), GRAD_NAMES,
+                                     base)
+        rows += refused
+        flops = 12 * n * d * 4 * d
+        timed = []
+        for row, provider, err in accepted:
+            row["rel_err"] = err
+            if not provider.timed:
+                rows.append({**row, "note": "verified (Triton interpreter), not timed"})
+                continue
+            leaves = [x.detach().requires_grad_(True) for x in inputs]
+            t = measure(lambda fn=provider.fn: torch.autograd.grad(fn(*leaves, index), leaves, grad),
+                        device=ctx.device, repeats=repeats)
+            row.update({"fwd_bwd_ms": t.median_ms, "p20_ms": t.p20_ms, "p80_ms": t.p80_ms,
+                        "TFLOPs": flops / t.median_ms / 1e9})
+            timed.append(row)
+        by_impl = {r["impl"]: r for r in timed}
+        if "packdit" in by_impl:
+            for peer in ("compile", "eager"):
+                if peer in by_impl:
+                    by_impl["packdit"][f"vs_{peer}"] = by_impl[peer]["fwd_bwd_ms"] / by_impl["packdit"]["fwd_bwd_ms"]
+        rows += timed
         del inputs
-    print_table(f"gated MLP fwd+bwd ({ctx.env.get('gpu') or 'CPU, quick: torch path only, no performance claims'})",
-                rows, ["impl", "tokens", "D", "hidden", "fwd_bwd_ms", "TFLOPs"])
+    device = ctx.env.get("gpu") or "CPU, quick: torch path only, no performance claims"
+    print_table(f"gated MLP fwd+bwd ({device})", [r for r in rows if "fwd_bwd_ms" in r],
+                ["impl", "tokens", "D", "hidden", "fwd_bwd_ms", "TFLOPs", "vs_compile", "vs_eager", "rel_err"])
+    for r in rows:
+        if "note" in r:
+            print(f"  N={r['tokens']} D={r['D']} {r['impl']}: {r['note']}")
     return rows
 
 
 def plot(rows: list[dict], path) -> None:
     import matplotlib.pyplot as plt
 
+    timed = [r for r in rows if "TFLOPs" in r]
     fig, ax = plt.subplots(figsize=(8, 3.5))
-    impls = list(dict.fromkeys(r["impl"] for r in rows))
-    cases = list(dict.fromkeys((r["tokens"], r["D"]) for r in rows))
-    width = 0.8 / len(impls)
+    impls = list(dict.fromkeys(r["impl"] for r in timed))
+    cases = list(dict.fromkeys((r["tokens"], r["D"]) for r in timed))
+    width = 0.8 / max(len(impls), 1)
     for i, impl in enumerate(impls):
-        by_case = {(r["tokens"], r["D"]): r["TFLOPs"] for r in rows if r["impl"] == impl}
+        by_case = {(r["tokens"], r["D"]): r["TFLOPs"] for r in timed if r["impl"] == impl}
         ax.bar([j + i * width for j in range(len(cases))], [by_case.get(c, 0) for c in cases], width, label=impl)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cases))], [f"N={n}\nD={d}" for n, d in cases], fontsize=8)
     ax.set_ylabel("TFLOP/s (12 N*D*H)")

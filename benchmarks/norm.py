@@ -1,22 +1,45 @@
-"""Section ``norm``: fused LayerNorm + adaLN modulate (``packdit.ops.modulate``), forward + backward.
+"""Section ``norm``: fused LayerNorm + adaLN modulate (``packdit.ops.modulate``), forward and backward.
 
-GPU: bf16, D in {1152, 3072}, N in {16k, 64k} tokens in 1 or 64 segments; packdit's Triton kernels vs
-eager PyTorch (``modulated_norm_reference``: layer_norm, gather of the modulation rows, multiply-add)
-and ``torch.compile`` of the same function. Reported: time, effective bandwidth of the minimal traffic
-(forward reads x, writes y; backward reads x and dy, writes dx: 5 N*D elements) and its % of the HBM peak.
-CPU (quick): the eager PyTorch path on tiny shapes only, no performance claims.
+GPU: bf16, D in {1152, 3072}, N in {16k, 64k} tokens in 1 or 64 segments; packdit's Triton kernels vs eager
+PyTorch (``modulated_norm_reference``: layer_norm, gather of the modulation rows, multiply-add) and
+``torch.compile`` of the same function. Before anything is timed, every implementation's output and all its
+gradients (x, and shift and scale as one adaLN output) are checked against the reference in fp32 with the 2x
+rule against the same reference in the precision under test (``common.verify_outputs``); one that disagrees
+is refused, not timed.
+
+Reported per pass (forward; backward alone, on a retained graph): time, the effective bandwidth of the
+minimal traffic and its % of the HBM peak. The minimum (``packdit.ops.modulate.modulated_norm_traffic``)
+reads x (and dy) once, writes y (dx) once and touches each modulation row once; ``moved_B_per_token`` is what
+packdit's kernels move by the same estimate (index, saved mean/rstd, the backward's segment schedule and
+partial sums), so ``moved / min`` bounds the bandwidth packdit can show.
+CPU (quick): the eager path on tiny fp32 shapes, no performance claims; under ``TRITON_INTERPRET=1`` (the
+test suite) packdit's kernels are verified on one tiny case and not timed.
 """
 
 from __future__ import annotations
 
-import torch
-from common import Context, measure, print_table
+import dataclasses
+import os
+from collections.abc import Callable
 
-from packdit.ops.modulate import modulated_norm
+import torch
+from common import Context, OutputMismatch, forward_and_grads, measure, print_table, refused_row, verify_outputs
+
+from packdit.ops.modulate import modulated_norm, modulated_norm_traffic
 from packdit.reference.modulate import modulated_norm_reference
 
 # HBM peak (GB/s) of the GPUs we report on, from the vendors' data sheets.
 HBM_PEAK_GBPS = {"H100 80GB HBM3": 3350, "H100": 3350, "H200": 4800, "A100-SXM4-80GB": 2039, "A100": 1555}
+# verify_outputs tolerance on top of 2x the same-precision reference's error
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-3}
+GRAD_NAMES = ["y", "dx", "dmodulation"]  # modulation = [shift | scale], one adaLN output
+
+
+@dataclasses.dataclass(frozen=True)
+class Provider:
+    name: str
+    fn: Callable
+    timed: bool = True
 
 
 def hbm_peak_gbps(env: dict) -> float | None:
@@ -24,6 +47,10 @@ def hbm_peak_gbps(env: dict) -> float | None:
     name = env.get("gpu") or ""
     matches = [k for k in HBM_PEAK_GBPS if k in name]
     return HBM_PEAK_GBPS[max(matches, key=len)] if matches else None
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def segment_index(num_tokens: int, num_segments: int, device, seed: int = 0) -> torch.Tensor:
@@ -34,57 +61,122 @@ def segment_index(num_tokens: int, num_segments: int, device, seed: int = 0) -> 
     return torch.repeat_interleave(torch.arange(num_segments), lengths).to(device, torch.int32)
 
 
-def fwd_bwd(fn, inputs: list[torch.Tensor], grad_out: torch.Tensor, *args):
-    """A closure running ``fn(*inputs, *args)`` forward and backward to all ``inputs``."""
-    def step():
-        out = fn(*inputs, *args)
-        return torch.autograd.grad(out, inputs, grad_out)
-    return step
+def verified(label: str, providers: list[Provider], reference: Callable, inputs: list[torch.Tensor],
+             grad: torch.Tensor, args: tuple, names: list[str], base: dict) -> tuple[list, list[dict]]:
+    """``(accepted, refused rows)``: ``accepted`` holds ``(row, provider, relative error)`` of the providers
+    whose output and every input gradient match ``reference`` run in fp64 (fp32 inputs) or fp32, within 2x the
+    error of ``reference`` in the inputs' precision (``common.verify_outputs``); the others get a refused row
+    and must not be timed."""
+    dtype = inputs[0].dtype
+    oracle_dtype = torch.float64 if dtype == torch.float32 else torch.float32
+    want = forward_and_grads(reference, inputs, grad, *args, dtype=oracle_dtype)
+    peer = forward_and_grads(reference, inputs, grad, *args)
+    accepted, refused = [], []
+    for provider in providers:
+        row = {**base, "impl": provider.name}
+        try:
+            got = forward_and_grads(provider.fn, inputs, grad, *args)
+            err = verify_outputs(f"{label}/{provider.name}", got, want, tol=TOLERANCE[dtype], peer=peer, names=names)
+        except OutputMismatch as e:
+            refused.append(refused_row(row, e))
+            continue
+        accepted.append((row, provider, err))
+    return accepted, refused
+
+
+def time_passes(ctx: Context, fn: Callable, inputs: list[torch.Tensor], grad: torch.Tensor, args: tuple,
+                repeats: int) -> tuple[float, float]:
+    """Median ms of the forward (no autograd graph) and of the backward alone (on one retained graph)."""
+    with torch.no_grad():
+        forward = measure(lambda: fn(*inputs, *args), device=ctx.device, repeats=repeats)
+    leaves = [x.detach().requires_grad_(True) for x in inputs]
+    out = fn(*leaves, *args)
+    backward = measure(lambda: torch.autograd.grad(out, leaves, grad, retain_graph=True), device=ctx.device,
+                       repeats=repeats)
+    return forward.median_ms, backward.median_ms
+
+
+def _packdit(x, modulation, index):
+    return modulated_norm(x, *modulation.chunk(2, dim=1), index)
+
+
+def _reference(x, modulation, index):
+    return modulated_norm_reference(x, *modulation.chunk(2, dim=1), index)
+
+
+def _providers(ctx: Context) -> list[Provider]:
+    """The implementations timed on ``ctx``'s device (shift and scale are chunks of one adaLN output)."""
+    if ctx.is_gpu:
+        return [Provider("packdit", _packdit), Provider("eager", _reference),
+                Provider("compile", torch.compile(_reference))]
+    return [Provider("eager", _reference)]
+
+
+def _cases(ctx: Context) -> list[tuple[int, int, int, bool]]:
+    """``(tokens, D, segments, interpreter)``: the interpreter case verifies packdit's kernels only."""
+    if ctx.is_gpu:
+        return [(n, d, s, False) for d in (1152, 3072) for n in (16_384, 65_536) for s in (1, 64)]
+    return [(512, 64, 1, False), (512, 64, 8, False)] + ([(40, 48, 3, True)] if interpreting() else [])
 
 
 def run(ctx: Context) -> list[dict]:
-    if ctx.is_gpu:
-        shapes = [(n, d, s) for d in (1152, 3072) for n in (16_384, 65_536) for s in (1, 64)]
-        dtype, repeats = torch.bfloat16, 20
-    else:
-        shapes, dtype, repeats = [(2048, 256, 1), (2048, 256, 64)], torch.float32, 5
+    dtype = torch.bfloat16 if ctx.is_gpu else torch.float32
+    repeats = 20 if ctx.is_gpu else 3
     peak = hbm_peak_gbps(ctx.env)
-    peers = {"eager": modulated_norm_reference}
-    if ctx.is_gpu:
-        peers = {"packdit": modulated_norm, **peers, "compile": torch.compile(modulated_norm_reference)}
     rows = []
-    for n, d, segments in shapes:
-        x = torch.randn(n, d, device=ctx.device, dtype=dtype, requires_grad=True)
-        modulation = torch.randn(segments, 2 * d, device=ctx.device, dtype=dtype, requires_grad=True)
+    for n, d, segments, interpreter in _cases(ctx):
+        gen = torch.Generator(device=ctx.device).manual_seed(0)
+        x = torch.randn(n, d, device=ctx.device, dtype=dtype, generator=gen) * 2 + 0.5
+        modulation = torch.randn(segments, 2 * d, device=ctx.device, dtype=dtype, generator=gen) * 0.5
         index = segment_index(n, segments, ctx.device)
-        grad_out = torch.randn_like(x)
-        moved = 5 * n * d * x.element_size()
-        for peer, fn in peers.items():
-            t = measure(fwd_bwd(lambda x, m, idx: fn(x, *m.chunk(2, dim=1), idx), [x, modulation], grad_out, index),
-                        device=ctx.device, repeats=repeats)
-            gbps = moved / t.median_ms / 1e6
-            rows.append({"impl": peer, "tokens": n, "D": d, "segments": segments, "dtype": str(dtype),
-                         "fwd_bwd_ms": t.median_ms, "GBps": gbps, "pct_hbm_peak": 100 * gbps / peak if peak else None})
+        grad = torch.randn(n, d, device=ctx.device, dtype=dtype, generator=gen)
+        base = {"tokens": n, "D": d, "segments": segments, "dtype": str(dtype).removeprefix("torch.")}
+        providers = [Provider("packdit", _packdit, timed=False)] if interpreter else _providers(ctx)
+        accepted, refused = verified(f"norm/N{n}/D{d}/S{segments}", providers, _reference, [x, modulation], grad,
+                                     (index,), GRAD_NAMES, base)
+        rows += refused
+        traffic = {p: modulated_norm_traffic(n, d, segments, itemsize=x.element_size(), backward=p == "bwd")
+                   for p in ("fwd", "bwd")}
+        for row, provider, err in accepted:
+            row["rel_err"] = err
+            if not provider.timed:
+                rows.append({**row, "note": "verified (Triton interpreter), not timed"})
+                continue
+            times = time_passes(ctx, provider.fn, [x, modulation], grad, (index,), repeats)
+            for p, ms in zip(("fwd", "bwd"), times):
+                gbps = traffic[p]["minimum"] * n / ms / 1e6
+                row.update({f"{p}_ms": ms, f"{p}_GBps": gbps, f"{p}_pct_hbm_peak": 100 * gbps / peak if peak else None,
+                            f"{p}_min_B_per_token": traffic[p]["minimum"]})
+                if provider.name == "packdit":
+                    row[f"{p}_moved_B_per_token"] = traffic[p]["moved"]
+            rows.append(row)
     device = ctx.env.get("gpu") or "CPU, quick: torch path only, no performance claims"
-    print_table(f"norm + modulate fwd+bwd ({device})", rows,
-                ["impl", "tokens", "D", "segments", "fwd_bwd_ms", "GBps", "pct_hbm_peak"])
+    print_table(f"norm + modulate ({device}; GB/s of the minimal traffic)", [r for r in rows if "fwd_ms" in r],
+                ["impl", "tokens", "D", "segments", "fwd_ms", "fwd_GBps", "fwd_pct_hbm_peak", "bwd_ms", "bwd_GBps",
+                 "bwd_pct_hbm_peak", "fwd_moved_B_per_token", "bwd_moved_B_per_token", "bwd_min_B_per_token",
+                 "rel_err"])
+    for r in rows:
+        if "note" in r:
+            print(f"  N={r['tokens']} D={r['D']} S={r['segments']} {r['impl']}: {r['note']}")
     return rows
 
 
 def plot(rows: list[dict], path) -> None:
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(9, 3.5))
-    impls = list(dict.fromkeys(r["impl"] for r in rows))
-    cases = list(dict.fromkeys((r["tokens"], r["D"], r["segments"]) for r in rows))
-    width = 0.8 / len(impls)
-    for i, impl in enumerate(impls):
-        by_case = {(r["tokens"], r["D"], r["segments"]): r["GBps"] for r in rows if r["impl"] == impl}
-        ax.bar([j + i * width for j in range(len(cases))], [by_case.get(c, 0) for c in cases], width, label=impl)
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cases))], [f"N={n}\nD={d}\nS={s}" for n, d, s in cases],
-                  fontsize=7)
-    ax.set_ylabel("GB/s (5 N*D elements)")
-    ax.legend()
+    timed = [r for r in rows if "fwd_GBps" in r]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 3.5), sharey=True)
+    impls = list(dict.fromkeys(r["impl"] for r in timed))
+    cases = list(dict.fromkeys((r["tokens"], r["D"], r["segments"]) for r in timed))
+    width = 0.8 / max(len(impls), 1)
+    for ax, p in zip(axes, ("fwd", "bwd")):
+        for i, impl in enumerate(impls):
+            by_case = {(r["tokens"], r["D"], r["segments"]): r[f"{p}_GBps"] for r in timed if r["impl"] == impl}
+            ax.bar([j + i * width for j in range(len(cases))], [by_case.get(c, 0) for c in cases], width, label=impl)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cases))],
+                      [f"N={n}\nD={d}\nS={s}" for n, d, s in cases], fontsize=7)
+        ax.set_title(f"{p}: GB/s of the minimal traffic")
+    axes[0].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -75,8 +75,11 @@ def parse_sass(text: str) -> list[Instruction]:
 
 def loops(instructions: list[Instruction]) -> list[tuple[int, int]]:
     """``(first index, backward branch index)`` of every loop (a branch to a lower or equal address), except a
-    branch to itself (the ``BRA`` padding after the final ``EXIT``)."""
+    branch to itself (the ``BRA`` padding after the final ``EXIT``) and a branch back from code placed after an
+    unconditional ``EXIT`` (e.g. the retry of an mbarrier wait that a TMA pipeline jumps out to, which returns
+    into the loop it left: no loop spans the kernel's exit)."""
     index = {inst.address: i for i, inst in enumerate(instructions)}
+    exits = [i for i, inst in enumerate(instructions) if inst.base == "EXIT" and not inst.predicate]
     found = []
     for i, inst in enumerate(instructions):
         if inst.base != "BRA":
@@ -85,7 +88,7 @@ def loops(instructions: list[Instruction]) -> list[tuple[int, int]]:
         if target is None:
             continue
         address = int(target.group(1), 16)
-        if address < inst.address and address in index:
+        if address < inst.address and address in index and not any(index[address] < e < i for e in exits):
             found.append((index[address], i))
     return found
 

@@ -98,6 +98,40 @@ def test_attention_section_refuses_a_wrong_implementation(bug, tmp_path, monkeyp
     assert all("ms" in r for r in rows if r["provider"] == "reference")  # the right ones were timed
 
 
+@pytest.mark.parametrize("section", ["norm", "mlp"])
+@pytest.mark.parametrize("bug", ["output", "gradient"])
+def test_fused_block_sections_refuse_a_wrong_implementation(section, bug, tmp_path, monkeypatch):
+    """A provider whose output (or only the gradient of its first input) is off is refused and not timed; the
+    right ones are timed; packdit's kernels are verified on the interpreter case."""
+    import importlib
+
+    module = importlib.import_module(section)
+    providers = module._providers
+
+    def with_a_wrong_one(ctx):
+        found = providers(ctx)
+        right = found[0].fn
+        if bug == "output":
+            def wrong(*args):
+                return right(*args) * 1.01
+        else:
+            def wrong(first, *rest):
+                return right(_ScaleGrad.apply(first), *rest)
+        return found + [module.Provider("wrong", wrong)]
+
+    monkeypatch.setattr(module, "_providers", with_a_wrong_one)
+    assert bench_run.main(["--quick", "--device", "cpu", "--only", section, "--out", str(tmp_path),
+                           "--no-plots"]) == 1
+    rows = json.loads(next(tmp_path.glob(f"*/{section}.json")).read_text())["rows"]
+    wrong = [r for r in rows if r["impl"] == "wrong"]
+    assert wrong and all("refused" in r and not any(k.endswith("_ms") for k in r) for r in wrong)
+    first_grad = {"norm": "dx", "mlp": "dh"}[section]
+    assert all(f"{'out' if section == 'mlp' else 'y'} differs" in r["refused"] if bug == "output"
+               else f"{first_grad} differs" in r["refused"] for r in wrong)
+    assert all(any(k.endswith("_ms") for k in r) for r in rows if r["impl"] == "eager")
+    assert [r["note"] for r in rows if r["impl"] == "packdit"] == ["verified (Triton interpreter), not timed"]
+
+
 def test_e2e_refuses_a_padded_trainer_that_attends_to_padding(monkeypatch):
     import e2e
 

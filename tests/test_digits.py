@@ -57,10 +57,10 @@ def test_stopped_and_resumed_run_equals_an_uninterrupted_one(tmp_path, monkeypat
 
     train_step = Trainer.train_step
 
-    def stop_at_step_4(self, indices):
+    def stop_at_step_4(self, *args, **kwargs):
         if self.step == 4:
             raise Stop  # a crash after the checkpoint of step 3
-        return train_step(self, indices)
+        return train_step(self, *args, **kwargs)
 
     with monkeypatch.context() as patch:
         patch.setattr(Trainer, "train_step", stop_at_step_4)

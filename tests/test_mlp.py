@@ -1,6 +1,6 @@
-"""fused_mlp (Triton GEMM with bias+GELU and gated-residual epilogues; CPU interpreter here) against the
-PyTorch oracle: forward and all gradients, gated and plain, determinism, errors, the DiT state_dict,
-torch.compile."""
+"""fused_mlp (Triton GEMMs with bias+GELU, gated-residual and GELU-gradient epilogues; CPU interpreter here)
+against the PyTorch oracle: forward and all gradients, gated and plain, on both GEMM kernels (persistent TMA and
+pointer), determinism, errors, the DiT state_dict, torch.compile."""
 
 import random
 
@@ -11,6 +11,8 @@ from fused_helpers import check_2x, grads_of, poisoned_table, random_index
 from helpers import assert_within_2x
 
 from packdit.nn import FusedMLP, ModulatedNorm
+from packdit.ops import _triton_utils as tu
+from packdit.ops import mlp as mlp_ops
 from packdit.ops.mlp import fused_mlp, gelu_tanh_backward
 from packdit.reference.dit import Mlp
 from packdit.reference.mlp import mlp_reference
@@ -37,11 +39,65 @@ def _diff(inputs):
     return [k for k in ("h", "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias", "x", "gate") if inputs[k] is not None]
 
 
+class _LaunchSpy:
+    """Stands in for a launched kernel (``kernel[grid](...)``) and records the EPILOGUE of every launch."""
+
+    def __init__(self, kernel):
+        self.kernel, self.epilogues = kernel, []
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+
+        def run(*args, **kwargs):
+            self.epilogues.append(kwargs["EPILOGUE"])
+            return launch(*args, **kwargs)
+
+        return run
+
+
+@pytest.fixture
+def gemm_launches(monkeypatch):
+    """``{"tma": spy, "pointer": spy}`` of the two GEMM kernels."""
+    spies = {"tma": _LaunchSpy(mlp_ops._linear_tma_kernel), "pointer": _LaunchSpy(mlp_ops._linear_kernel)}
+    monkeypatch.setattr(mlp_ops, "_linear_tma_kernel", spies["tma"])
+    monkeypatch.setattr(mlp_ops, "_linear_kernel", spies["pointer"])
+    return spies
+
+
+GELU, BIAS, GATED, GELU_GRAD = (mlp_ops._EPILOGUE_GELU, mlp_ops._EPILOGUE_BIAS, mlp_ops._EPILOGUE_GATED,
+                                mlp_ops._EPILOGUE_GELU_GRAD)
+
+
+# hidden 100 (fp32 rows of 400 bytes) lets TMA describe every operand; hidden 102 (408 bytes, not a multiple of
+# 16) sends all three GEMMs to the pointer kernel.
+@pytest.mark.parametrize("hidden, kernel", [(100, "tma"), (102, "pointer")])
 @pytest.mark.parametrize("gated, bias, mode",
                          [(True, True, "segment"), (True, False, "frame"), (False, True, "segment")])
-def test_fused_mlp_matches_oracle(gated, bias, mode):
-    inputs = _mlp_inputs(21, mode, bias=bias, gated=gated)
+def test_fused_mlp_matches_oracle(gated, bias, mode, hidden, kernel, gemm_launches):
+    inputs = _mlp_inputs(21, mode, bias=bias, gated=gated, hidden=hidden)
     check_2x(fused_mlp, mlp_reference, inputs, _diff(inputs))
+    other = "pointer" if kernel == "tma" else "tma"
+    # Each of the three GEMMs runs once per pass (check_2x runs the kernel forward and backward once).
+    assert gemm_launches[kernel].epilogues == [GELU, GATED if gated else BIAS, GELU_GRAD]
+    assert gemm_launches[other].epilogues == []
+
+
+def test_persistent_gemm_runs_several_tiles_per_program(gemm_launches):
+    """More output tiles than programs (4 under the interpreter) and several column blocks: every program walks
+    the grouped tile order of the persistent loop, and partial edge tiles meet full ones."""
+    rng = random.Random(4)
+    lengths = [rng.randint(100, 200) for _ in range(4)] + [1, 0]
+    index = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths)).to(torch.int32)
+    torch.manual_seed(4)
+    n, d_in, hidden, d_out = index.shape[0], 64, 300, 136
+    inputs = {"h": torch.randn(n, d_in), "fc1_weight": torch.randn(hidden, d_in) / d_in**0.5,
+              "fc1_bias": torch.randn(hidden), "fc2_weight": torch.randn(d_out, hidden) / hidden**0.5,
+              "fc2_bias": torch.randn(d_out), "x": torch.randn(n, d_out),
+              "gate": poisoned_table(len(lengths), d_out, [len(lengths) - 1]), "index": index}
+    block_m, block_n = (mlp_ops._TMA_TILE_CONFIGS[0].kwargs[k] for k in ("BLOCK_M", "BLOCK_N"))
+    assert -(-n // block_m) * -(-hidden // block_n) > 2 * tu.num_sms(inputs["h"].device)
+    check_2x(fused_mlp, mlp_reference, inputs, _diff(inputs))
+    assert gemm_launches["tma"].epilogues == [GELU, GATED, GELU_GRAD]
 
 
 def test_gelu_tanh_backward_matches_torch():

@@ -11,6 +11,7 @@ from fused_helpers import INDEX_MODES, check_2x, grads_of, poisoned_table, rando
 
 from packdit.nn import AdaLNModulation, GatedResidual, ModulatedNorm
 from packdit.nn import functional as PF
+from packdit.ops import _triton_utils as tu
 from packdit.ops.gated_residual import gated_residual
 from packdit.ops.modulate import modulated_norm
 from packdit.reference.modulate import gated_residual_reference, modulated_norm_reference
@@ -50,6 +51,51 @@ def test_modulated_norm_matches_oracle(norm_type, affine, mode):
     inputs = _norm_inputs(10 * len(norm_type) + 3 * affine + INDEX_MODES.index(mode), mode, affine)
     diff = ["x", "shift", "scale"] + (["weight", "bias"] if affine else [])
     check_2x(*_norm_fns(norm_type), inputs, diff)
+
+
+@pytest.mark.parametrize("norm_type", ["layer", "rms"])
+def test_modulated_norm_rows_in_exact_chunks(norm_type):
+    """Width 48 splits into three 16-column chunks with no masked column (WIDTH = 40 masks the last chunk)."""
+    blocks = tu.row_blocks(48)
+    assert (blocks.chunk_d, blocks.num_chunks) == (16, 3)
+    inputs = _norm_inputs(8, "frame", True, width=48)
+    check_2x(*_norm_fns(norm_type), inputs, ["x", "shift", "scale", "weight", "bias"])
+
+
+@pytest.mark.parametrize("width, chunk_d", [(768, 256), (1152, 128), (2048, 512), (3072, 512), (4096, 512)])
+def test_row_blocks_leave_no_idle_lanes_at_model_widths(width, chunk_d, monkeypatch):
+    monkeypatch.setattr(tu, "interpreting", lambda: False)  # the GPU's shapes
+    for backward in (False, True):
+        blocks = tu.row_blocks(width, backward)
+        assert (blocks.chunk_d, blocks.chunk_d * blocks.num_chunks) == (chunk_d, width)
+        assert blocks.block_m * width // (32 * blocks.num_warps) <= 48  # elements of a row block per thread
+
+
+@pytest.mark.parametrize("mode", INDEX_MODES)
+@pytest.mark.parametrize("num_chunks", [1, 3, 7, 500])
+def test_segment_schedule_partitions_tokens_into_balanced_one_row_tiles(mode, num_chunks):
+    index, num_rows, _ = random_index(random.Random(num_chunks), mode)
+    n = index.shape[0]
+    tiles = tu.segment_tiles(index, num_rows, num_chunks)
+    order, (row, start, end) = tiles.order.long(), tiles.tiles.long()
+    chunk_tiles, tile_offsets = tiles.chunk_tiles.long(), tiles.tile_offsets
+    chunk_tokens = -(-n // num_chunks)
+    assert tiles.num_chunks == -(-n // chunk_tokens) and tiles.num_tiles == tiles.num_chunks + num_rows
+    assert torch.equal(order.sort().values, torch.arange(n))  # a permutation of the tokens
+    covered = []
+    for c in range(tiles.num_chunks):
+        owned = range(int(chunk_tiles[c]), int(chunk_tiles[c + 1]))
+        positions = [p for t in owned for p in range(int(start[t]), int(end[t]))]
+        # chunk c is exactly its share of the sorted positions, cut into non-empty tiles of one row each
+        assert positions == list(range(c * chunk_tokens, min((c + 1) * chunk_tokens, n)))
+        for t in owned:
+            assert start[t] < end[t] and (index[order[start[t]:end[t]]] == row[t]).all()
+        covered += positions
+    assert covered == list(range(n))
+    live = int(chunk_tiles[-1])
+    for r in range(num_rows):  # a row's tiles are consecutive: the fixed order segment_sum adds them in
+        mine = [t for t in range(live) if row[t] == r]
+        assert mine == list(range(int(tile_offsets[r]), int(tile_offsets[r + 1])))
 
 
 def test_modulated_norm_absent_rows_get_zero_grad():

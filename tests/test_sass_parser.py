@@ -52,6 +52,29 @@ def test_instructions_and_loops():
     assert spans == [(0x80, 0xA0), (0x30, 0xD0), (0xE0, 0x100)]
 
 
+def test_branch_back_from_after_exit_is_not_a_loop():
+    """A TMA pipeline's mbarrier wait jumps out to a retry block placed after EXIT, which branches back into the
+    loop: the K loop (0x10-0x50) is the loop, not the span from 0x30 to the retry's branch."""
+    retry = """
+        /*0000*/                   MOV R1, R2 ;
+        /*0010*/                   SYNCS.PHASECHK.TRANS64.TRYWAIT P1, [UR6+0x24000], R8 ;
+        /*0020*/              @!P1 BRA 0x80 ;
+        /*0030*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR20], R24, gsb0 ;
+        /*0040*/                   UTMALDG.2D [UR12], [UR18] ;
+        /*0050*/               @P2 BRA 0x10 ;
+        /*0060*/                   EXIT ;
+        /*0070*/                   BRA 0x70;
+        /*0080*/                   SYNCS.PHASECHK.TRANS64.TRYWAIT P1, [UR6+0x24000], R8 ;
+        /*0090*/              @!P1 BRA 0x80 ;
+        /*00a0*/                   BRA 0x30 ;
+"""
+    instructions = sass_parser.parse_sass(retry)
+    spans = [(instructions[a].address, instructions[b].address) for a, b in sass_parser.loops(instructions)]
+    assert spans == [(0x10, 0x50), (0x80, 0x90)]
+    loop, candidates = sass_parser.hot_loop(instructions, 8)
+    assert candidates == 1 and (instructions[loop.first].address, loop.instructions, loop.tma) == (0x10, 5, 1)
+
+
 def test_mma_flops():
     hgmma, hmma = (sass_parser.parse_sass(SASS)[i] for i in (5, 14))
     assert sass_parser.mma_flops(hgmma) == ("wgmma", 2 * 64 * 128 * 16)

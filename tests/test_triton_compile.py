@@ -100,19 +100,19 @@ def test_compiles_and_fits_exhaustive(scenario, arch, every):
 
 # ---------------------------------------------------------------------------------------------- the capture
 def test_capture_compiles_what_runs():
-    """The launch's own specialisation, DiT-XL/2 (head dim 72) with RoPE: the GEMM's unit K strides are the
-    constant 1 (not integers divisible by 16); the attention strides arrive in 16-byte units (ALIGN = 8 bf16
-    elements), where the row strides are 16-divisible -- v a view of the fused qkv (3 x 1152 / 8 = 432), q and k
-    the rotated q|k rows (2 x 1152 / 8 = 288) -- and head dim 72's head stride (9) is not, and the head dim runs
-    as 64 + 16 column chunks; RoPE is the QK-norm / RoPE kernel's alone (NORM off: DiT-XL/2 has no QK-norm),
-    whose qkv row stride (3 x 1152 elements) is 16-divisible and head stride (72) not."""
+    """The launch's own specialisation, DiT-XL/2 (head dim 72) with RoPE: the GEMM is the TMA kernel on bf16
+    tensor descriptors, its row count (511 tokens) not 16-divisible; the attention strides arrive in 16-byte
+    units (ALIGN = 8 bf16 elements), where the row strides are 16-divisible -- v a view of the fused qkv
+    (3 x 1152 / 8 = 432), q and k the rotated q|k rows (2 x 1152 / 8 = 288) -- and head dim 72's head stride (9)
+    is not, and the head dim runs as 64 + 16 column chunks; RoPE is the QK-norm / RoPE kernel's alone (NORM off:
+    DiT-XL/2 has no QK-norm), whose qkv row stride (3 x 1152 elements) is 16-divisible and head stride (72) not."""
     launches = shared_workers().captured(_named("DiT-XL/2 rope long"))
     first = {}
     for launch in launches:
         first.setdefault(launch.case(90).name, launch)
-    gemm = first["_linear_kernel"].case(90)
-    assert dict(gemm.constexprs)["stride_ak"] == 1 and dict(gemm.constexprs)["stride_wk"] == 1
-    assert "stride_am" in gemm.aligned and "M" not in gemm.aligned  # 511 tokens
+    gemm = first["_linear_tma_kernel"].case(90)
+    assert all(dict(gemm.signature)[name].startswith("tensordesc<bf16[") for name in ("a_desc", "w_desc", "out_desc"))
+    assert "M" not in gemm.aligned and "K" in gemm.aligned  # 511 tokens; K = 1152
     for kernel in ("attention_fwd_kernel", "attention_bwd_dkdv_kernel"):
         attention, strides = first[kernel].case(90), dict(first[kernel].int_args)
         constexprs = dict(attention.constexprs)

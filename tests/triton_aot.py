@@ -44,6 +44,9 @@ _RUNNABLE_CHECKS = (
     # the dispatcher's availability table: explicit backend="triton" requests reach the launchers
     ("packdit.nn.functional", "_UNSUPPORTED",
      {"triton": lambda device: None, "cuda": lambda device: "the capture records Triton launches only"}),
+    # The GEMM's TMA kernel is what runs on sm_90, the budgets' target (sm_80 rows then show it lowered to
+    # pointer loads, which sm_80 does not run: it takes the pointer kernel).
+    ("packdit.ops._triton_utils", "tma_capable", lambda device: True),
 )
 # Compile options a launch may pass besides num_warps / num_stages (``triton.Config.all_kwargs``), and defaults.
 _OTHER_OPTION_DEFAULTS = {"num_ctas": 1, "maxnreg": None}
@@ -314,6 +317,8 @@ class _Recorder:
         group = (f"{base.__module__}:{base.__name__}", *key)
         for index, config in enumerate(configs):
             self.autotune = (group, index, len(configs))
+            if config.pre_hook is not None:  # e.g. the block shapes of tensor descriptors, as Autotuner.run does
+                config.pre_hook({**dict(zip(tuner.arg_names, args)), **kwargs, **config.all_kwargs()})
             try:
                 tuner.fn.run(*args, **kwargs, **config.all_kwargs())
             finally:
@@ -447,14 +452,15 @@ def case_label(case: CompileCase) -> str:
     n64-rope-w8s3-sm90``)."""
     values = dict(case.constexprs)
     signature = dict(case.signature)
-    dtype = next((signature[name][1:] for name in ("Q", "X", "a_ptr", "x_ptr", "dout_ptr", "pre_ptr", "partials_ptr",
-                                                   "Out") if name in signature), "")
+    dtype = next((re.sub(r"^\*|^tensordesc<|\[.*$", "", signature[name])
+                  for name in ("Q", "X", "a_ptr", "a_desc", "x_ptr", "dout_ptr", "pre_ptr", "partials_ptr", "Out")
+                  if name in signature), "")
     parts = [case.name.strip("_").removesuffix("_kernel"), dtype]
     for name, label in (("HEAD_DIM", "d"), ("BLOCK_M", "m"), ("BLOCK_N", "n"), ("BLOCK_K", "k"), ("BLOCK_D", "bd"),
-                        ("BLOCK", "b"), ("GROUP", "g"), ("EPILOGUE", "epi")):
+                        ("CHUNK", "c"), ("BLOCK", "b"), ("GROUP", "g"), ("EPILOGUE", "epi")):
         if name in values and not (name == "BLOCK_D" and "HEAD_DIM" in values):
             parts.append(f"{label}{values[name]}")
-    for flag in ("NORM", "ROPE", "ATOMIC_DQ", "HAS_GRAD_LSE", "IS_RMS", "HAS_WEIGHT", "HAS_BIAS"):
+    for flag in ("W_KN", "NORM", "ROPE", "ATOMIC_DQ", "HAS_GRAD_LSE", "IS_RMS", "HAS_WEIGHT", "HAS_BIAS"):
         if values.get(flag):
             parts.append(flag.lower().removeprefix("has_").removeprefix("is_"))
     parts += [f"w{case.num_warps}s{case.num_stages}", f"sm{case.arch}"]

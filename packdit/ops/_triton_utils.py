@@ -1,26 +1,27 @@
-"""Shared pieces of the Triton ops: where kernels run, input checks, GELU-tanh, row blocking, and the
-deterministic segmented reduction used by every backward that reduces over the tokens of a segment.
+"""Shared pieces of the Triton ops: where kernels run, input checks, GELU-tanh, launch shapes (SM count,
+row chunking), and the deterministic segmented reduction used by every backward that reduces over the
+tokens of a segment.
 
 Segmented reduction (dshift, dscale, dgate): token i contributes a D-vector to row ``index[i]`` of a
 ``(R, D)`` modulation table. Float atomics would make the sum order (and the bits) depend on scheduling,
 so the reduction is two-pass and fixed-order:
 
 1. :func:`segment_tiles` sorts the tokens by row (stable, so segment tokens stay in raster order; for
-   ``segment_ids`` the sort is the identity) and cuts each row's tokens into tiles of at most
-   ``tile_tokens`` tokens. A tile belongs to exactly one row, so a kernel program that owns a tile
-   loads that row's modulation vector once and writes one partial sum ``partials[tile]`` (no atomics).
-   The number of tiles is bounded on the host by ``ceil(N / tile_tokens) + R`` (every row adds at most
-   one partly filled tile), so the schedule is built with device ops only, no device->host sync; the
-   surplus programs get empty tiles.
+   ``segment_ids`` the sort is the identity), cuts the sorted positions into equal chunks, one per kernel
+   program (balanced work whatever the segment lengths), and each chunk at row boundaries into one-row
+   tiles. A program loads a tile's modulation row once and writes one partial sum ``partials[tile]`` (no
+   atomics). The number of tiles is bounded on the host by ``num_chunks + R`` (every row adds at most one
+   tile to the chunk cuts), so the schedule is built with device ops only, no device->host sync.
 2. :func:`segment_sum` adds each row's consecutive partials in tile order.
 
-:func:`tile_tokens_for` picks 128 tokens per tile at N = 64k: <= 512 + R partial rows, a 6 MB fp32
-buffer per reduced gradient at D = 3072 (vs 800 MB for per-token contributions).
+With one chunk per resident program (a few hundred on an H100) the partials are a few MB, ~2% of the
+backward's token traffic at N = 64k, D = 1152 (:func:`segment_reduction_bytes`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 import triton
@@ -44,6 +45,14 @@ def require_triton(op: str, t: Tensor) -> None:
     if reason:
         raise ValueError(f"packdit.ops: the Triton kernel of {op} is not supported because {reason}; "
                          f"packdit.{op} chooses the PyTorch reference automatically")
+
+
+def tma_capable(device: torch.device) -> bool:
+    """Whether kernels may use TMA tensor descriptors on ``device``: sm_90+ CUDA devices, and the CPU under the
+    interpreter (which emulates them). Tools that compile launches ahead of time for a target replace this."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device)[0] >= 9
+    return device.type == "cpu" and interpreting()
 
 
 def autotune_configs(configs: list[triton.Config]) -> list[triton.Config]:
@@ -80,7 +89,8 @@ def check_index(name: str, index: Tensor, num_tokens: int, num_rows: int, device
 
     With ``values`` (False in fake implementations), the value range is checked on CPU tensors while
     :func:`packdit.checks` is on; it is not checked on a GPU (a device->host sync per layer is too costly):
-    there the kernels read nothing outside the table and give NaN outputs for tokens whose row is out of range.
+    there the kernels read nothing outside the table and give NaN outputs for tokens whose row is out of
+    range.
     """
     if not isinstance(index, Tensor) or index.dtype != torch.int32:
         raise ValueError(f"{name}: expected an int32 tensor, got {getattr(index, 'dtype', type(index).__name__)}")
@@ -128,65 +138,132 @@ def gelu_tanh_and_grad(u):
     return u * s, s + 2.0 * u * s * s_neg * d_inner
 
 
-# ---------------------------------------------------------------------- row blocking
+# ---------------------------------------------------------------------- launch shapes
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA ``device``; 4 elsewhere (the interpreter), so that persistent loops run
+    several iterations per program in the tests."""
+    if device.type != "cuda":
+        return 4
+    return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _cuda_sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
 @dataclasses.dataclass(frozen=True)
 class RowBlocks:
-    """Launch shape for kernels that hold whole D-rows: ``BLOCK_D = next_pow2(D)`` columns and
-    ``BLOCK_M`` rows per step, at most 8192 elements (32 KB of fp32 registers per step)."""
+    """Launch shape of the kernels that hold whole rows of D columns in registers.
 
-    block_d: int
+    A row is ``num_chunks`` column chunks of ``chunk_d`` columns (a power of two, as Triton tensor shapes must
+    be), each a (block_m, chunk_d) tensor: chunks of one shape share one register layout, so a per-row
+    statistic adds the chunks elementwise and reduces once. ``chunk_d`` is the largest power of two dividing D,
+    at most 512, so no lane idles at DiT widths (1152 = 9 x 128, 2048 = 4 x 512, 3072 = 6 x 512), where one
+    2048-column block for D = 1152 would leave 44% of them idle. Widths with a small power-of-two factor use
+    wider chunks and mask the last one.
+
+    ``block_m`` rows per step and ``num_warps`` keep 32-48 elements of a row block per thread in the forward
+    (one warp per row up to D = 1536) and 12-18 in the backward, which also holds two (block_m, D) fp32
+    accumulators (four with an affine norm); ``ctas_per_sm`` programs per SM fit at once with the registers
+    this takes (tests check the compiled kernels against it), and the persistent launches size their grid
+    with it.
+    """
+
+    chunk_d: int
+    num_chunks: int
     block_m: int
     num_warps: int
+    ctas_per_sm: int
 
 
-def row_blocks(width: int, max_rows: int = 16) -> RowBlocks:
-    block_d = triton.next_power_of_2(max(width, 1))
-    block_m = max(1, min(max_rows, 8192 // block_d))
-    num_warps = 4 if block_d <= 1024 else 8
-    return RowBlocks(block_d, block_m, num_warps)
+def row_blocks(width: int, backward: bool = False, affine: bool = False) -> RowBlocks:
+    width = max(width, 1)
+    # At most 16 chunks (unrolled in the kernels; 4 under the interpreter, whose cost is per operation): beyond
+    # that, wider chunks and a masked last one.
+    max_chunks = 4 if interpreting() else 16
+    chunk_d = min(width & -width, 512)
+    if width // chunk_d > max_chunks:
+        chunk_d = min(512, triton.next_power_of_2(triton.cdiv(width, max_chunks)))
+    num_chunks = triton.cdiv(width, chunk_d)
+    if backward:
+        block_m = 2 if width <= 1536 else 1
+        num_warps = 4 if width <= 2048 else 8
+        ctas_per_sm = 3 if num_warps == 4 else 2
+    else:
+        block_m = min(4, 1 << (max(1, 6144 // width).bit_length() - 1))  # 4 rows at 1152, 2 at 2048-3072
+        num_warps = 4
+        per_thread = block_m * width // (32 * num_warps)
+        ctas_per_sm = 4 if per_thread <= 36 else 3 if per_thread <= 48 else 2
+    if affine:  # more registers: the weight/bias gradients' accumulators, the affine loads
+        ctas_per_sm = max(1, ctas_per_sm - 1)
+    if interpreting():  # fewer, larger steps
+        block_m = 16
+    return RowBlocks(chunk_d, num_chunks, block_m, num_warps, ctas_per_sm)
 
 
 # ---------------------------------------------------------------------- deterministic segmented reduction
 @dataclasses.dataclass(frozen=True)
 class SegmentTiles:
-    """Tokens sorted by modulation row and cut into one-row tiles (see the module docstring).
+    """Tokens sorted by modulation row, cut into equal chunks (one per program) and one-row tiles (see the
+    module docstring).
 
     Attributes:
         order: ``(N,)`` int32, token ids sorted by row (stable).
         tiles: ``(3, num_tiles)`` int32: row, first and one-past-last position in ``order`` of each tile;
-            surplus tiles are empty (first == last == 0).
+            surplus tiles are empty (first == last == 0) and belong to no chunk.
+        chunk_tiles: ``(num_chunks + 1,)`` int32, chunk c owns tiles ``chunk_tiles[c] : chunk_tiles[c+1]``.
         tile_offsets: ``(R+1,)`` int64, row r owns tiles ``tile_offsets[r] : tile_offsets[r+1]``.
-        num_tiles: host int, ``ceil(N / tile_tokens) + R``.
+        num_tiles: host int, ``num_chunks + R`` (a bound: each row adds at most one tile to the chunks).
+        num_chunks: host int, ``ceil(N / chunk_tokens)``.
     """
 
     order: Tensor
     tiles: Tensor
+    chunk_tiles: Tensor
     tile_offsets: Tensor
     num_tiles: int
+    num_chunks: int
 
 
-def tile_tokens_for(num_tokens: int) -> int:
-    """Tokens per reduction tile: enough tiles (~512) to fill a GPU, at most 256 tokens each."""
-    return max(16, min(256, triton.next_power_of_2(triton.cdiv(max(num_tokens, 1), 512))))
-
-
-def segment_tiles(index: Tensor, num_rows: int, tile_tokens: int) -> SegmentTiles:
-    """Build the one-row tile schedule of ``index`` (N,) int32 over ``num_rows`` rows, on index's device."""
+def segment_tiles(index: Tensor, num_rows: int, num_chunks: int) -> SegmentTiles:
+    """The schedule of ``index`` (N,) int32 over ``num_rows`` rows for (at most) ``num_chunks`` programs, built
+    on index's device without a device->host sync."""
     device = index.device
     num_tokens = index.shape[0]
+    chunk_tokens = triton.cdiv(max(num_tokens, 1), max(num_chunks, 1))
+    num_chunks = triton.cdiv(num_tokens, chunk_tokens)
     sorted_rows, order = torch.sort(index, stable=True)
     row_offsets = torch.searchsorted(sorted_rows, torch.arange(num_rows + 1, device=device, dtype=torch.int32))
-    tiles_per_row = (row_offsets[1:] - row_offsets[:-1] + tile_tokens - 1) // tile_tokens
+    row_start, row_end = row_offsets[:-1], row_offsets[1:]
+    first_chunk = row_start // chunk_tokens
+    # A non-empty row spans chunks first_chunk .. (row_end - 1) // chunk_tokens, one tile in each.
+    tiles_per_row = torch.where(row_end > row_start, (row_end - 1) // chunk_tokens - first_chunk + 1, 0)
     tile_offsets = torch.cat([tiles_per_row.new_zeros(1), torch.cumsum(tiles_per_row, 0)])
-    num_tiles = triton.cdiv(num_tokens, tile_tokens) + num_rows
+    num_tiles = num_chunks + num_rows
     tile_ids = torch.arange(num_tiles, device=device, dtype=torch.int64)
     tile_row = (torch.searchsorted(tile_offsets, tile_ids, right=True) - 1).clamp_(0, max(num_rows - 1, 0))
-    start = row_offsets[tile_row] + (tile_ids - tile_offsets[tile_row]) * tile_tokens
-    end = torch.minimum(start + tile_tokens, row_offsets[tile_row + 1])
+    chunk = first_chunk[tile_row] + tile_ids - tile_offsets[tile_row]
+    start = torch.maximum(row_start[tile_row], chunk * chunk_tokens)
+    end = torch.minimum(row_end[tile_row], (chunk + 1) * chunk_tokens)
     live = tile_ids < tile_offsets[-1]
     start, end = torch.where(live, start, 0), torch.where(live, end, 0)
+    # Live tiles are in position order, so their chunks are non-decreasing; surplus tiles go past the last chunk.
+    chunk = torch.where(live, chunk, num_chunks)
+    chunk_tiles = torch.searchsorted(chunk, torch.arange(num_chunks + 1, device=device, dtype=torch.int64))
     tiles = torch.stack([tile_row, start, end]).to(torch.int32)
-    return SegmentTiles(order.to(torch.int32), tiles, tile_offsets, num_tiles)
+    return SegmentTiles(order.to(torch.int32), tiles, chunk_tiles.to(torch.int32), tile_offsets, num_tiles, num_chunks)
+
+
+def segment_reduction_bytes(num_tokens: int, num_rows: int, num_chunks: int, width: int, reduced: int) -> dict:
+    """HBM bytes (estimate) of :func:`segment_tiles` and :func:`segment_sum` for ``reduced`` gradients of
+    ``width`` columns, beyond a kernel's own token traffic: ``schedule`` -- the stable sort of the int32
+    index (read, sorted rows and int64 permutation written, permutation narrowed to int32), the kernel's read
+    of ``order``; ``partials`` -- each fp32 partial row written by the kernel and read back by the fixed-order
+    sum (at most ``num_chunks + num_rows`` tiles)."""
+    schedule = num_tokens * (4 + 4 + 8 + 8 + 4 + 4)
+    partials = 2 * 4 * reduced * width * min(num_chunks + num_rows, num_tokens + num_rows)
+    return {"schedule": schedule, "partials": partials}
 
 
 @triton.jit

@@ -12,30 +12,42 @@ Shapes: h (N, D_in), fc1_weight (H, D_in), fc1_bias (H,), fc2_weight (D_out, H),
 
 ``gelu_tanh(u) = 0.5 u (1 + tanh(sqrt(2/pi) (u + 0.044715 u^3)))`` with ``tanh(a) = 2 sigmoid(2a) - 1``.
 
-Forward: one Triton GEMM kernel (grouped tile order, fp32 accumulation, autotuned over tile shapes on a
-GPU) with the epilogue selected at compile time. fc1's epilogue writes both ``pre`` and ``act``; fc2's
-gated epilogue reads x and the gate row of each output row and writes ``out`` and ``f``.
+Forward: two Triton GEMMs (fp32 accumulation, grouped tile order, autotuned over tile shapes on a GPU)
+with the epilogue selected at compile time. fc1's epilogue writes both ``pre`` and ``act``; fc2's gated
+epilogue reads x and the gate row of each output row and writes ``out`` and ``f``.
+
+Two GEMM kernels share the tile order and the epilogue code:
+
+* ``_linear_tma_kernel`` (sm_90, and the interpreter): persistent (one program per SM walks the output
+  tiles in grouped order), operands and epilogue tiles moved by TMA tensor descriptors, the K loop
+  software-pipelined into wgmma. Needs every 2-D operand 16-byte aligned with row strides of a multiple of
+  16 bytes (DiT widths are multiples of 8 elements).
+* ``_linear_kernel``: one program per tile, pointer loads pipelined with cp.async; sm_80 and operands TMA
+  cannot describe.
+
+The epilogue runs on column sub-tiles of the accumulator (``SUBTILES``): its extra tiles (x, gate rows,
+GELU temporaries) then hold BLOCK_N / SUBTILES columns beside the accumulator, which keeps the wide tiles
+free of register spills and the wgmma pipeline unserialised.
 
 Memory: autograd keeps ``pre`` (N*H elements, the one (N, H) activation saved) and recomputes ``act``
-and ``gelu'(pre)`` in a single elementwise pass in the backward; ``act`` is freed after fc2. Saving act
-as well would add another N*H (4 N*D at mlp_ratio 4) per block for no fewer GEMMs. The gated variant
-also saves ``f`` (N*D_out, a quarter of ``pre`` at mlp_ratio 4), needed for dgate, instead of redoing
-the fc2 GEMM.
+in the backward; ``act`` is freed after fc2. Saving act as well would add another N*H (4 N*D at
+mlp_ratio 4) per block for no fewer GEMMs. The gated variant also saves ``f`` (N*D_out, a quarter of
+``pre`` at mlp_ratio 4), needed for dgate, instead of redoing the fc2 GEMM.
 
 Backward::
 
     df = dout * gate[index], dgate[r] = sum_{index[i]=r} dout_i * f_i, dx = dout   (gated_residual_backward)
-    dact = df @ fc2_weight                         torch.matmul (cuBLAS)
-    act, dpre = gelu(pre), dact * gelu'(pre)       one Triton elementwise pass
-    dfc2_weight = df^T @ act, dfc2_bias = sum df   cuBLAS / torch.sum
+    dpre = (df @ fc2_weight) * gelu'(pre), act = gelu(pre)   dgrad GEMM, epilogue: GELU gradient (Triton)
+    dfc2_weight = df^T @ act, dfc2_bias = sum df             cuBLAS / torch.sum
     dfc1_weight = dpre^T @ h, dfc1_bias = sum dpre, dh = dpre @ fc1_weight
 
-The five backward GEMMs use cuBLAS: they need transposed operands and have no epilogue besides the
-GELU gradient, which costs one extra read+write of an (N, H) tensor next to ~6*N*D*H FLOPs; cuBLAS runs
-these shapes near peak and a second tuned Triton GEMM per operand layout would not beat it. The dgate
-reduction is deterministic (fixed-order segmented sum); the weight gradients are cuBLAS GEMMs and
+The GELU gradient is the epilogue of the dgrad GEMM: it reads ``pre`` and writes ``dpre`` and ``act``, so
+``dact`` (N, H) is never written to memory nor read back (one read and one write of N*H elements fewer
+than a separate elementwise pass). The other four GEMMs use cuBLAS: they have no epilogue and need
+transposed operands (df^T, dpre^T), which cuBLAS runs near peak. The dgate reduction is deterministic
+(fixed-order segmented sum); the Triton GEMMs have no split-K; the weight gradients are cuBLAS GEMMs and
 ``torch.sum``, deterministic for a fixed shape (cuBLAS given ``CUBLAS_WORKSPACE_CONFIG``, as PyTorch's
-deterministic mode requires). Persistent / TMA GEMM variants for Hopper are not implemented.
+deterministic mode requires).
 
 Runs Triton on CUDA tensors (and on CPU under ``TRITON_INTERPRET=1``). The oracle is
 :func:`packdit.reference.mlp_reference`; :func:`packdit.fused_mlp` chooses between the two.
@@ -49,6 +61,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from packdit.ops import _triton_utils as tu
 from packdit.ops.gated_residual import gated_residual_backward
@@ -58,47 +71,167 @@ __all__ = ["fused_mlp", "gelu_tanh_backward"]
 _EPILOGUE_BIAS = 0
 _EPILOGUE_GELU = 1
 _EPILOGUE_GATED = 2
+_EPILOGUE_GELU_GRAD = 3
 
-# Tile shapes from the Triton matmul tutorial's tuned list for A100/H100 bf16; the first one
-# (64x64x32) is the only one under the interpreter.
-_GEMM_TILE_CONFIGS = [
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_stages=4, num_warps=4),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=3, num_warps=8),
-    triton.Config({"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=3, num_warps=8),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=4, num_warps=8),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}, num_stages=4, num_warps=4),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 256, "BLOCK_K": 32, "GROUP_M": 8}, num_stages=4, num_warps=4),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_stages=4, num_warps=4),
+
+def _config(block_m: int, block_n: int, block_k: int, warps: int, stages: int, subtiles: int, **kw) -> triton.Config:
+    tiles = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": 8, "SUBTILES": subtiles}
+    return triton.Config(tiles, num_warps=warps, num_stages=stages, **kw)
+
+
+def _set_block_shapes(nargs: dict) -> None:
+    """Autotuning pre-hook of the TMA kernel: the block shape of each tensor descriptor for this configuration."""
+    block_m, block_n, block_k = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
+    nargs["a_desc"].block_shape = [block_m, block_k]
+    nargs["w_desc"].block_shape = [block_k, block_n] if nargs["W_KN"] else [block_n, block_k]
+    for name in ("out_desc", "aux_desc", "src_desc"):
+        if nargs[name] is not None:
+            nargs[name].block_shape = [block_m, block_n // nargs["SUBTILES"]]
+
+
+# Tile shapes (BLOCK_M x BLOCK_N x BLOCK_K, warps, stages, epilogue sub-tiles), each checked on the compiled sm_90
+# code: no register spills, no serialised wgmma (ptxas C7515) and at most 0.7 instruction-issue cycles per
+# tensor-core cycle in the main loop, for every epilogue. Smaller tiles (128x64x32, 64x64x32 with 4 warps) issue
+# 0.8-1.3 cycles of instructions per MMA cycle and are left out. The first configuration is the only one under
+# the interpreter.
+_GEMM_TILE_CONFIGS = [  # pointer kernel (cp.async): sm_80, and operands TMA cannot describe
+    _config(128, 128, 64, 8, 4, 2),
+    _config(128, 256, 64, 8, 3, 4),
+    _config(256, 128, 64, 8, 3, 4),
+    _config(128, 128, 32, 4, 4, 4),
+    _config(64, 256, 32, 4, 4, 4),
 ]
-_GEMM_CONFIGS = tu.autotune_configs(_GEMM_TILE_CONFIGS)
+_TMA_TILE_CONFIGS = [  # persistent TMA kernel: sm_90
+    _config(128, 128, 64, 8, 4, 2, pre_hook=_set_block_shapes),
+    _config(128, 256, 64, 8, 3, 4, pre_hook=_set_block_shapes),
+    _config(128, 256, 64, 8, 4, 4, pre_hook=_set_block_shapes),
+    _config(256, 128, 64, 8, 3, 4, pre_hook=_set_block_shapes),
+    _config(128, 128, 64, 4, 4, 4, pre_hook=_set_block_shapes),
+    _config(64, 128, 64, 4, 4, 2, pre_hook=_set_block_shapes),
+    _config(128, 64, 64, 4, 4, 1, pre_hook=_set_block_shapes),
+]
 
-
-# Tuned per power-of-two bucket of M: packed batches change N tokens every step, and re-tuning
-# (7 configs x benchmark runs) for every new M would cost more than it gains.
-@triton.autotune(configs=_GEMM_CONFIGS, key=["m_bucket", "N", "K", "EPILOGUE"])
+# ---------------------------------------------------------------------- epilogue
 @triton.jit
-def _linear_kernel(
-    a_ptr, w_ptr, bias_ptr, out_ptr, aux_ptr, res_ptr, gate_ptr, index_ptr,
-    M, N, K, R, m_bucket,
-    stride_am, stride_ak, stride_wn, stride_wk, stride_out, stride_aux, stride_res, stride_gate,
-    EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-):
-    """``acc = a @ w^T (+ bias)`` for a (M, K), w (N, K); then by EPILOGUE (``_EPILOGUE_*``):
-    0 BIAS: out = acc. 1 GELU: aux = acc, out = gelu_tanh(acc). 2 GATED: aux = acc, out = res + gate[index] * acc.
-    ``m_bucket`` = next_pow2(M) is only the autotuning key."""
-    pid = tl.program_id(0)
+def _tile_coords(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Grouped tile order: GROUP_M row blocks run one after another on each column block, so the w column
+    block they share is read from HBM once and then from L2."""
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
-    # Grouped order: GROUP_M row blocks share each loaded w column block while it is in L2.
     group_size = GROUP_M * num_pid_n
-    first_m = (pid // group_size) * GROUP_M
+    first_m = (tile // group_size) * GROUP_M
     rows_in_group = min(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group_size) % rows_in_group
-    pid_n = (pid % group_size) // rows_in_group
+    pid_m = first_m + (tile % group_size) % rows_in_group
+    pid_n = (tile % group_size) // rows_in_group
+    return pid_m * BLOCK_M, pid_n * BLOCK_N
 
-    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+
+@triton.jit
+def _load_tile(src, stride, off_m, off_n, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr):
+    """The (BLOCK_M, BLOCK_N) tile at (off_m, off_n) of an (M, N) tensor: a tensor descriptor (TMA) or a pointer
+    with row stride ``stride``; zeros outside."""
+    if TMA:
+        tile = src.load([off_m, off_n])
+    else:
+        rows = (off_m + tl.arange(0, BLOCK_M)).to(tl.int64)
+        cols = off_n + tl.arange(0, BLOCK_N)
+        tile = tl.load(src + rows[:, None] * stride + cols[None, :], mask=(rows < M)[:, None] & (cols < N)[None, :],
+                       other=0.0)
+    return tile
+
+
+@triton.jit
+def _store_tile(dst, stride, value, off_m, off_n, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                TMA: tl.constexpr):
+    """Store ``value`` as the tile at (off_m, off_n) of an (M, N) tensor (see :func:`_load_tile`)."""
+    if TMA:
+        dst.store([off_m, off_n], value.to(dst.dtype))
+    else:
+        rows = (off_m + tl.arange(0, BLOCK_M)).to(tl.int64)
+        cols = off_n + tl.arange(0, BLOCK_N)
+        tl.store(dst + rows[:, None] * stride + cols[None, :], value.to(dst.dtype.element_ty),
+                 mask=(rows < M)[:, None] & (cols < N)[None, :])
+
+
+@triton.jit
+def _epilogue_tile(
+    acc, off_m, off_n, M, N, R, out, aux, src, stride_out, stride_aux, stride_src, bias_ptr, gate_ptr, index_ptr,
+    stride_gate, EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, TMA: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """The epilogue of one (BLOCK_M, BLOCK_N) fp32 accumulator tile (``_EPILOGUE_*``; u = acc + bias):
+    0 BIAS: out = u. 1 GELU: aux = u, out = gelu_tanh(u). 2 GATED: aux = u, out = src + gate[index] * u.
+    3 GELU_GRAD: out = u * gelu_tanh'(src), aux = gelu_tanh(src) (src = pre)."""
+    cols = off_n + tl.arange(0, BLOCK_N)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+    if EPILOGUE == 0:
+        out_value = acc
+    elif EPILOGUE == 1:
+        _store_tile(aux, stride_aux, acc, off_m, off_n, M, N, BLOCK_M, BLOCK_N, TMA)
+        out_value = tu.gelu_tanh(acc)
+    elif EPILOGUE == 2:
+        _store_tile(aux, stride_aux, acc, off_m, off_n, M, N, BLOCK_M, BLOCK_N, TMA)
+        rows = off_m + tl.arange(0, BLOCK_M)
+        row = tl.load(index_ptr + rows, mask=rows < M, other=0).to(tl.int64)
+        # Out-of-range rows read nothing and give NaN (values are only checked on the host for CPU inputs).
+        row_mask = ((rows < M) & (row >= 0) & (row < R))[:, None] & (cols < N)[None, :]
+        gate = tl.load(gate_ptr + row[:, None] * stride_gate + cols[None, :], mask=row_mask, other=float("nan"))
+        res = _load_tile(src, stride_src, off_m, off_n, M, N, BLOCK_M, BLOCK_N, TMA)
+        out_value = res.to(tl.float32) + gate.to(tl.float32) * acc
+    else:
+        pre = _load_tile(src, stride_src, off_m, off_n, M, N, BLOCK_M, BLOCK_N, TMA).to(tl.float32)
+        act, grad = tu.gelu_tanh_and_grad(pre)
+        _store_tile(aux, stride_aux, act, off_m, off_n, M, N, BLOCK_M, BLOCK_N, TMA)
+        out_value = acc * grad
+    _store_tile(out, stride_out, out_value, off_m, off_n, M, N, BLOCK_M, BLOCK_N, TMA)
+
+
+@triton.jit
+def _split_columns(tile, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(BLOCK_M, BLOCK_N) -> its left and right (BLOCK_M, BLOCK_N // 2) halves."""
+    return tl.split(tl.permute(tl.reshape(tile, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+
+
+@triton.jit
+def _epilogue(
+    acc, off_m, off_n, M, N, R, out, aux, src, stride_out, stride_aux, stride_src, bias_ptr, gate_ptr, index_ptr,
+    stride_gate, EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, TMA: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUBTILES: tl.constexpr,
+):
+    """:func:`_epilogue_tile` on SUBTILES (1, 2 or 4) column sub-tiles of the accumulator one after another: the
+    epilogue's own tiles (src, gate rows, GELU temporaries) then need registers for BLOCK_N / SUBTILES columns
+    only, next to the accumulator's BLOCK_M * BLOCK_N fp32 values."""
+    if SUBTILES == 1:
+        _epilogue_tile(acc, off_m, off_n, M, N, R, out, aux, src, stride_out, stride_aux, stride_src, bias_ptr,
+                       gate_ptr, index_ptr, stride_gate, EPILOGUE, HAS_BIAS, TMA, BLOCK_M, BLOCK_N)
+    else:
+        half: tl.constexpr = BLOCK_N // 2
+        left, right = _split_columns(acc, BLOCK_M, BLOCK_N)
+        _epilogue(left, off_m, off_n, M, N, R, out, aux, src, stride_out, stride_aux, stride_src, bias_ptr,
+                  gate_ptr, index_ptr, stride_gate, EPILOGUE, HAS_BIAS, TMA, BLOCK_M, half, SUBTILES // 2)
+        _epilogue(right, off_m, off_n + half, M, N, R, out, aux, src, stride_out, stride_aux, stride_src, bias_ptr,
+                  gate_ptr, index_ptr, stride_gate, EPILOGUE, HAS_BIAS, TMA, BLOCK_M, half, SUBTILES // 2)
+
+
+# ---------------------------------------------------------------------- GEMM kernels
+# Tuned per power-of-two bucket of M: packed batches change N tokens every step, and re-tuning for every new M
+# would cost more than it gains.
+@triton.autotune(configs=tu.autotune_configs(_GEMM_TILE_CONFIGS), key=["m_bucket", "N", "K", "EPILOGUE"])
+@triton.jit
+def _linear_kernel(
+    a_ptr, w_ptr, bias_ptr, out_ptr, aux_ptr, src_ptr, gate_ptr, index_ptr,
+    M, N, K, R, m_bucket,
+    stride_am, stride_ak, stride_wn, stride_wk, stride_out, stride_aux, stride_src, stride_gate,
+    EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    SUBTILES: tl.constexpr,
+):
+    """``acc = a @ w^T`` for a (M, K), w (N, K) with any strides (pointer loads, cp.async pipelined), then
+    :func:`_epilogue`. One program per output tile. ``m_bucket`` = next_pow2(M) is only the autotuning key."""
+    off_m, off_n = _tile_coords(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = (off_m + tl.arange(0, BLOCK_M)).to(tl.int64)
+    offs_n = (off_n + tl.arange(0, BLOCK_N)).to(tl.int64)
     offs_k = tl.arange(0, BLOCK_K)
     m_mask = offs_m < M
     n_mask = offs_n < N
@@ -109,28 +242,41 @@ def _linear_kernel(
         k_mask = offs_k < K - k0
         a = tl.load(a_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         w = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-        if IEEE:
-            acc = tl.dot(a, w, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, w, acc)
+        acc = tl.dot(a, w, acc, input_precision="ieee" if IEEE else None)
         a_ptrs += BLOCK_K * stride_ak
         w_ptrs += BLOCK_K * stride_wk
+    _epilogue(acc, off_m, off_n, M, N, R, out_ptr, aux_ptr, src_ptr, stride_out, stride_aux, stride_src, bias_ptr,
+              gate_ptr, index_ptr, stride_gate, EPILOGUE, HAS_BIAS, False, BLOCK_M, BLOCK_N, SUBTILES)
 
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    mask = m_mask[:, None] & n_mask[None, :]
-    out_dtype = out_ptr.dtype.element_ty
-    if EPILOGUE == 1:
-        tl.store(aux_ptr + offs_m[:, None] * stride_aux + offs_n[None, :], acc.to(out_dtype), mask=mask)
-        acc = tu.gelu_tanh(acc)
-    elif EPILOGUE == 2:
-        tl.store(aux_ptr + offs_m[:, None] * stride_aux + offs_n[None, :], acc.to(out_dtype), mask=mask)
-        row = tl.load(index_ptr + offs_m, mask=m_mask, other=0).to(tl.int64)
-        row_mask = mask & ((row >= 0) & (row < R))[:, None]
-        gate = tl.load(gate_ptr + row[:, None] * stride_gate + offs_n[None, :], mask=row_mask, other=float("nan"))
-        res = tl.load(res_ptr + offs_m[:, None] * stride_res + offs_n[None, :], mask=mask, other=0.0)
-        acc = res.to(tl.float32) + gate.to(tl.float32) * acc
-    tl.store(out_ptr + offs_m[:, None] * stride_out + offs_n[None, :], acc.to(out_dtype), mask=mask)
+
+@triton.autotune(configs=tu.autotune_configs(_TMA_TILE_CONFIGS), key=["m_bucket", "N", "K", "EPILOGUE", "W_KN"])
+@triton.jit
+def _linear_tma_kernel(
+    a_desc, w_desc, bias_ptr, out_desc, aux_desc, src_desc, gate_ptr, index_ptr,
+    M, N, K, R, m_bucket, stride_gate,
+    EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, W_KN: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    SUBTILES: tl.constexpr,
+):
+    """``acc = a @ w^T`` (w (N, K)) or ``a @ w`` (W_KN: w (K, N)) through TMA tensor descriptors, then
+    :func:`_epilogue` with TMA stores of BLOCK_N / SUBTILES columns. Persistent: the grid is at most one program
+    per SM; program p runs tiles p, p + grid, ... in grouped order, and the tile and K loops are flattened
+    into one software pipeline, so the next tile's first loads are in flight during this tile's epilogue."""
+    num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0)):
+        off_m, off_n = _tile_coords(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for kt in range(k_tiles):
+            off_k = kt * BLOCK_K
+            a = a_desc.load([off_m, off_k])
+            if W_KN:
+                w = w_desc.load([off_k, off_n])
+            else:
+                w = w_desc.load([off_n, off_k]).T
+            acc = tl.dot(a, w, acc, input_precision="ieee" if IEEE else None)
+        _epilogue(acc, off_m, off_n, M, N, R, out_desc, aux_desc, src_desc, 0, 0, 0, bias_ptr, gate_ptr, index_ptr,
+                  stride_gate, EPILOGUE, HAS_BIAS, True, BLOCK_M, BLOCK_N, SUBTILES)
 
 
 _ELEMENTWISE_BLOCK = 1024
@@ -147,27 +293,54 @@ def _gelu_tanh_bwd(pre_ptr, dact_ptr, dpre_ptr, act_ptr, numel, BLOCK: tl.conste
     tl.store(dpre_ptr + offs, (dact * grad).to(dpre_ptr.dtype.element_ty), mask=mask)
 
 
-def _linear(a: Tensor, w: Tensor, bias: Optional[Tensor], epilogue: int, res: Optional[Tensor] = None,
-            gate: Optional[Tensor] = None, index: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
-    """Launch :func:`_linear_kernel`: returns ``(out, aux)`` (aux empty for the BIAS epilogue)."""
+def _tma_compatible(*tensors: Tensor) -> bool:
+    """Whether the TMA kernel can run: sm_90+ (or the interpreter) and every 2-D operand with a 16-byte aligned
+    base, a contiguous last dimension and a row stride of a multiple of 16 bytes, none of them empty."""
+    describable = (t.numel() > 0 and t.data_ptr() % 16 == 0 and t.stride(1) == 1
+                   and (t.stride(0) * t.element_size()) % 16 == 0 for t in tensors)
+    return tu.tma_capable(tensors[0].device) and all(describable)
+
+
+def _linear(a: Tensor, w: Tensor, bias: Optional[Tensor], epilogue: int, *, w_kn: bool = False,
+            src: Optional[Tensor] = None, gate: Optional[Tensor] = None,
+            index: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
+    """``(out, aux)`` of ``acc = a @ w^T + bias`` (``a @ w`` with ``w_kn``: w is (K, N)) and the epilogue
+    (``_EPILOGUE_*``; src: the residual x for GATED, pre for GELU_GRAD); aux is None for BIAS.
+
+    Runs the persistent TMA kernel where :func:`_tma_compatible`, else the pointer kernel."""
     m, k = a.shape
-    n = w.shape[0]
-    out = torch.empty(m, n, device=a.device, dtype=a.dtype)
-    aux = torch.empty(m, n, device=a.device, dtype=a.dtype) if epilogue != _EPILOGUE_BIAS else out.new_empty(0)
+    n = w.shape[1] if w_kn else w.shape[0]
+    out = a.new_empty(m, n)
+    aux = a.new_empty(m, n) if epilogue != _EPILOGUE_BIAS else None
     if m == 0 or n == 0:
         return out, aux
-    gated = epilogue == _EPILOGUE_GATED
+    num_rows = gate.shape[0] if gate is not None else 0
+    stride_gate = gate.stride(0) if gate is not None else 0
+    flags = dict(EPILOGUE=epilogue, HAS_BIAS=bias is not None, IEEE=a.dtype == torch.float32)
+    tensors = [t for t in (a, w, out, aux, src) if t is not None]
+    if _tma_compatible(*tensors):
+        # Block shapes are placeholders, set per configuration by _set_block_shapes.
+        a_desc, w_desc, out_desc, aux_desc, src_desc = (
+            None if t is None else TensorDescriptor.from_tensor(t, [1, 1]) for t in (a, w, out, aux, src))
+        programs = tu.num_sms(a.device)
+
+        def persistent_grid(meta):
+            return (min(programs, triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])),)
+
+        _linear_tma_kernel[persistent_grid](
+            a_desc, w_desc, bias, out_desc, aux_desc, src_desc, gate, index,
+            m, n, k, num_rows, triton.next_power_of_2(m), stride_gate, W_KN=w_kn, **flags)
+        return out, aux
+
+    stride_wn, stride_wk = (w.stride(1), w.stride(0)) if w_kn else (w.stride(0), w.stride(1))
 
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
 
     _linear_kernel[grid](
-        a, w, bias, out, aux, res if gated else None, gate if gated else None, index if gated else None,
-        m, n, k, gate.shape[0] if gated else 0, triton.next_power_of_2(m),
-        a.stride(0), a.stride(1), w.stride(0), w.stride(1), out.stride(0), aux.stride(0) if aux.dim() == 2 else 0,
-        res.stride(0) if gated else 0, gate.stride(0) if gated else 0,
-        EPILOGUE=epilogue, HAS_BIAS=bias is not None, IEEE=a.dtype == torch.float32,
-    )
+        a, w, bias, out, aux, src, gate, index, m, n, k, num_rows, triton.next_power_of_2(m),
+        a.stride(0), a.stride(1), stride_wn, stride_wk, out.stride(0), 0 if aux is None else aux.stride(0),
+        0 if src is None else src.stride(0), stride_gate, **flags)
     return out, aux
 
 
@@ -218,7 +391,7 @@ def _fused_mlp_op(
     act, pre = _linear(h, fc1_weight, fc1_bias, _EPILOGUE_GELU)
     if not gated:
         return _linear(act, fc2_weight, fc2_bias, _EPILOGUE_BIAS)[0], pre, h.new_empty(0)
-    out, f = _linear(act, fc2_weight, fc2_bias, _EPILOGUE_GATED, x, gate, index)
+    out, f = _linear(act, fc2_weight, fc2_bias, _EPILOGUE_GATED, src=x, gate=gate, index=index)
     return out, pre, f
 
 
@@ -249,6 +422,19 @@ def _(pre, dact):
         pre, memory_format=torch.contiguous_format)
 
 
+@torch.library.custom_op("packdit::fused_mlp_gelu_dgrad", mutates_args=())
+def _gelu_dgrad_op(df: Tensor, fc2_weight: Tensor, pre: Tensor) -> tuple[Tensor, Tensor]:
+    """``(dpre, act)``: ``dpre = (df @ fc2_weight) * gelu_tanh'(pre)``, ``act = gelu_tanh(pre)``, the GELU gradient
+    as the epilogue of the dgrad GEMM (df (N, D_out), fc2_weight (D_out, H), pre (N, H))."""
+    return _linear(df.contiguous(), fc2_weight, None, _EPILOGUE_GELU_GRAD, w_kn=True, src=pre)
+
+
+@_gelu_dgrad_op.register_fake
+def _(df, fc2_weight, pre):
+    return torch.empty_like(pre, memory_format=torch.contiguous_format), torch.empty_like(
+        pre, memory_format=torch.contiguous_format)
+
+
 def _setup_context(ctx, inputs, output):
     h, fc1_weight, fc1_bias, fc2_weight, fc2_bias, x, gate, index = inputs
     _, pre, f = output
@@ -271,7 +457,7 @@ def _backward(ctx, dout, _dpre, _df):
         dx = dout
     else:
         df = dout
-    dpre, act = gelu_tanh_backward(pre, df @ fc2_weight)
+    dpre, act = _gelu_dgrad_op(df, fc2_weight, pre)
     dfc2_weight = df.t() @ act
     dfc1_weight = dpre.t() @ h
     dh = dpre @ fc1_weight
