@@ -39,9 +39,17 @@ import triton_aot  # noqa: E402
 RESULTS_SLUG = "static-sm90"
 ARCHS = (90, 80)
 PROCESSES = 2
+GEMM_KERNELS = ("_linear_kernel", "_linear_tma_kernel")
 COLUMNS = ["kernel", "config", "head_dim", "rope", "width", "registers", "spill_bytes", "shared_bytes", "wgmma",
            "mma_sync", "cp_async", "tma", "loop_pipelined", "mufu", "loop_instructions_per_warp", "issue_per_mma",
            "c7515"]
+
+
+def _scenarios_rope(launches: list[triton_aot.Launch]):
+    """Whether the scenarios launching a kernel without a RoPE constexpr have RoPE on: True, False, or "on+off"
+    for a kernel that RoPE-on and RoPE-off scenarios share (the attention kernels: RoPE runs in the QK-norm pass)."""
+    ropes = {dict(launch.tags).get("rope") for launch in launches} - {None}
+    return "on+off" if len(ropes) > 1 else next(iter(ropes), None)
 
 
 def _widths(counts: dict) -> str:
@@ -61,9 +69,9 @@ def row(case: triton_aot.CompileCase, launches: list[triton_aot.Launch], result:
         "config": triton_aot.case_label(case),
         "arch": f"sm_{case.arch}",
         "head_dim": values.get("HEAD_DIM"),
-        "rope": values.get("ROPE"),
+        "rope": values.get("ROPE", _scenarios_rope(launches)),
         "width": tags.get("width"),
-        "gemm_nk": f"{int_args['N']}x{int_args['K']}" if case.name == "_linear_kernel" else None,
+        "gemm_nk": f"{int_args['N']}x{int_args['K']}" if case.name in GEMM_KERNELS else None,
         "block_m": values.get("BLOCK_M"),
         "block_n": values.get("BLOCK_N"),
         "epilogue": values.get("EPILOGUE"),
@@ -145,13 +153,13 @@ def plot(rows: list[dict], path) -> None:
                                r["rope"]), []).append(r)
     labels, values, spills = [], [], []
     for (kernel, head_dim, rope), found in sorted(groups.items()):
-        labels.append(f"{kernel} d{head_dim}{' rope' if rope else ''}")
+        labels.append(f"{kernel} d{head_dim}{ {True: ' rope', False: '', None: ''}.get(rope, f' rope {rope}')}")
         values.append(min(r["issue_per_mma"] for r in found))
         spills.append(max(r["spill_bytes"] for r in found))
     _bars(left, labels, values, [f"spill <= {s} B" if s else "" for s in spills],
           "attention, 128-row tiles: best issue/MMA over autotuning configurations")
-    gemm = sorted((r for r in rows if r["kernel"] == "linear_kernel"), key=lambda r: (r["epilogue"], r["config"]))
-    _bars(right, [r["config"].removeprefix("linear-").removesuffix("-sm90") for r in gemm],
+    gemm = sorted((r for r in rows if "_" + r["kernel"] in GEMM_KERNELS), key=lambda r: (r["epilogue"], r["config"]))
+    _bars(right, [r["config"].removesuffix("-sm90") for r in gemm],
           [r["issue_per_mma"] for r in gemm],
           [" ".join(filter(None, (f"spill {r['spill_bytes']} B" if r["spill_bytes"] else "",
                                   "C7515" if r["c7515"] else ""))) for r in gemm],
