@@ -26,6 +26,8 @@ against the fp32 reference (``packdit.reference.varlen_attention`` after ``apply
 is refused and not timed. Useful FLOPs: ``4 * D * H * pairs`` forward, x3.5 forward+backward
 (backward = 2.5x forward), pairs = sum L^2 (full), sum T (HW)^2 (spatial), sum HW T^2 (temporal).
 ``vs_best_peer`` is packdit's TFLOP/s over the best peer's on the same case and pass.
+``packdit_useful_area``: the share of the scores packdit's tiles compute that attention needs, per case and,
+in rows with pass ``static`` (any device), per workload mix and mode.
 
 CPU (quick): tiny fp32 layouts, head dim 64; the reference and the SDPA peers are verified and timed
 (no performance claims). Under ``TRITON_INTERPRET=1`` (the test suite) packdit's kernel is verified on
@@ -43,12 +45,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from common import Context, OutputMismatch, forward_and_grads, measure, print_table, refused_row, verify_outputs
-from workloads import take_tokens
+from workloads import MIXES, take_tokens
 
 import packdit
 from packdit import reference
 from packdit.layout import PackedSeqs
 from packdit.models.config import default_rope
+from packdit.ops.attention_schedule import score_area
 
 MODEL_WIDTH = 1152
 HEAD_DIMS = (128, 72, 64)
@@ -355,6 +358,8 @@ def _run_case(ctx: Context, case: Case, seqs: PackedSeqs, label: str) -> list[di
     base = {"device": label, "mix": case.mix, "mode": case.mode, "rope": case.rope, "head_dim": case.head_dim,
             "heads": case.heads, "tokens": seqs.num_tokens, "samples": len(seqs), "max_seqlen": seqs.max_seqlen,
             "dtype": str(dtype).removeprefix("torch.")}
+    # the scores packdit's tiles compute that attention needs (the rest is padding and block-diagonal masking)
+    base["packdit_useful_area"] = round(score_area(seqs.grids, case.mode)["fraction"], 3)
     providers, skipped = _providers(ctx, seqs, case)
     rows = []
     rows += [{**base, "provider": name, "pass": "-", "note": f"skipped: {why}"} for name, why in skipped.items()]
@@ -408,12 +413,34 @@ def run(ctx: Context) -> list[dict]:
             layouts[case.mix] = _layout(ctx, case.mix)
         rows += _run_case(ctx, case, layouts[case.mix], label)
     _add_peer_ratios(rows)
+    rows += useful_areas(label)
+    print_table("packdit's tiles: useful / computed query x key scores (host schedule of each mix's GPU layout; "
+                "static, not timed)", [r for r in rows if r["pass"] == "static"],
+                ["mix", "mode", "tokens", "samples", "packdit_useful_area", "block_m"])
     print_table(f"attention ({label}; TFLOP/s of useful FLOPs)", [r for r in rows if "TFLOPs" in r],
                 ["mix", "mode", "rope", "head_dim", "pass", "provider", "ms", "TFLOPs", "vs_best_peer", "best_peer",
                  "rel_err"])
     for r in rows:
         if r["pass"] == "-" and r.get("note", "").startswith(("skipped: time", "failed", "verified")):
             print(f"  {r['mix']} {r['mode']} rope={r['rope']} d{r['head_dim']} {r['provider']}: {r['note']}")
+    return rows
+
+
+def useful_areas(label: str) -> list[dict]:
+    """Per workload mix and mode, the fraction of the query x key scores computed by packdit's forward tiles
+    that attention needs (:func:`packdit.ops.attention_schedule.score_area`): a property of the schedule,
+    the same on any device. In temporal mode a tile packs 64 // T positions of T frames (block-diagonal
+    mask), so at most about T / 64 of it is useful."""
+    rows = []
+    for mix in MIXES:
+        shapes = take_tokens(mix, TOKEN_BUDGET, seed=0)
+        grids = [(s[1] if len(s) == 4 else 1, s[-2] // 2, s[-1] // 2) for s in shapes]
+        for mode in MODES:
+            area = score_area(grids, mode)
+            rows.append({"device": label, "mix": mix, "mode": mode, "provider": "packdit", "pass": "static",
+                         "tokens": sum(math.prod(g) for g in grids), "samples": len(grids),
+                         "packdit_useful_area": round(area["fraction"], 3), "block_m": area["block_m"],
+                         "note": "schedule property, not timed"})
     return rows
 
 

@@ -143,14 +143,21 @@ def sample_lengths(mix: str, num_samples: int, *, seed: int = 0, patch_size=(1, 
     return [num_patches(s, patch_size) for s in latent_shapes(mix, num_samples, seed=seed)]
 
 
-def take_tokens(mix: str, token_budget: int, *, seed: int = 0, patch_size=(1, 2, 2)) -> list[tuple[int, ...]]:
-    """Samples from ``mix`` in stream order until ``token_budget`` patches are reached (at least one)."""
-    shapes, total, chunk = [], 0, 0
+def take_tokens(mix: str, token_budget: int, *, seed: int = 0, patch_size=(1, 2, 2),
+                max_skipped: int = 256) -> list[tuple[int, ...]]:
+    """One pack of ``mix``: samples in stream order, each taken if it fits in what is left of ``token_budget``
+    patches and skipped (left for a later pack, as a packer does) otherwise, until the pack is within 1/64 of
+    the budget or ``max_skipped`` samples did not fit. The first sample is taken even if it alone exceeds the
+    budget."""
+    shapes, total, skipped, chunk = [], 0, 0, 0
     while True:
         for shape in latent_shapes(mix, 64, seed=seed * 1000 + chunk):
             n = num_patches(shape, patch_size)
             if shapes and total + n > token_budget:
+                skipped += 1
+            else:
+                shapes.append(shape)
+                total += n
+            if total >= token_budget - token_budget // 64 or skipped >= max_skipped:
                 return shapes
-            shapes.append(shape)
-            total += n
         chunk += 1

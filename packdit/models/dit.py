@@ -385,7 +385,7 @@ class DiT(nn.Module):
         if shard is not None:  # from here on this process runs its shard's tokens
             tokens = shard.scatter(tokens)
         x = self.x_embedder(tokens)
-        if self.pos_embed_type != "rope3d":  # rope3d rotates q and k inside attention instead
+        if self.pos_embed_type != "rope3d":  # rope3d rotates q and k in each attention layer instead
             x = x + self._position_embedding(seqs, x.shape[-1], shard).to(x.dtype)
         ctx, ctx_seqs = self._pack_context(context, len(seqs), shard)
         c, mod_index = self._condition(t, y, seqs, ctx, ctx_seqs, shard)
