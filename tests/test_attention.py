@@ -274,6 +274,19 @@ def test_tiles_too_wide_for_shared_memory_run_in_parts(deterministic):
         assert_close(a, b, atol=4e-6, rtol=1e-5, name=name)
 
 
+def test_program_rows_are_powers_of_two_within_the_tile_budgets():
+    """tl.arange needs a power of two: fp32 at D = 72 (80 columns) fits 102 rows in 32 KB, the kernels take 64."""
+    for head_dim in range(1, 257):
+        for itemsize in (2, 4):
+            for rows_of, budget in ((attention_op._fwd_rows, attention_op._FWD_TILE_BYTES),
+                                    (attention_op._bwd_rows, attention_op._BWD_TILE_BYTES)):
+                rows = rows_of(128, head_dim, itemsize)
+                columns = attention_op._head_columns(head_dim)
+                assert rows & (rows - 1) == 0 and rows * columns * itemsize <= budget, (head_dim, itemsize, rows)
+                assert rows == 128 or 2 * rows * columns * itemsize > budget, (head_dim, itemsize, rows)
+    assert attention_op._bwd_rows(128, 72, 4) == 64
+
+
 # ---------------------------------------------------------------------------------------------- determinism
 def test_deterministic_backward_is_bitwise_reproducible_and_matches_default():
     seqs = PackedSeqs.from_grids([(2, 4, 5), (1, 3, 3), (1, 1, 2)], device=DEVICE)
