@@ -106,11 +106,20 @@ def row(case: triton_aot.CompileCase, launches: list[triton_aot.Launch], result:
     }
 
 
+def _runs_on(arch: int, case: triton_aot.CompileCase, launches: list[triton_aot.Launch]) -> bool:
+    """Whether ``arch`` runs this kernel: the GEMM takes TMA descriptors from sm_90 on and pointer loads before
+    (the scenarios capture the TMA kernel, and the pointer kernel where a scenario says ``tma=False``)."""
+    if arch < 90:
+        return case.name != "_linear_tma_kernel"
+    return any(dict(launch.tags).get("tma", True) for launch in launches)
+
+
 def measure(workers: triton_aot.Workers, scenarios, arch: int, quick: bool = False) -> list[dict]:
     """Rows of every distinct compile case the ``scenarios`` launch, compiled for ``arch``."""
     from tqdm import tqdm
 
-    cases = triton_aot.unique_cases(workers.captured(scenarios), arch)
+    cases = {case: launches for case, launches in triton_aot.unique_cases(workers.captured(scenarios), arch).items()
+             if _runs_on(arch, case, launches)}
     if quick:
         cases = triton_aot.first_per_kernel(cases)
     futures = {case: workers.compile(case) for case in cases}

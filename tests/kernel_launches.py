@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+from unittest import mock
 
 from triton_aot import Launch, capturing
 
@@ -82,9 +83,14 @@ def _attention(width: int, heads: int, layout: str, rope: bool, kv_heads: int | 
                      ("layout", layout), ("rope", rope), ("dtype", dtype)))
 
 
-def _mlp(width: int, tokens: int, dtype: str = "bf16", gated: bool = False, bias: bool = True) -> Scenario:
-    return Scenario(f"mlp {width}{' gated' if gated else ''}{'' if bias else ' no-bias'} {dtype}", "mlp",
-                    (("width", width), ("tokens", tokens), ("dtype", dtype), ("gated", gated), ("bias", bias)))
+def _mlp(width: int, tokens: int, dtype: str = "bf16", gated: bool = False, bias: bool = True,
+         tma: bool = True) -> Scenario:
+    """``tma=False``: the GEMM without TMA descriptors (pointer loads), what GPUs before sm_90 run; the capture
+    otherwise records the sm_90 TMA kernel (``triton_aot._RUNNABLE_CHECKS``)."""
+    features = f"{' gated' if gated else ''}{'' if bias else ' no-bias'}{'' if tma else ' pointer'}"
+    return Scenario(f"mlp {width}{features} {dtype}", "mlp",
+                    (("width", width), ("tokens", tokens), ("dtype", dtype), ("gated", gated), ("bias", bias),
+                     ("tma", tma)))
 
 
 def _norm(width: int, norm_type: str, affine: bool, dtype: str) -> Scenario:
@@ -102,13 +108,14 @@ PRODUCTION = (
     _attention(3072, 24, "long", True, kv_heads=8, qk_norm=True),
     _attention(1152, 16, "long", False, kv_heads=8),
     _mlp(1152, 300), _mlp(3072, 300),
+    _mlp(1152, 300, tma=False), _mlp(3072, 300, tma=False),
 )
 # What the SASS budget tests (and the default compile tests) read: attention tiles of 128 rows ("long") and
 # temporal mode ("video") with RoPE off and on, 64-row tiles ("medium") with RoPE off. The 32- and 16-row
 # tiles, and 64-row tiles with RoPE (RoPE does not change which MMA instructions a tile compiles to, and today's
 # in-loop RoPE kernels are the slowest to compile), are in the sass section's report only.
 BUDGETED = tuple(s for s in PRODUCTION if s.tags.get("layout") not in ("short", "tiny")
-                 and not (s.tags.get("layout") == "medium" and s.tags.get("rope")))
+                 and not (s.tags.get("layout") == "medium" and s.tags.get("rope")) and s.tags.get("tma", True))
 # Beyond production, for the compile tests: head dim 256, fp32 / fp16 inputs, every tile size, GQA, the QK-norm
 # without and with RoPE at every head dim (fp32 / fp16), the GEMM without bias, LayerNorm / RMSNorm with and
 # without affine parameters at widths 64 and 4096 (BLOCK_D 64, 4096) with the gated residual.
@@ -119,7 +126,7 @@ COVERAGE = (
       for layout in ("long", "tiny") for rope in (False, True)),
     *(_mlp(width, 77, dtype, gated) for dtype in ("fp32", "fp16") for width in (64, 1152, 4096)
       for gated in (False, True)),
-    _mlp(1152, 77, bias=False),
+    _mlp(1152, 77, bias=False), _mlp(1152, 300, gated=True, tma=False),
     *(_norm(width, norm_type, affine, dtype) for dtype in ("bf16", "fp16", "fp32") for width in (64, 4096)
       for norm_type in ("layer", "rms") for affine in (False, True)),
 )
@@ -189,10 +196,12 @@ def _run_attention(width: int, heads: int, kv_heads, qk_norm: bool, mode: str, l
     _backward(lambda: module(x, seqs), deterministic_too=True)
 
 
-def _run_mlp(width: int, tokens: int, dtype: str, gated: bool, bias: bool, extra_tokens: int, **_) -> None:
+def _run_mlp(width: int, tokens: int, dtype: str, gated: bool, bias: bool, tma: bool, extra_tokens: int,
+             **_) -> None:
     import torch
 
     from packdit.nn.mlp import FusedMLP
+    from packdit.ops import _triton_utils
 
     module = FusedMLP(width, 4 * width, bias=bias, backend="triton").to(_torch_dtype(dtype))
     count = tokens + extra_tokens
@@ -202,8 +211,9 @@ def _run_mlp(width: int, tokens: int, dtype: str, gated: bool, bias: bool, extra
         rows = 3
         residual = dict(x=torch.randn(count, width, dtype=h.dtype), gate=torch.randn(rows, width, dtype=h.dtype),
                         index=torch.arange(count, dtype=torch.int32) % rows)
-    out = module(h, **residual)
-    out.backward(out.detach().clone())
+    with mock.patch.object(_triton_utils, "tma_capable", lambda device: tma):
+        out = module(h, **residual)
+        out.backward(out.detach().clone())
 
 
 def _run_norm(width: int, norm_type: str, affine: bool, dtype: str, extra_tokens: int, **_) -> None:

@@ -20,7 +20,9 @@ configuration that fits. Kernels launched with one fixed configuration have no s
 The kernels compile in worker processes (``triton_aot``) into a Triton cache shared with the SASS budget
 tests. By default: on sm_90 the production scenarios the budgets read (bf16, every autotuning configuration)
 plus head dim 256 and the fp32 GEMM (GELU and gated epilogues); on sm_80 one configuration of each kernel of
-DiT-XL/2 and DiT-3B. Every other captured scenario and target, in every configuration, is marked slow.
+DiT-XL/2 and DiT-3B and of the gated pointer GEMM, and every configuration of the pointer GEMM (sm_80 has no
+TMA: it runs the GEMM without descriptors). Every other captured scenario and target, in every configuration,
+is marked slow.
 """
 
 from __future__ import annotations
@@ -43,7 +45,8 @@ def _named(*names: str) -> list[Scenario]:
 # (scenario, arch, every configuration) by default: sm_90 in full; on sm_80 one configuration per kernel
 FAST = [*((s, 90, True) for s in BUDGETED),
         *((s, 90, True) for s in _named("attention 2048/8 full long bf16", "mlp 1152 gated fp32")),
-        *((s, 80, False) for s in _named("DiT-XL/2 long", "DiT-3B long"))]
+        *((s, 80, False) for s in _named("DiT-XL/2 long", "DiT-3B long", "mlp 1152 gated pointer bf16")),
+        *((s, 80, True) for s in _named("mlp 1152 pointer bf16"))]
 _FAST_FULL = {(s, arch) for s, arch, every in FAST if every}
 EXHAUSTIVE = [(s, arch, True) for arch in ARCHS for s in (*PRODUCTION, *COVERAGE) if (s, arch) not in _FAST_FULL]
 

@@ -44,8 +44,8 @@ _RUNNABLE_CHECKS = (
     # the dispatcher's availability table: explicit backend="triton" requests reach the launchers
     ("packdit.nn.functional", "_UNSUPPORTED",
      {"triton": lambda device: None, "cuda": lambda device: "the capture records Triton launches only"}),
-    # The GEMM's TMA kernel is what runs on sm_90, the budgets' target (sm_80 rows then show it lowered to
-    # pointer loads, which sm_80 does not run: it takes the pointer kernel).
+    # The GEMM's TMA kernel is what runs on sm_90, the budgets' target; scenarios with ``tma=False`` capture the
+    # pointer kernel that sm_80 runs (kernel_launches._mlp), and the sass section keeps each on its own target.
     ("packdit.ops._triton_utils", "tma_capable", lambda device: True),
 )
 # Compile options a launch may pass besides num_warps / num_stages (``triton.Config.all_kwargs``), and defaults.
