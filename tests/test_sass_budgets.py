@@ -208,8 +208,6 @@ MISSED: dict[str, str] = {
     "attention-dkdv-d72-full-spill": "40 B in attention_bwd_dkdv-bf16-d72-m64-n128-g1-atomic_dq-w8s3-sm90 vs budget 0",
     "attention-dkdv-d72-rope-full-spill":
         "40 B in attention_bwd_dkdv-bf16-d72-m64-n128-g1-atomic_dq-w8s3-sm90 vs budget 0",
-    "qk-norm-rope-d72-vectorized-loads":
-        "33 loads of < 32 bits in qk_norm_rope_bwd-bf16-d72-norm-w8s3-sm90 (head stride 72 not 16-divisible), budget 0",
 }
 
 

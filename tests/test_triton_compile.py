@@ -108,7 +108,8 @@ def test_capture_compiles_what_runs():
     units (ALIGN = 8 bf16 elements), where the row strides are 16-divisible -- v a view of the fused qkv
     (3 x 1152 / 8 = 432), q and k the rotated q|k rows (2 x 1152 / 8 = 288) -- and head dim 72's head stride (9)
     is not, and the head dim runs as 64 + 16 column chunks; RoPE is the QK-norm / RoPE kernel's alone (NORM off:
-    DiT-XL/2 has no QK-norm), whose qkv row stride (3 x 1152 elements) is 16-divisible and head stride (72) not."""
+    DiT-XL/2 has no QK-norm), whose strides arrive in the same 16-byte units (qkv rows 3 x 1152 / 8 = 432,
+    heads 72 / 8 = 9)."""
     launches = shared_workers().captured(_named("DiT-XL/2 rope long"))
     first = {}
     for launch in launches:
@@ -126,9 +127,9 @@ def test_capture_compiles_what_runs():
         assert {"Q", "K", "V"} <= set(attention.aligned)
     for kernel in ("_qk_norm_rope_fwd_kernel", "_qk_norm_rope_bwd_kernel"):
         constexprs = dict(first[kernel].case(90).constexprs)
-        assert constexprs["ROPE"] is True and constexprs["NORM"] is False
+        assert constexprs["ROPE"] is True and constexprs["NORM"] is False and constexprs["ALIGN"] == 8
     rope, strides = first["_qk_norm_rope_fwd_kernel"].case(90), dict(first["_qk_norm_rope_fwd_kernel"].int_args)
-    assert (strides["stride_xn"], strides["stride_xh"]) == (3 * 1152, 72)
+    assert (strides["stride_xn"], strides["stride_xh"]) == (3 * 1152 // 8, 9)
     assert "stride_xn" in rope.aligned and "stride_xh" not in rope.aligned
 
 

@@ -55,6 +55,23 @@ def tma_capable(device: torch.device) -> bool:
     return device.type == "cpu" and interpreting()
 
 
+def stride_alignment(itemsize: int, *tensors: Tensor) -> int:
+    """Elements per 16 bytes if every stride but the last (unit) one of ``tensors`` is a multiple of it, else
+    the largest power of two that divides them all. Kernels take strides divided by it (:func:`unit_strides`)
+    and multiply by it as a constexpr, so Triton knows every row starts on a 16-byte boundary and vectorizes:
+    a head stride of 72 bf16 elements (144 B) is a multiple of 8 but not of 16, the divisibility Triton
+    specialises integer arguments on."""
+    align = 16 // itemsize
+    while align > 1 and any(s % align for t in tensors for s in t.stride()[:-1]):
+        align //= 2
+    return align
+
+
+def unit_strides(align: int, *tensors: Tensor) -> list[int]:
+    """Every stride but the last of each of ``tensors``, in units of ``align`` elements."""
+    return [s // align for t in tensors for s in t.stride()[:-1]]
+
+
 def autotune_configs(configs: list[triton.Config]) -> list[triton.Config]:
     """All configs on a GPU; only the first under the interpreter, where benchmarking cannot run."""
     return configs[:1] if interpreting() else configs

@@ -139,20 +139,6 @@ def _bwd_options(warps: int, head_dim: int, itemsize: int) -> dict:
     return {"num_warps": warps, "num_stages": _bwd_num_stages(head_dim, itemsize)}
 
 
-def _alignment(itemsize: int, strides) -> int:
-    """Elements per 16 bytes if every stride is a multiple of it (the kernels then know every row starts on a
-    16-byte boundary and vectorize), else the largest power of two that divides them all."""
-    align = 16 // itemsize
-    while align > 1 and any(s % align for s in strides):
-        align //= 2
-    return align
-
-
-def _strides(align: int, *tensors: Tensor) -> list[int]:
-    """Row and head strides of each ``(rows, heads, D)`` tensor in units of ``align`` elements."""
-    return [s // align for t in tensors for s in t.stride()[:2]]
-
-
 def fwd_configs() -> list:
     """The forward kernel's autotuning configurations (inner key block BLOCK_N, warps, stages), first the one the
     interpreter runs; BLOCK_N >= 64 so a packed tile's keys fit one block (attention_schedule.PACK_ROWS)."""
@@ -289,10 +275,10 @@ def varlen_attention_fwd(
         lse.fill_(-float("inf"))
         return out.zero_(), lse
     block_d0, block_d1 = _head_blocks(head_dim)
-    align = _alignment(q.element_size(), [*q.stride()[:2], *k.stride()[:2], *v.stride()[:2], *out.stride()[:2]])
+    align = tu.stride_alignment(q.element_size(), q, k, v, out)
     rows = _fwd_rows(block_m, head_dim, q.element_size())
     _fwd_kernel()[(q_tiles.shape[0], num_heads, block_m // rows)](
-        q, k, v, out, lse, q_groups, q_tiles, q_groups.shape[1], *_strides(align, q, k, v, out), lse.stride(0),
+        q, k, v, out, lse, q_groups, q_tiles, q_groups.shape[1], *tu.unit_strides(align, q, k, v, out), lse.stride(0),
         scale, triton.next_power_of_2(max_k_len), HEAD_DIM=head_dim, BLOCK_D0=block_d0, BLOCK_D1=block_d1,
         TILE=block_m, BLOCK_M=rows, GROUP=num_heads // k.shape[1], ALIGN=align, DOT_PRECISION=_DOT_PRECISION,
     )
@@ -324,10 +310,10 @@ def varlen_attention_bwd(
     delta = torch.empty_like(lse)
     has_grad_lse = grad_lse is not None
     grad_lse = grad_lse.contiguous() if has_grad_lse else lse
-    align = _alignment(itemsize, [*out.stride()[:2], *grad_out.stride()[:2]])
+    align = tu.stride_alignment(itemsize, out, grad_out)
     delta_rows = 64
     kernels.attention_bwd_delta_kernel[(triton.cdiv(num_q, delta_rows), num_heads)](
-        out, grad_out, delta, grad_lse, num_q, *_strides(align, out, grad_out), lse.stride(0), HEAD_DIM=head_dim,
+        out, grad_out, delta, grad_lse, num_q, *tu.unit_strides(align, out, grad_out), lse.stride(0), HEAD_DIM=head_dim,
         BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BLOCK_R=delta_rows, HAS_GRAD_LSE=has_grad_lse,
         ALIGN=align,
     )
@@ -340,14 +326,14 @@ def varlen_attention_bwd(
     atomic_dq = not deterministic
     dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if atomic_dq else torch.empty_like(q)
     inputs = (q, k, v, grad_out)
-    align = _alignment(itemsize, [s for t in (*inputs, dq, dk, dv) for s in t.stride()[:2]])
+    align = tu.stride_alignment(itemsize, *inputs, dq, dk, dv)
     shared = dict(HEAD_DIM=head_dim, BLOCK_D0=block_d0, BLOCK_D1=block_d1, GROUP=num_heads // kv_heads, ALIGN=align,
                   DOT_PRECISION=_DOT_PRECISION)
     if k_tiles.shape[0]:
         key_rows = _dkdv_rows(block_kt, head_dim, itemsize, num_heads // kv_heads)
         kernels.attention_bwd_dkdv_kernel[(k_tiles.shape[0], kv_heads, block_kt // key_rows)](
             *inputs, lse, delta, dq, dk, dv, k_groups, k_tiles, k_groups.shape[1],
-            *_strides(align, *inputs, dq, dk, dv), lse.stride(0), scale, TILE=block_kt, BLOCK_M=_BWD_INNER,
+            *tu.unit_strides(align, *inputs, dq, dk, dv), lse.stride(0), scale, TILE=block_kt, BLOCK_M=_BWD_INNER,
             BLOCK_N=key_rows, ATOMIC_DQ=atomic_dq, **shared,
             **_bwd_options(_dkdv_num_warps(key_rows), head_dim, itemsize),
         )
@@ -356,7 +342,7 @@ def varlen_attention_bwd(
     if q_tiles.shape[0]:
         query_rows = _bwd_rows(block_m, head_dim, itemsize)
         kernels.attention_bwd_dq_kernel[(q_tiles.shape[0], num_heads, block_m // query_rows)](
-            *inputs, lse, delta, dq, q_groups, q_tiles, q_groups.shape[1], *_strides(align, *inputs, dq),
+            *inputs, lse, delta, dq, q_groups, q_tiles, q_groups.shape[1], *tu.unit_strides(align, *inputs, dq),
             lse.stride(0), scale, TILE=block_m, BLOCK_M=query_rows, BLOCK_N=_BWD_INNER, **shared,
             **_bwd_options(_bwd_num_warps(query_rows, head_dim), head_dim, itemsize),
         )

@@ -19,8 +19,9 @@ and applied to all its heads, fused with the QK-norm that reads and writes the s
 attention kernels then run without RoPE. The backward's inverse rotation is part of the QK-norm backward.
 
 Layouts: ``x`` may be a strided view (the q|k heads of a fused qkv projection, row stride 3 H D), last dim
-contiguous; ``weight`` may be an expanded view (stride 0 over heads); ``y`` and ``dx`` are contiguous. Kernels
-compute in fp32. A program takes BLOCK_T tokens and loops over the heads, so the angles (BLOCK_T, D/2) are
+contiguous; ``weight`` may be an expanded view (stride 0 over heads); ``y`` and ``dx`` are contiguous. Strides
+arrive in units of ``ALIGN`` elements (``_triton_utils.stride_alignment``), so at head dim 72 (a head stride of
+144 B) the rows still load in 16-byte vectors. Kernels compute in fp32. A program takes BLOCK_T tokens and loops over the heads, so the angles (BLOCK_T, D/2) are
 computed once per program; ``dweight`` is reduced as one fp32 partial sum per program and head, added in
 program order (bitwise deterministic).
 
@@ -118,21 +119,22 @@ def _token_tile(Pos, num_tokens, log2_theta, HEAD_DIM: tl.constexpr, BLOCK_D: tl
 def _qk_norm_rope_fwd_kernel(
     X, W, Pos, Y, num_tokens, num_heads, stride_xn, stride_xh, stride_wh, stride_yn, stride_yh, eps, log2_theta,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, NORM: tl.constexpr, ROPE: tl.constexpr,
-    AX_T: tl.constexpr, AX_H: tl.constexpr, AX_W: tl.constexpr,
+    AX_T: tl.constexpr, AX_H: tl.constexpr, AX_W: tl.constexpr, ALIGN: tl.constexpr,
 ):
     rows64, cols, mask, cos, sin = _token_tile(Pos, num_tokens, log2_theta, HEAD_DIM, BLOCK_D, BLOCK_T, ROPE, AX_T,
                                               AX_H, AX_W)
     for head in range(num_heads):
-        x = tl.load(X + rows64[:, None] * stride_xn + head * stride_xh + cols[None, :], mask=mask, other=0.0)
+        x = tl.load(X + (rows64[:, None] * stride_xn + head * stride_xh) * ALIGN + cols[None, :], mask=mask,
+                    other=0.0)
         z = x.to(tl.float32)
         if NORM:
             rstd = tl.math.rsqrt(tl.sum(z * z, 1) / HEAD_DIM + eps)
-            weight = tl.load(W + head * stride_wh + cols, mask=cols < HEAD_DIM, other=0.0).to(tl.float32)
+            weight = tl.load(W + head * stride_wh * ALIGN + cols, mask=cols < HEAD_DIM, other=0.0).to(tl.float32)
             z = z * rstd[:, None] * weight[None, :]
         if ROPE:
             z = rope_rotate(z, cos, sin, BLOCK_T, BLOCK_D)
-        tl.store(Y + rows64[:, None] * stride_yn + head * stride_yh + cols[None, :], z.to(Y.dtype.element_ty),
-                 mask=mask)
+        tl.store(Y + (rows64[:, None] * stride_yn + head * stride_yh) * ALIGN + cols[None, :],
+                 z.to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -140,28 +142,30 @@ def _qk_norm_rope_bwd_kernel(
     DY, X, W, Pos, DX, DWPartial, num_tokens, num_heads, stride_dyn, stride_dyh, stride_xn, stride_xh, stride_wh,
     stride_dxn, stride_dxh, eps, log2_theta,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, NORM: tl.constexpr, ROPE: tl.constexpr,
-    AX_T: tl.constexpr, AX_H: tl.constexpr, AX_W: tl.constexpr,
+    AX_T: tl.constexpr, AX_H: tl.constexpr, AX_W: tl.constexpr, ALIGN: tl.constexpr,
 ):
     block = tl.program_id(0)
     rows64, cols, mask, cos, sin = _token_tile(Pos, num_tokens, log2_theta, HEAD_DIM, BLOCK_D, BLOCK_T, ROPE, AX_T,
                                               AX_H, AX_W)
     col_valid = cols < HEAD_DIM
     for head in range(num_heads):
-        dz = tl.load(DY + rows64[:, None] * stride_dyn + head * stride_dyh + cols[None, :], mask=mask, other=0.0)
+        dz = tl.load(DY + (rows64[:, None] * stride_dyn + head * stride_dyh) * ALIGN + cols[None, :], mask=mask,
+                     other=0.0)
         dz = dz.to(tl.float32)
         if ROPE:
             dz = rope_rotate(dz, cos, -sin, BLOCK_T, BLOCK_D)
         if NORM:
-            x = tl.load(X + rows64[:, None] * stride_xn + head * stride_xh + cols[None, :], mask=mask, other=0.0)
+            x = tl.load(X + (rows64[:, None] * stride_xn + head * stride_xh) * ALIGN + cols[None, :], mask=mask,
+                        other=0.0)
             x = x.to(tl.float32)
             rstd = tl.math.rsqrt(tl.sum(x * x, 1) / HEAD_DIM + eps)
             xhat = x * rstd[:, None]
-            weight = tl.load(W + head * stride_wh + cols, mask=col_valid, other=0.0).to(tl.float32)
+            weight = tl.load(W + head * stride_wh * ALIGN + cols, mask=col_valid, other=0.0).to(tl.float32)
             tl.store(DWPartial + (block * num_heads + head) * BLOCK_D + cols, tl.sum(dz * xhat, 0))
             dxhat = dz * weight[None, :]
             dz = rstd[:, None] * (dxhat - xhat * (tl.sum(dxhat * xhat, 1) / HEAD_DIM)[:, None])
-        tl.store(DX + rows64[:, None] * stride_dxn + head * stride_dxh + cols[None, :], dz.to(DX.dtype.element_ty),
-                 mask=mask)
+        tl.store(DX + (rows64[:, None] * stride_dxn + head * stride_dxh) * ALIGN + cols[None, :],
+                 dz.to(DX.dtype.element_ty), mask=mask)
 
 
 def _launch_shape(head_dim: int) -> tuple[int, int]:
@@ -186,11 +190,13 @@ def qk_norm_rope_fwd(x: Tensor, weight: Optional[Tensor], positions: Optional[Te
     if y.numel() == 0:
         return y
     block_d, block_t = _launch_shape(head_dim)
+    w = weight if weight is not None else x[0]  # (H, D); unread without NORM
+    align = tu.stride_alignment(x.element_size(), x, w, y)
     _qk_norm_rope_fwd_kernel[(triton.cdiv(num_tokens, block_t),)](
-        x, weight if weight is not None else x, positions if positions is not None else x, y, num_tokens,
-        num_heads, x.stride(0), x.stride(1), weight.stride(0) if weight is not None else 0, y.stride(0), y.stride(1),
-        eps, math.log2(rope_theta) if any(rope_axes) else 0.0, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_T=block_t,
-        NORM=weight is not None, **_rope_args(rope_axes), **_launch_options(),
+        x, w, positions if positions is not None else x, y, num_tokens, num_heads,
+        *tu.unit_strides(align, x, w, y), eps, math.log2(rope_theta) if any(rope_axes) else 0.0,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_T=block_t, NORM=weight is not None, ALIGN=align,
+        **_rope_args(rope_axes), **_launch_options(),
     )
     return y
 
@@ -213,11 +219,13 @@ def qk_norm_rope_bwd(grad: Tensor, x: Tensor, weight: Optional[Tensor], position
     norm = weight is not None
     partials = torch.empty((blocks if norm else 0, num_heads, block_d), dtype=torch.float32, device=x.device)
     if dx.numel():
+        w = weight if norm else x[0]  # (H, D); unread without NORM
+        align = tu.stride_alignment(x.element_size(), grad, x, w, dx)
         _qk_norm_rope_bwd_kernel[(blocks,)](
-            grad, x, weight if norm else x, positions if positions is not None else x, dx, partials, num_tokens,
-            num_heads, grad.stride(0), grad.stride(1), x.stride(0), x.stride(1), weight.stride(0) if norm else 0,
-            dx.stride(0), dx.stride(1), eps, math.log2(rope_theta) if any(rope_axes) else 0.0, HEAD_DIM=head_dim,
-            BLOCK_D=block_d, BLOCK_T=block_t, NORM=norm, **_rope_args(rope_axes), **_launch_options(),
+            grad, x, w, positions if positions is not None else x, dx, partials, num_tokens, num_heads,
+            *tu.unit_strides(align, grad, x, w, dx), eps, math.log2(rope_theta) if any(rope_axes) else 0.0,
+            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_T=block_t, NORM=norm, ALIGN=align,
+            **_rope_args(rope_axes), **_launch_options(),
         )
     if not norm:
         return dx, torch.empty(0, dtype=torch.float32, device=x.device)
