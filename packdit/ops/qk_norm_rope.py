@@ -21,9 +21,9 @@ attention kernels then run without RoPE. The backward's inverse rotation is part
 Layouts: ``x`` may be a strided view (the q|k heads of a fused qkv projection, row stride 3 H D), last dim
 contiguous; ``weight`` may be an expanded view (stride 0 over heads); ``y`` and ``dx`` are contiguous. Strides
 arrive in units of ``ALIGN`` elements (``_triton_utils.stride_alignment``), so at head dim 72 (a head stride of
-144 B) the rows still load in 16-byte vectors. Kernels compute in fp32. A program takes BLOCK_T tokens and loops over the heads, so the angles (BLOCK_T, D/2) are
-computed once per program; ``dweight`` is reduced as one fp32 partial sum per program and head, added in
-program order (bitwise deterministic).
+144 B) the rows still load in 16-byte vectors. Kernels compute in fp32. A program takes BLOCK_T tokens and
+loops over the heads, so the angles (BLOCK_T, D/2) are computed once per program; ``dweight`` is reduced as
+one fp32 partial sum per program and head, added in program order (bitwise deterministic).
 
 Oracle: ``apply_rope_3d(F.rms_norm(x, (D,), eps=eps) * weight, positions, rope)`` in float64
 (:mod:`packdit.reference.rope`); RoFormer (arXiv 2104.09864) for the rotation, ViT-22B (arXiv 2302.05442) for
