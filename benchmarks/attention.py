@@ -45,7 +45,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from common import Context, OutputMismatch, forward_and_grads, measure, print_table, refused_row, verify_outputs
-from workloads import MIXES, take_tokens
+from workloads import MIXES, patch_grid, take_tokens
 
 import packdit
 from packdit import reference
@@ -109,9 +109,13 @@ def _layout(ctx: Context, mix: str) -> PackedSeqs:
     elif mix == "interpreter":
         grids = INTERPRETER_LAYOUT
     else:
-        shapes = take_tokens(mix, TOKEN_BUDGET, seed=0)
-        grids = [(s[1] if len(s) == 4 else 1, s[-2] // 2, s[-1] // 2) for s in shapes]
+        grids = _mix_grids(mix)
     return PackedSeqs.from_grids(grids, device=ctx.device)
+
+
+def _mix_grids(mix: str) -> list[tuple[int, int, int]]:
+    """Patch grids of the GPU cases' pack of ``mix``."""
+    return [patch_grid(s) for s in take_tokens(mix, TOKEN_BUDGET, seed=0)]
 
 
 # ---------------------------------------------------------------------------------------------- segments
@@ -433,8 +437,7 @@ def useful_areas(label: str) -> list[dict]:
     mask), so at most about T / 64 of it is useful."""
     rows = []
     for mix in MIXES:
-        shapes = take_tokens(mix, TOKEN_BUDGET, seed=0)
-        grids = [(s[1] if len(s) == 4 else 1, s[-2] // 2, s[-1] // 2) for s in shapes]
+        grids = _mix_grids(mix)
         for mode in MODES:
             area = score_area(grids, mode)
             rows.append({"device": label, "mix": mix, "mode": mode, "provider": "packdit", "pass": "static",

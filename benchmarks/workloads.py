@@ -133,9 +133,14 @@ def bucket_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
     return (c, 1 + (bucket_frames - 1) // 4, h, w)
 
 
-def num_patches(shape: tuple[int, ...], patch_size=(1, 2, 2)) -> int:
+def patch_grid(shape: tuple[int, ...], patch_size=(1, 2, 2)) -> tuple[int, int, int]:
+    """The (T', H', W') patch grid of a latent (C, T, H, W) or image latent (C, H, W) (T = 1)."""
     t = shape[1] if len(shape) == 4 else 1
-    return (t // patch_size[0]) * (shape[-2] // patch_size[1]) * (shape[-1] // patch_size[2])
+    return t // patch_size[0], shape[-2] // patch_size[1], shape[-1] // patch_size[2]
+
+
+def num_patches(shape: tuple[int, ...], patch_size=(1, 2, 2)) -> int:
+    return math.prod(patch_grid(shape, patch_size))
 
 
 def sample_lengths(mix: str, num_samples: int, *, seed: int = 0, patch_size=(1, 2, 2)) -> list[int]:

@@ -124,7 +124,7 @@ def test_host_schedule_of_2000_mixed_samples_takes_under_2_ms():
     """The host part (numpy over the samples) for 2,000 samples of the video mix, ~30M tokens, best of 20 runs;
     the device part is two host->device copies and two small device ops."""
     shapes = workloads.latent_shapes("video-mix", 2000, seed=0)
-    grids = tuple(((s[1] if len(s) == 4 else 1), s[-2] // 2, s[-1] // 2) for s in shapes)
+    grids = tuple(workloads.patch_grid(s) for s in shapes)
     lengths = tuple(t * h * w for t, h, w in grids)
     for mode in sched.MODES:
         best = float("inf")
@@ -143,5 +143,5 @@ def test_score_area_counts_computed_and_useful_scores():
     # the mixes' temporal layers (131k-token packs): reported by the benchmarks, bounded by T / 64 per tile
     for mix in ("video-mix", "long-videos"):
         shapes = workloads.take_tokens(mix, 131072, seed=0)
-        area = sched.score_area([((s[1] if len(s) == 4 else 1), s[-2] // 2, s[-1] // 2) for s in shapes])
+        area = sched.score_area([workloads.patch_grid(s) for s in shapes])
         assert 0.2 < area["fraction"] < 0.52, area
