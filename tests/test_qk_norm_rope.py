@@ -13,16 +13,10 @@ from helpers import assert_close, assert_within_2x, random_grids
 
 from packdit.layout import PackedSeqs
 from packdit.ops.qk_norm_rope import qk_norm_rope
-from packdit.reference.rope import RoPE3D, apply_rope_3d
+from packdit.reference.rope import RoPE3D, qk_norm_rope_reference
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 FLOOR = 2e-6
-
-
-def _oracle(x, weight, positions, rope, eps):
-    if weight is not None:
-        x = F.rms_norm(x, x.shape[-1:], eps=eps) * weight
-    return x if rope is None else apply_rope_3d(x, positions, rope)
 
 
 def _forward_backward(fn, x, weight, grad):
@@ -51,7 +45,7 @@ def check(seqs: PackedSeqs, heads: int, head_dim: int, *, norm: bool, rope: RoPE
     grad = torch.randn(n, heads, head_dim, generator=g, dtype=torch.float64).to(DEVICE)
 
     def oracle(a, w):
-        return _oracle(a, w, seqs.positions, rope, eps)
+        return qk_norm_rope_reference(a, w, seqs.positions, rope, eps)
 
     want = _forward_backward(oracle, x, weight, grad)
     ref_pt = _forward_backward(oracle, x.to(dtype), None if weight is None else weight.to(dtype), grad)
