@@ -204,11 +204,7 @@ def _budgets() -> list[Budget]:
 BUDGETS = _budgets()
 
 # Budgets today's kernels miss: id -> measured value (strict xfail; remove the entry when a kernel meets it).
-MISSED: dict[str, str] = {
-    "attention-dkdv-d72-full-spill": "40 B in attention_bwd_dkdv-bf16-d72-m64-n128-g1-atomic_dq-w8s3-sm90 vs budget 0",
-    "attention-dkdv-d72-rope-full-spill":
-        "40 B in attention_bwd_dkdv-bf16-d72-m64-n128-g1-atomic_dq-w8s3-sm90 vs budget 0",
-}
+MISSED: dict[str, str] = {}
 
 
 @pytest.fixture(scope="module")

@@ -106,9 +106,8 @@ def _bwd_rows(block: int, head_dim: int, itemsize: int) -> int:
 def _dkdv_rows(block: int, head_dim: int, itemsize: int, group: int) -> int:
     """Key rows of one dK/dV program: 128 up to 96 head columns without GQA, else 64 up to 128 columns, else 32.
     The program holds dK and dV in fp32 registers beside the (keys x 64 query rows) scores; compiled for sm_90
-    (bf16, 8 warps, atomic dQ): 128 keys take 255 registers at D = 72 (40 B of stack, stored and reloaded once
-    per program outside the loops) and spill 120 B at D = 128 or 288 B at D = 72 with 3 query heads per kv head;
-    64 keys at D = 128 take 250 registers."""
+    (bf16, 8 warps, atomic dQ): 128 keys take 255 registers at D = 72 without spilling and spill 232 B at D = 128
+    or 32 B at D = 72 with 2 query heads per kv head; 64 keys at D = 128 take 251 registers."""
     columns = _head_columns(head_dim)
     rows = 128 if columns <= 96 and group == 1 else 64 if columns <= 128 else 32
     return min(_bwd_rows(block, head_dim, itemsize), rows)
