@@ -75,12 +75,14 @@ def _model(name: str, rope: bool, layout: str, dtype: str = "bf16") -> Scenario:
 
 
 def _attention(width: int, heads: int, layout: str, rope: bool, kv_heads: int | None = None, qk_norm: bool = False,
-               mode: str = "full", dtype: str = "bf16") -> Scenario:
+               mode: str = "full", dtype: str = "bf16", lse: bool = False) -> Scenario:
+    """``lse``: ``varlen_attention(..., return_lse=True)`` on q/k/v tensors with a loss of both outputs (the delta
+    kernel's dlse variant), instead of the ``PackedAttention`` module, whose loss reaches the output only."""
     group = f" gqa{heads // kv_heads}" if kv_heads else ""
-    features = f"{group}{' qk-norm' if qk_norm else ''}{' rope' if rope else ''}"
+    features = f"{group}{' qk-norm' if qk_norm else ''}{' rope' if rope else ''}{' lse' if lse else ''}"
     return Scenario(f"attention {width}/{heads}{features} {mode} {layout} {dtype}", "attention",
                     (("width", width), ("heads", heads), ("kv_heads", kv_heads), ("qk_norm", qk_norm), ("mode", mode),
-                     ("layout", layout), ("rope", rope), ("dtype", dtype)))
+                     ("layout", layout), ("rope", rope), ("dtype", dtype), ("lse", lse)))
 
 
 def _mlp(width: int, tokens: int, dtype: str = "bf16", gated: bool = False, bias: bool = True,
@@ -127,6 +129,7 @@ COVERAGE = (
     *(_mlp(width, 77, dtype, gated) for dtype in ("fp32", "fp16") for width in (64, 1152, 4096)
       for gated in (False, True)),
     _mlp(1152, 77, bias=False), _mlp(1152, 300, gated=True, tma=False),
+    _attention(1152, 16, "long", False, lse=True),
     *(_norm(width, norm_type, affine, dtype) for dtype in ("bf16", "fp16", "fp32") for width in (64, 4096)
       for norm_type in ("layer", "rms") for affine in (False, True)),
 )
@@ -183,15 +186,28 @@ def _run_model(model: str, overrides, layout: str, dtype: str, extra_tokens: int
 
 
 def _run_attention(width: int, heads: int, kv_heads, qk_norm: bool, mode: str, layout: str, rope: bool, dtype: str,
-                   extra_tokens: int, **_) -> None:
+                   lse: bool, extra_tokens: int, **_) -> None:
     import torch
 
     from packdit.models.config import default_rope
     from packdit.nn.attention import PackedAttention
+    from packdit.ops.attention import varlen_attention
 
-    module = PackedAttention(width, heads, num_kv_heads=kv_heads, qk_norm=qk_norm, mode=mode, backend="triton",
-                             rope=default_rope(width // heads) if rope else None).to(_torch_dtype(dtype))
     seqs = _seqs(layout, extra_tokens)
+    rope = default_rope(width // heads) if rope else None
+    if lse:
+        q, k, v = (torch.randn(seqs.num_tokens, heads if i == 0 else kv_heads or heads, width // heads,
+                               dtype=_torch_dtype(dtype), requires_grad=True) for i in range(3))
+
+        def forward():
+            out, lse = varlen_attention(q, k, v, seqs.cu_seqlens, seqs.max_seqlen, mode=mode, seqs=seqs, rope=rope,
+                                        return_lse=True)
+            return out.float().sum() + lse.sum()
+
+        _backward(forward, deterministic_too=True)
+        return
+    module = PackedAttention(width, heads, num_kv_heads=kv_heads, qk_norm=qk_norm, mode=mode, backend="triton",
+                             rope=rope).to(_torch_dtype(dtype))
     x = torch.randn(seqs.num_tokens, width, dtype=_torch_dtype(dtype), requires_grad=True)
     _backward(lambda: module(x, seqs), deterministic_too=True)
 

@@ -220,6 +220,41 @@ def test_zero_and_one_token_segments_and_empty_batch():
     assert out.shape == (0, 2, 16) and lse.shape == (2, 0)
 
 
+@pytest.mark.parametrize("used", ["out", "lse"])
+def test_gradient_through_one_output_alone(used):
+    """A loss of ``out`` alone reaches the backward with ``grad_lse=None`` (no zero tensor, the delta kernel
+    without the dlse read), a loss of ``lse`` alone with ``grad_out=None``; both gradients match the oracle."""
+    seqs = PackedSeqs.from_grids([(2, 3, 2), (1, 1, 1), (1, 4, 5)], device=DEVICE)
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(seqs.num_tokens, 2, 16, generator=g, dtype=torch.float64).to(DEVICE) for _ in range(3))
+    weight = torch.randn(seqs.num_tokens, 2, 16, generator=g, dtype=torch.float64).to(DEVICE)
+
+    def loss(fn, *inputs):
+        leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
+        out, lse = fn(*leaves)
+        (out * weight.to(out.dtype)).sum().backward() if used == "out" else lse.sum().backward()
+        return [torch.zeros_like(t) if t.grad is None else t.grad for t in leaves]  # lse does not depend on v
+
+    def oracle(a, b, c):
+        return reference.varlen_attention(a, b, c, seqs.cu_seqlens, return_lse=True)
+
+    calls = []
+    bwd = attention_op.varlen_attention_bwd
+
+    def spy(grad_out, grad_lse, *args):
+        calls.append((grad_out is None, grad_lse is None))
+        return bwd(grad_out, grad_lse, *args)
+
+    with mock.patch.object(attention_op, "varlen_attention_bwd", spy):
+        got = loss(lambda a, b, c: attention_op.varlen_attention(a, b, c, seqs.cu_seqlens, seqs.max_seqlen, seqs=seqs,
+                                                                 return_lse=True), *(t.float() for t in (q, k, v)))
+    assert calls == [(False, used == "out")], calls
+    want = loss(oracle, q, k, v)
+    torch_ = loss(oracle, *(t.float() for t in (q, k, v)))
+    for name, a, b, c in zip(("dq", "dk", "dv"), got, torch_, want):
+        assert_within_2x(a, b, c, floor=FLOOR, name=f"{name} of a loss of {used}")
+
+
 def test_plain_cu_seqlens_without_checks_build_the_schedule_on_the_device():
     """Inside ``packdit.checks(False)`` plain cu_seqlens take the sync-free schedule (upper-bound tile tables
     whose surplus programs exit); results match the host schedule, cross-attention and gradients included."""

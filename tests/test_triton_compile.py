@@ -19,7 +19,8 @@ configuration that fits. Kernels launched with one fixed configuration have no s
 
 The kernels compile in worker processes (``triton_aot``) into a Triton cache shared with the SASS budget
 tests. By default: on sm_90 the production scenarios the budgets read (bf16, every autotuning configuration)
-plus head dim 256 and the fp32 GEMM (GELU and gated epilogues); on sm_80 one configuration of each kernel of
+plus head dim 256, the fp32 GEMM (GELU and gated epilogues) and one configuration of each attention kernel under a
+loss of the LSE (the delta kernel's dlse variant); on sm_80 one configuration of each kernel of
 DiT-XL/2 and DiT-3B and of the gated pointer GEMM, and every configuration of the pointer GEMM (sm_80 has no
 TMA: it runs the GEMM without descriptors). Every other captured scenario and target, in every configuration,
 is marked slow.
@@ -45,6 +46,7 @@ def _named(*names: str) -> list[Scenario]:
 # (scenario, arch, every configuration) by default: sm_90 in full; on sm_80 one configuration per kernel
 FAST = [*((s, 90, True) for s in BUDGETED),
         *((s, 90, True) for s in _named("attention 2048/8 full long bf16", "mlp 1152 gated fp32")),
+        *((s, 90, False) for s in _named("attention 1152/16 lse full long bf16")),
         *((s, 80, False) for s in _named("DiT-XL/2 long", "DiT-3B long", "mlp 1152 gated pointer bf16")),
         *((s, 80, True) for s in _named("mlp 1152 pointer bf16"))]
 _FAST_FULL = {(s, arch) for s, arch, every in FAST if every}
@@ -131,6 +133,17 @@ def test_capture_compiles_what_runs():
     rope, strides = first["_qk_norm_rope_fwd_kernel"].case(90), dict(first["_qk_norm_rope_fwd_kernel"].int_args)
     assert (strides["stride_xn"], strides["stride_xh"]) == (3 * 1152 // 8, 9)
     assert "stride_xn" in rope.aligned and "stride_xh" not in rope.aligned
+
+
+def test_capture_has_both_delta_variants():
+    """The model's loss never reaches the LSE: its backward gets no dlse (``HAS_GRAD_LSE`` False); the ``lse``
+    scenario's loss does (True), so the default compile covers both variants of the delta kernel."""
+    def variants(name):
+        return {dict(launch.case(90).constexprs)["HAS_GRAD_LSE"] for launch in shared_workers().captured(_named(name))
+                if launch.case(90).name == "attention_bwd_delta_kernel"}
+
+    assert variants("DiT-XL/2 long") == {False}
+    assert variants("attention 1152/16 lse full long bf16") == {True}
 
 
 @pytest.mark.parametrize("name", ["DiT-XL/2 long", "STDiT-XL/2 video"])

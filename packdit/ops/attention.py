@@ -362,10 +362,15 @@ def _setup_context(ctx, inputs, output):
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, q_groups, q_tiles, k_groups, k_tiles)
     ctx.sizes, ctx.scale = sizes, scale
+    # An unused output's gradient arrives as None, not as zeros: a model that ignores lse gets the delta kernel
+    # without the dlse read (HAS_GRAD_LSE=False) and no (Hq, Nq) zero tensor.
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_out, grad_lse):
     q, k, v, out, lse, q_groups, q_tiles, k_groups, k_tiles = ctx.saved_tensors
+    if grad_out is None:  # only lse is used
+        grad_out = torch.zeros_like(out)
     dq, dk, dv = varlen_attention_bwd(grad_out, grad_lse, q, k, v, out, lse, q_groups, q_tiles, k_groups, k_tiles,
                                       ctx.sizes, ctx.scale, deterministic_enabled())
     return dq, dk, dv, None, None, None, None, None, None
