@@ -120,6 +120,21 @@ def test_tile_sizes():
     assert schedule.q_groups[FIELDS["pack"], 0] == 3  # 64 // 17 positions per tile, frame-major
 
 
+@pytest.mark.parametrize("mode", ["full", "spatial"])
+def test_key_tiles_have_at_least_64_rows(mode):
+    """Query tiles follow the padding rule, key tiles (dK/dV) never drop below wgmma's 64 rows; frames of at most
+    32 rows share a key tile (mode "spatial"), samples never do (mode "full"). Also on the device path."""
+    grids = [(3, 4, 4)] * 4
+    lengths = [t * h * w for t, h, w in grids]
+    schedule = sched.host_schedule(mode, lengths, None, grids, sum(lengths), torch.device("cpu"))
+    assert (schedule.block_m, schedule.block_kt) == (16, 64)  # 48-token samples, 16-token frames: no padding
+    assert schedule.k_groups[FIELDS["pack"]].tolist() == [3 if mode == "spatial" else 1] * 4  # a sample's 3 frames
+    cross = sched.host_schedule(mode, lengths, [9] * 4, grids, 36, torch.device("cpu"))
+    assert cross.block_kt == 64
+    cu = torch.tensor([0, 9, 18], dtype=torch.int32)
+    assert sched.device_schedule(cu, cu, 18, 18, 9, 9).block_kt == 64
+
+
 def test_host_schedule_of_2000_mixed_samples_takes_under_2_ms():
     """The host part (numpy over the samples) for 2,000 samples of the video mix, ~30M tokens, best of 20 runs;
     the device part is two host->device copies and two small device ops."""
