@@ -106,12 +106,16 @@ def test_longest_segments_first_and_single_rows_last():
 
 
 def test_tile_sizes():
-    """Padding rule for full / spatial (144-token images: 32 rows; with 1,590- and 3,600-token images: 128);
-    temporal: 64-row tiles packing 64 // T positions while T <= 64."""
+    """Padding rule for full / spatial (144-token images: 64 rows, 32 pad less but run mma.sync; 30 tokens: 32,
+    16 tokens: 16; with 1,590- and 3,600-token images: 128); temporal: 64-row tiles packing 64 // T positions
+    while T <= 64. The device path picks from the longest segment alone, by the same costs."""
     def block(mode, grids):
         return sched.host_schedule(mode, [t * h * w for t, h, w in grids], None, grids, 0, torch.device("cpu")).block_m
 
-    assert block("full", [(1, 9, 16)] * 8) == 32
+    assert block("full", [(1, 9, 16)] * 8) == 64   # 192 padded rows <= 1.5 x 160 at 32
+    assert block("full", [(1, 5, 6)] * 8) == 32    # 512 > 1.5 x 256
+    assert block("full", [(1, 4, 4)] * 8) == 16
+    assert [sched._tile_for_longest(n) for n in (16, 100, 144, 300, 1024)] == [16, 64, 64, 64, 128]
     assert block("full", [(1, 9, 16), (1, 30, 53), (1, 45, 80)]) == 128
     assert block("spatial", [(17, 30, 53)]) == 128
     assert block("temporal", [(17, 30, 53), (1, 30, 53)]) == 64
@@ -124,11 +128,11 @@ def test_tile_sizes():
 def test_key_tiles_have_at_least_64_rows(mode):
     """Query tiles follow the padding rule, key tiles (dK/dV) never drop below wgmma's 64 rows; frames of at most
     32 rows share a key tile (mode "spatial"), samples never do (mode "full"). Also on the device path."""
-    grids = [(3, 4, 4)] * 4
+    grids = [(2 if mode == "spatial" else 1, 4, 4)] * 4  # 16-token samples / frames
     lengths = [t * h * w for t, h, w in grids]
     schedule = sched.host_schedule(mode, lengths, None, grids, sum(lengths), torch.device("cpu"))
-    assert (schedule.block_m, schedule.block_kt) == (16, 64)  # 48-token samples, 16-token frames: no padding
-    assert schedule.k_groups[FIELDS["pack"]].tolist() == [3 if mode == "spatial" else 1] * 4  # a sample's 3 frames
+    assert (schedule.block_m, schedule.block_kt) == (32 if mode == "spatial" else 16, 64)  # 2 frames per 32 rows
+    assert schedule.k_groups[FIELDS["pack"]].tolist() == [2 if mode == "spatial" else 1] * 4  # a sample's 2 frames
     cross = sched.host_schedule(mode, lengths, [9] * 4, grids, 36, torch.device("cpu"))
     assert cross.block_kt == 64
     cu = torch.tensor([0, 9, 18], dtype=torch.int32)

@@ -27,20 +27,22 @@ program finds its tile as ``program id - tile_start[group]``). Two tilings:
   have out = v: ``pack = block`` of them form a tile that the kernels compute row by row, without MMA.
 
 Tile size. Mode "full" and "spatial": the largest of TILE_SIZES whose padded rows
-``sum_s ceil(L_s / block) * block`` exceed the useful rows by at most MAX_PADDING. A 144p 16:9 image is
-9 x 16 = 144 tokens: 128-row tiles give 2 tiles = 256 rows (44% padding), 32-row tiles 160 rows (10%). A
-batch of such images runs at 16/32 rows, while a mix that also holds 480p (1,590 tokens) and 720p (3,600)
-images pads under 8% at 128 and keeps 128, as does a video (17 x 1,590 tokens: 0.4%). Larger tiles read each
-K/V block once per more query rows (K/V traffic halves per doubling), smaller ones waste fewer padded rows;
-the 1/8 threshold is a starting heuristic for the GPU benchmark to tune. Mode "temporal": the one of
-PACKED_TILE_SIZES with the larger useful score area (see :func:`score_area`), i.e. 64 for T <= 64.
+``sum_s ceil(L_s / block) * block`` exceed the useful rows by at most MAX_PADDING; larger tiles read each K/V
+block once per more query rows (K/V traffic halves per doubling), smaller ones waste fewer padded rows. A tile
+of 16 or 32 rows is below wgmma's M of 64 rows per warpgroup and runs mma.sync, whose rows cost about
+MMA_SYNC_ROW_COST = 1.5 times as much (compiled for sm_90, bf16: the forward loop issues 1.3-2.2 instructions
+per MMA clock at 16/32 rows against 0.7-1.1 at 64, D = 64/72/128), so 64 rows replace it when they pad at most
+that much more. A 144p 16:9 image is 9 x 16 = 144 tokens: 128-row tiles give 256 rows (44% padding), 32-row
+tiles 160 (10%), 64-row tiles 192 <= 1.5 x 160: a batch of such images runs at 64 rows; 16-token frames stay at
+16. A mix that also holds 480p (1,590 tokens) and 720p (3,600) images pads under 8% at 128 and keeps 128, as
+does a video (17 x 1,590 tokens: 0.4%). The 1/8 threshold and the 1.5 are starting values, from static code,
+for the GPU benchmark to tune. Mode "temporal": the one of PACKED_TILE_SIZES with the larger useful score area
+(see :func:`score_area`), i.e. 64 for T <= 64.
 
-Key tiles (the dK/dV programs) have at least MIN_KEY_TILE = 64 rows, whatever the query tile: keys are the M
-side of the key-major backward's MMAs, and wgmma's M is 64 rows per warpgroup. Compiled for sm_90 (bf16,
-atomic dQ), 16- and 32-row key tiles run mma.sync at issue/MMA 1.4-1.7 and spill 24-320 B per thread inside
-the loop at D = 72 and 128; 64-row tiles run wgmma at 0.8-1.2 without spilling. On the 144-token images above
-that is 192 key rows instead of 160 (+20%), for a cheaper loop step per row. Frames of at most 32 rows
-(mode "spatial") share a key tile as temporal segments do.
+Key tiles (the dK/dV programs) have at least WGMMA_ROWS = 64 rows whatever the query tile: keys are the M side
+of the key-major backward's MMAs. Compiled for sm_90 (bf16, atomic dQ), 16- and 32-row key tiles run mma.sync
+at issue/MMA 1.4-1.7 and spill 24-320 B per thread inside the loop at D = 72 and 128; 64-row tiles run wgmma at
+0.8-1.2 without spilling. Frames of at most 32 rows (mode "spatial") share a key tile as temporal segments do.
 
 Host metadata. The schedule is built on the host from the layout's host tuples (``PackedSeqs.seqlens``,
 ``PackedSeqs.grids``, cached at pack time) with numpy, O(samples), and only the group table is copied to
@@ -67,7 +69,8 @@ TILE_SIZES = (128, 64, 32, 16)
 PACKED_TILE_SIZES = (128, 64)
 MAX_PADDING = 1 / 8
 PACK_ROWS = 64
-MIN_KEY_TILE = 64
+WGMMA_ROWS = 64
+MMA_SYNC_ROW_COST = 1.5
 # Fields of a group table, in row order (see the module docstring). TILE_START: the first program of the
 # group; PACK: segments per tile; SPLIT: tiles per segment.
 GROUP_FIELDS = ("tile_start", "q_start", "k_start", "q_len", "k_len", "num_segs", "seg_stride", "row_stride",
@@ -144,15 +147,25 @@ def _tile_counts(g: _Groups, length: np.ndarray, active: np.ndarray, block: int)
     return -(-g.num_segs // pack) * split
 
 
+def _wgmma_if_cheaper(size: int, padded_rows) -> int:
+    """``size``, or WGMMA_ROWS where ``size`` is an mma.sync tile and WGMMA_ROWS pad at most MMA_SYNC_ROW_COST
+    times its rows (``padded_rows(block)``: the rows computed with tiles of ``block``)."""
+    if size < WGMMA_ROWS and padded_rows(WGMMA_ROWS) <= MMA_SYNC_ROW_COST * padded_rows(size):
+        return WGMMA_ROWS
+    return size
+
+
 def _padding_tile(g: _Groups, length: np.ndarray, active: np.ndarray) -> int:
-    """Largest of TILE_SIZES whose padded rows exceed the useful rows by at most MAX_PADDING (single-row
-    segments, computed row by row, do not count)."""
+    """Largest of TILE_SIZES whose padded rows exceed the useful rows by at most MAX_PADDING, 64 rows instead of
+    16/32 when they cost less (single-row segments, computed row by row, do not count)."""
     counted = active & ~((g.q_len == 1) & (g.k_len == 1))
     useful = int((length * g.num_segs)[counted].sum())
-    for size in TILE_SIZES:
-        if int(_tile_counts(g, length, counted, size).sum()) * size <= useful * (1 + MAX_PADDING):
-            return size
-    return TILE_SIZES[-1]
+
+    def padded_rows(size):
+        return int(_tile_counts(g, length, counted, size).sum()) * size
+
+    size = next((size for size in TILE_SIZES if padded_rows(size) <= useful * (1 + MAX_PADDING)), TILE_SIZES[-1])
+    return _wgmma_if_cheaper(size, padded_rows)
 
 
 def _score_area(g: _Groups, block: int, block_n: int) -> tuple[int, int]:
@@ -205,7 +218,7 @@ def _host_tables(mode: str, q_lens, k_lens, grids) -> tuple[np.ndarray, int, np.
         block_m = block_kt = _temporal_tile(g)
     else:
         block_m = _padding_tile(g, g.q_len, q_active)
-        block_kt = max(MIN_KEY_TILE, block_m if k_lens is None else _padding_tile(g, g.k_len, k_active))
+        block_kt = max(WGMMA_ROWS, block_m if k_lens is None else _padding_tile(g, g.k_len, k_active))
     q_table, num_q_tiles = _table(g, g.q_len, q_active, g.k_len, block_m)
     k_table, num_k_tiles = _table(g, g.k_len, k_active, g.q_len, block_kt)
     covered = int((g.k_len * g.num_segs)[k_active].sum())
@@ -243,9 +256,11 @@ def score_area(grids: Sequence[Sequence[int]], mode: str = "temporal", block_n: 
 
 # ---------------------------------------------------------------------------------------------- device side
 def _tile_for_longest(max_len: int) -> int:
-    """Tile size from the longest segment alone: the largest of TILE_SIZES that it fills at least 4 times (a
-    144-token image gets 32, as under the padding rule; 1,024+ tokens get 128)."""
-    return next((size for size in TILE_SIZES if max_len >= 4 * size), TILE_SIZES[-1])
+    """Tile size from the longest segment alone: the largest of TILE_SIZES that it fills at least 4 times, 64
+    instead of 16/32 rows when cheaper for it (a 144-token image gets 64, as under the padding rule; 1,024+
+    tokens get 128)."""
+    size = next((size for size in TILE_SIZES if max_len >= 4 * size), TILE_SIZES[-1])
+    return _wgmma_if_cheaper(size, lambda block: -(-max_len // block) * block)
 
 
 def _device_table(q_start: Tensor, k_start: Tensor, q_len: Tensor, k_len: Tensor, length: Tensor, active: Tensor,
@@ -269,7 +284,7 @@ def device_schedule(cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, num_q: int, num_
     q_start, k_start = cu_seqlens_q[:-1].long(), cu_seqlens_k[:-1].long()
     q_len, k_len = cu_seqlens_q[1:].long() - q_start, cu_seqlens_k[1:].long() - k_start
     num_segments = q_len.shape[0]
-    block_m, block_kt = _tile_for_longest(max_seqlen_q), max(MIN_KEY_TILE, _tile_for_longest(max_seqlen_k))
+    block_m, block_kt = _tile_for_longest(max_seqlen_q), max(WGMMA_ROWS, _tile_for_longest(max_seqlen_k))
     q_active = q_len > 0
     k_active = q_active & (k_len > 0)
     q_groups, q_tiles = _device_table(q_start, k_start, q_len, k_len, q_len, q_active, k_len, block_m,
