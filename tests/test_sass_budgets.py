@@ -6,8 +6,9 @@ measured (``sass_parser``: hot loop, issue/MMA, MMA kinds, async copies, spills,
 budgets (``BUDGETS``, the one table) are the acceptance criteria of the attention and fused-block kernels:
 
 * attention forward, dK/dV and dQ at head dims 64 / 72 / 128 with RoPE off and on, and in temporal mode:
-  no spills (stack frame 0), no mma.sync in the hot loop of a program tile of >= 64 rows, the hot loop
-  pipelined through 16-byte cp.async or TMA; the forward at head dim 128 on 128-row tiles (long segments)
+  no spills (stack frame 0) in programs of >= 64 rows, nor in the forward / dQ programs of 32- and 16-row
+  tiles (key tiles have >= 64 rows), nor with GQA; no mma.sync in the hot loop of a program of >= 64 rows, the
+  hot loop pipelined through 16-byte cp.async or TMA; the forward at head dim 128 on 128-row tiles (long segments)
   at issue/MMA <= 0.8 in its best spill-free autotuning configuration; RoPE on costing <= 5% more hot-loop
   instructions than RoPE off, configuration by configuration (every RoPE-on configuration must have its
   RoPE-off twin: RoPE runs once per layer in the QK-norm / RoPE pass, not in the attention loops).
@@ -150,9 +151,20 @@ def _attention(kernel: str, head_dim: int, rope: bool | None = None, mode: str |
     return select
 
 
-def _large_tiles(kernel: str, head_dim: int):
-    attention = _attention(kernel, head_dim)
+def _large_tiles(kernel: str, head_dim: int, rope: bool | None = None, mode: str | None = None):
+    """Programs of at least 64 rows (wgmma's M)."""
+    attention = _attention(kernel, head_dim, rope, mode)
     return lambda m: attention(m) and m.constexpr(PROGRAM_ROWS[kernel]) >= 64
+
+
+def _small_tiles(kernel: str, head_dim: int):
+    """Programs of fewer than 64 rows (mma.sync), from the 32- and 16-row layouts."""
+    attention = _attention(kernel, head_dim)
+    return lambda m: attention(m) and m.constexpr(PROGRAM_ROWS[kernel]) < 64
+
+
+def _gqa(kernel: str):
+    return lambda m: m.case.name == ATTENTION_KERNELS[kernel] and m.tags.get("kv_heads") is not None
 
 
 def _qk_norm_rope(head_dim: int):
@@ -176,13 +188,18 @@ def _budgets() -> list[Budget]:
             for rope in (False, True):
                 for mode in ("full", "temporal"):
                     budgets.append(Budget(f"attention-{kernel}-d{head_dim}{'-rope' if rope else ''}-{mode}-spill",
-                                          _attention(kernel, head_dim, rope, mode), _worst(_spill, " B"), 0))
+                                          _large_tiles(kernel, head_dim, rope, mode), _worst(_spill, " B"), 0))
+            if kernel != "dkdv":  # key tiles have at least 64 rows (attention_schedule.WGMMA_ROWS)
+                budgets.append(Budget(f"attention-{kernel}-d{head_dim}-small-tiles-spill",
+                                      _small_tiles(kernel, head_dim), _worst(_spill, " B"), 0))
             budgets.append(Budget(f"attention-{kernel}-d{head_dim}-no-mma-sync-on-64-row-tiles",
                                   _large_tiles(kernel, head_dim), _worst(_loop_mma_sync, " HMMA"), 0))
             budgets.append(Budget(f"attention-{kernel}-d{head_dim}-pipelined", _attention(kernel, head_dim),
                                   _worst(_not_pipelined, " (1: no 16-byte cp.async / TMA in the hot loop)"), 0))
             budgets.append(Budget(f"attention-{kernel}-d{head_dim}-rope-overhead", _attention(kernel, head_dim),
                                   _rope_overhead, 0.05))
+    for kernel in ATTENTION_KERNELS:
+        budgets.append(Budget(f"attention-{kernel}-gqa-spill", _gqa(kernel), _worst(_spill, " B"), 0))
     for rope in (False, True):
         budgets.append(Budget(f"attention-forward-d128{'-rope' if rope else ''}-long-issue-per-mma",
                               _attention("forward", 128, rope, "full", "long"), _best_spill_free_issue, 0.8))
@@ -204,7 +221,15 @@ def _budgets() -> list[Budget]:
 BUDGETS = _budgets()
 
 # Budgets today's kernels miss: id -> measured value (strict xfail; remove the entry when a kernel meets it).
-MISSED: dict[str, str] = {}
+MISSED: dict[str, str] = {
+    # All three spill outside the hot loop (stored in the prologue, reloaded once per program). The forward's
+    # 32-row tile compiles without spilling at 8 warps, but at issue/MMA 2.1 instead of 1.6; the dQ's spills
+    # 24-64 B at every warps / stages setting tried; GQA 3 follows the order of dpT and dv's update (32 B the
+    # other way).
+    "attention-forward-d128-small-tiles-spill": "24 B in attention_fwd-bf16-d128-m32-n64-g1-w4s3-sm90 vs budget 0",
+    "attention-dq-d72-small-tiles-spill": "24 B in attention_bwd_dq-bf16-d72-m32-n64-g1-w4s3-sm90 vs budget 0",
+    "attention-dkdv-gqa-spill": "24 B in attention_bwd_dkdv-bf16-d128-m64-n64-g3-atomic_dq-w8s3-sm90 vs budget 0",
+}
 
 
 @pytest.fixture(scope="module")
