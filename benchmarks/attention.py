@@ -27,7 +27,11 @@ is refused and not timed. Useful FLOPs: ``4 * D * H * pairs`` forward, x3.5 forw
 (backward = 2.5x forward), pairs = sum L^2 (full), sum T (HW)^2 (spatial), sum HW T^2 (temporal).
 ``vs_best_peer`` is packdit's TFLOP/s over the best peer's on the same case and pass.
 ``packdit_useful_area``: the share of the scores packdit's tiles compute that attention needs, per case and,
-in rows with pass ``static`` (any device), per workload mix and mode.
+in rows with pass ``static`` (any device), per workload mix and mode, next to ``forward_flop_per_byte``: the
+forward's MMA FLOPs as computed (wasted scores included) over its minimum HBM traffic (bf16 q, k, v, out read
+or written once), ``computed scores * 4 D / (tokens * 8 D)`` per head, to hold against a GPU's ridge point
+(dense bf16 FLOP/s over HBM bytes/s: ~295 on an H100 SXM); below it the layer is bound by memory, and wasted
+MMA work costs no time.
 
 CPU (quick): tiny fp32 layouts, head dim 64; the reference and the SDPA peers are verified and timed
 (no performance claims). Under ``TRITON_INTERPRET=1`` (the test suite) packdit's kernel is verified on
@@ -420,7 +424,7 @@ def run(ctx: Context) -> list[dict]:
     rows += useful_areas(label)
     print_table("packdit's tiles: useful / computed query x key scores (host schedule of each mix's GPU layout; "
                 "static, not timed)", [r for r in rows if r["pass"] == "static"],
-                ["mix", "mode", "tokens", "samples", "packdit_useful_area", "block_m"])
+                ["mix", "mode", "tokens", "samples", "packdit_useful_area", "forward_flop_per_byte", "block_m"])
     print_table(f"attention ({label}; TFLOP/s of useful FLOPs)", [r for r in rows if "TFLOPs" in r],
                 ["mix", "mode", "rope", "head_dim", "pass", "provider", "ms", "TFLOPs", "vs_best_peer", "best_peer",
                  "rel_err"])
@@ -440,10 +444,12 @@ def useful_areas(label: str) -> list[dict]:
         grids = _mix_grids(mix)
         for mode in MODES:
             area = score_area(grids, mode)
+            tokens = sum(math.prod(g) for g in grids)
             rows.append({"device": label, "mix": mix, "mode": mode, "provider": "packdit", "pass": "static",
-                         "tokens": sum(math.prod(g) for g in grids), "samples": len(grids),
-                         "packdit_useful_area": round(area["fraction"], 3), "block_m": area["block_m"],
-                         "note": "schedule property, not timed"})
+                         "tokens": tokens, "samples": len(grids),
+                         "packdit_useful_area": round(area["fraction"], 3),
+                         "forward_flop_per_byte": round(area["computed"] / (2 * tokens), 1),
+                         "block_m": area["block_m"], "note": "schedule property, not timed"})
     return rows
 
 
