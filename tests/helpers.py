@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import random
+import socket
+from datetime import timedelta
 
 import torch
 from torch import Tensor
@@ -129,3 +132,29 @@ def gather_unpatchify(tokens: Tensor, cu_seqlens: Tensor, raster_index: Tensor |
         x[_latent_coords(raster, grid, patch_size, channels, channels_last)] = tokens[cu[b]:cu[b + 1]]
         out.append(x.squeeze(1) if ndim == 3 else x)
     return out
+
+
+# ---------------------------------------------------------------------------------------------- gloo groups
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_in_gloo_group(rank: int, world: int, port: int, fn, *args, timeout: timedelta | None = None) -> None:
+    """Process entry for ``torch.multiprocessing``: ``fn(*args)`` in rank ``rank`` of a loopback gloo group.
+
+    On success every rank meets at a barrier and the process exits at once (``os._exit(0)``), without tearing
+    the group down: destroying a gloo group while a peer is still using or closing its own can end in
+    ``std::terminate`` (SIGABRT, "terminate called without an active exception"), which failed CI runs of
+    tests whose ranks had all finished correctly. An exception propagates with the group left as it is, so the
+    spawner reports this rank's traceback first (a destroyed group would fail the peers' collectives first)."""
+    import torch
+    import torch.distributed as dist
+
+    kwargs = {} if timeout is None else {"timeout": timeout}
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, **kwargs)
+    torch.set_num_threads(1)
+    fn(*args)
+    dist.barrier()
+    os._exit(0)

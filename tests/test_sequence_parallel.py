@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import socket
 import sys
 import time
 from datetime import timedelta
@@ -25,7 +24,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from helpers import assert_close, randomize_
+from helpers import assert_close, free_port, randomize_, run_in_gloo_group
 
 from packdit import pack
 from packdit.data import PackedSampler
@@ -86,27 +85,15 @@ def test_sequence_parallel_needs_an_initialized_process_group():
 
 
 # ---------------------------------------------------------------------- spawning
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _entry(rank, world, port, fn, args):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=GROUP_TIMEOUT)
-    try:
-        torch.set_num_threads(1)
-        fn(rank, world, *args)
-    finally:
-        dist.destroy_process_group()
+    run_in_gloo_group(rank, world, port, fn, rank, world, *args, timeout=GROUP_TIMEOUT)
 
 
 def spawn(fn, world: int, *args, timeout: float = SPAWN_TIMEOUT) -> float:
     """Run ``fn(rank, world, *args)`` in ``world`` processes of one gloo group; a rank's exception fails the test
     (with its traceback), and so does a group still running after ``timeout`` seconds. Returns the seconds."""
     start = time.monotonic()
-    context = mp.start_processes(_entry, args=(world, _free_port(), fn, args), nprocs=world, join=False,
+    context = mp.start_processes(_entry, args=(world, free_port(), fn, args), nprocs=world, join=False,
                                  start_method="spawn")
     while not context.join(timeout=max(0.0, start + timeout - time.monotonic())):
         if time.monotonic() >= start + timeout:
@@ -446,7 +433,7 @@ def _stalled_rank_worker(rank, world, out_dir):
         deadline = time.monotonic() + 60
         while not result.exists() and time.monotonic() < deadline:
             time.sleep(0.1)
-        return
+        os._exit(0)  # rank 0 is gone (below): no barrier to meet
     model = DiT(**VIDEO)
     call = _dit_cases()[0][2]
     call(model)  # warm-up alone: the time below is the collective's

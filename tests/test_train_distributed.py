@@ -1,12 +1,9 @@
 """2-rank DDP / FSDP2 training (gloo, CPU) equals 1-process training on the union of the ranks' packs."""
 
-import socket
-
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
-from helpers import assert_close
+from helpers import assert_close, free_port, run_in_gloo_group
 
 from packdit.data import PackedSampler
 from packdit.reference.dit import DiT
@@ -43,27 +40,20 @@ def tiny_dit():
     return model
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _train_both_modes(rank, out_dir):
+    """Trains with DDP, then with FSDP2, in one process group; rank 0 saves losses and full parameters."""
+    data = SyntheticImages()
+    for mode in MODES:
+        model = tiny_dit()
+        losses = train(model, data, lengths=data.lengths(), steps=STEPS, lr=LR, capacity=CAPACITY,
+                       hidden_size=HIDDEN, window=2, seed=SEED, optimizer=torch.optim.SGD, fsdp=mode == "fsdp2")
+        params = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in model.state_dict().items()}
+        if rank == 0:
+            torch.save({"losses": losses, "params": params}, f"{out_dir}/{mode}.pt")
 
 
 def _worker(rank, world, port, out_dir):
-    """Trains with DDP, then with FSDP2, in one process group; rank 0 saves losses and full parameters."""
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        torch.set_num_threads(1)
-        data = SyntheticImages()
-        for mode in MODES:
-            model = tiny_dit()
-            losses = train(model, data, lengths=data.lengths(), steps=STEPS, lr=LR, capacity=CAPACITY,
-                           hidden_size=HIDDEN, window=2, seed=SEED, optimizer=torch.optim.SGD, fsdp=mode == "fsdp2")
-            params = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in model.state_dict().items()}
-            if rank == 0:
-                torch.save({"losses": losses, "params": params}, f"{out_dir}/{mode}.pt")
-    finally:
-        dist.destroy_process_group()
+    run_in_gloo_group(rank, world, port, _train_both_modes, rank, out_dir)
 
 
 def _single_process_reference():
@@ -86,7 +76,7 @@ def _single_process_reference():
 
 
 def test_two_ranks_equal_one_rank(tmp_path):
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     ref_losses, ref_params = _single_process_reference()
     initial = tiny_dit().state_dict()
     assert max((ref_params[k] - v).abs().max().item() for k, v in initial.items()) > 1e-2  # the steps moved weights
