@@ -562,6 +562,9 @@ def _sp_worker(rank: int, world: int, port: int, backend: str, cfg: dict, sizes:
             dist.barrier()
         if rank == 0:
             Path(out).write_text(json.dumps(rows))
+        # Every rank tears the group down together: a gloo rank destroying its group while a peer still holds
+        # its own (rank 0 writing the rows) can end in std::terminate.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
