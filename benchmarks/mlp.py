@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 from common import Context, measure, print_table
-from norm import Provider, interpreting, segment_index, verified
+from norm import Provider, interpreting, kernel_and_torch, segment_index, verified
 
 from packdit.ops.mlp import fused_mlp
 from packdit.reference.mlp import mlp_reference
@@ -26,10 +26,7 @@ GRAD_NAMES = ["out", "dh", "dfc1_weight", "dfc1_bias", "dfc2_weight", "dfc2_bias
 
 
 def _providers(ctx: Context) -> list[Provider]:
-    if ctx.is_gpu:
-        return [Provider("packdit", fused_mlp), Provider("eager", mlp_reference),
-                Provider("compile", torch.compile(mlp_reference))]
-    return [Provider("eager", mlp_reference)]
+    return kernel_and_torch(ctx, fused_mlp, mlp_reference)
 
 
 def _cases(ctx: Context) -> list[tuple[int, int, int, bool]]:

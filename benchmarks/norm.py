@@ -42,6 +42,15 @@ class Provider:
     timed: bool = True
 
 
+def kernel_and_torch(ctx: Context, kernel: Callable, reference: Callable) -> list[Provider]:
+    """The implementations timed on ``ctx``'s device: on a GPU packdit's ``kernel``, the eager PyTorch
+    ``reference`` and ``torch.compile`` of it; elsewhere the eager reference alone."""
+    if ctx.is_gpu:
+        return [Provider("packdit", kernel), Provider("eager", reference),
+                Provider("compile", torch.compile(reference))]
+    return [Provider("eager", reference)]
+
+
 def hbm_peak_gbps(env: dict) -> float | None:
     """Peak HBM bandwidth of the run's GPU (longest matching name), None when unknown or on the CPU."""
     name = env.get("gpu") or ""
@@ -106,10 +115,7 @@ def _reference(x, modulation, index):
 
 def _providers(ctx: Context) -> list[Provider]:
     """The implementations timed on ``ctx``'s device (shift and scale are chunks of one adaLN output)."""
-    if ctx.is_gpu:
-        return [Provider("packdit", _packdit), Provider("eager", _reference),
-                Provider("compile", torch.compile(_reference))]
-    return [Provider("eager", _reference)]
+    return kernel_and_torch(ctx, _packdit, _reference)
 
 
 def _cases(ctx: Context) -> list[tuple[int, int, int, bool]]:
