@@ -132,3 +132,58 @@ def test_a_model_built_for_a_gpu_runs_cpu_tensors_on_the_reference(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(PF.BackendUnavailableError, match="not supported because"):
         packdit.DiT(**TINY, backend="triton")(latents, t, y)
+
+
+def _mlp_inputs(d: int = 16, hidden: int = 32, rows: int = 6):
+    """fp32 h, fc1/fc2 weights and biases, x, gate (2 rows), index: what a model under autocast hands the MLP."""
+    torch.manual_seed(0)
+    h, x = torch.randn(rows, d), torch.randn(rows, d)
+    weights = [torch.randn(hidden, d) * d**-0.5, torch.randn(hidden) * 0.1, torch.randn(d, hidden) * hidden**-0.5,
+               torch.randn(d) * 0.1]
+    return h, weights, x, torch.randn(2, d), torch.tensor([0, 0, 0, 1, 1, 1], dtype=torch.int32)
+
+
+def test_fused_mlp_under_autocast_gets_the_gemm_operands_in_the_autocast_dtype(monkeypatch):
+    """Mixed precision keeps fp32 parameters beside bf16 activations; the fused GEMM takes one dtype, so under
+    autocast the dispatcher casts its operands (h, weights, biases, the residual x) as F.linear would, on both
+    backends; the gate table, read row by row in fp32, is left as it is."""
+    h, weights, x, gate, index = _mlp_inputs()
+    seen = {}
+
+    def kernel(*args):
+        seen.update(zip(["h", "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias", "x", "gate"], args))
+        return args[0]
+
+    monkeypatch.setattr(mlp, "fused_mlp", kernel)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        PF.fused_mlp(h, *weights, x, gate, index, backend="triton")
+        got = PF.fused_mlp(h, *weights, x, gate, index, backend="torch")
+    assert {name: t.dtype for name, t in seen.items()} == {
+        **{name: torch.bfloat16 for name in ["h", "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias", "x"]},
+        "gate": torch.float32}
+    bf16 = [t.to(torch.bfloat16) for t in (h, *weights, x)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = reference.mlp_reference(*bf16, gate, index)
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got, want.to(torch.bfloat16))
+    PF.fused_mlp(h, *weights, x, gate, index, backend="triton")  # autocast off: no cast
+    assert all(t.dtype == torch.float32 for t in seen.values())
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_kernel_model_trains_under_autocast_with_fp32_parameters(device):
+    """A DiT on its kernels (on the CPU: the Triton interpreter) in a bf16 autocast region with fp32 parameters,
+    as AMP training runs it: the forward and backward run and every gradient is finite (the fused MLP used to
+    refuse fp32 weights beside bf16 activations)."""
+    model = randomize_(packdit.DiT(**{**TINY, "depth": 1}, backend="triton"), std=0.2).eval().to(device)
+    latents = [torch.randn(4, 2, 4, 6, device=device), torch.randn(4, 6, 2, device=device)]
+    tokens, seqs = packdit.pack(latents, TINY["patch_size"])
+    with torch.autocast(device, dtype=torch.bfloat16):
+        out = model.forward_packed(tokens, seqs, torch.tensor([10.0, 500.0], device=device),
+                                   torch.tensor([1, 2], device=device))
+        loss = out.float().square().mean()
+    loss.backward()
+    assert out.dtype == torch.bfloat16
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)

@@ -86,6 +86,18 @@ def use_kernel(op: str, device: torch.device, backend: str | None) -> bool:
     return False
 
 
+def _autocast(device: torch.device, *tensors: Tensor | None) -> tuple[Tensor | None, ...]:
+    """``tensors`` in ``torch.autocast``'s dtype where it is on for ``device`` (``None`` kept), else unchanged.
+
+    What ``F.linear`` does to its operands under autocast, done before a fused GEMM that takes one dtype: mixed
+    precision keeps fp32 parameters (``fc1.weight``) beside bf16 activations, and a kernel given both would
+    refuse them. Both backends get the cast inputs, so they return the same dtype."""
+    if not torch.is_autocast_enabled(device.type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device.type)
+    return tuple(t if t is None else t.to(dtype) for t in tensors)
+
+
 # ---------------------------------------------------------------------- attention
 def varlen_attention(
     q: Tensor,
@@ -176,6 +188,8 @@ def fused_mlp(
 ) -> Tensor:
     """``fc2(gelu_tanh(fc1(h)))``, or with x, gate, index the block tail ``x + gate[index] * fc2(...)``
     (fused into fc2's epilogue by the kernel). See :mod:`packdit.ops.mlp`."""
+    h, fc1_weight, fc1_bias, fc2_weight, fc2_bias, x = _autocast(h.device, h, fc1_weight, fc1_bias, fc2_weight,
+                                                                 fc2_bias, x)
     if use_kernel("fused_mlp", h.device, backend):
         from packdit.ops.mlp import fused_mlp as kernel
 
