@@ -118,3 +118,26 @@ def test_rejects_a_bad_grid_or_scale():
     for scale in (float("nan"), float("inf")):
         with pytest.raises(ValueError, match=r"scale: expected a finite softmax scale"):
             varlen_attention(q, q, q, cu, scale=scale)
+
+
+@pytest.mark.parametrize("mode", ["full", "spatial", "temporal"])
+def test_sdpa_calls_are_batched_4d(mode, monkeypatch):
+    """Every SDPA call gets (batch, heads, L, D) inputs, which lets PyTorch pick a fused backend on a GPU; 3-D
+    inputs always run its math backend, which holds every score (an H200 ran out of memory asking for 32 GiB
+    of fp32 scores for a 31k-token video at 9 heads)."""
+    import torch.nn.functional as F
+
+    from packdit.reference import attention as reference_attention
+
+    sdpa, dims = F.scaled_dot_product_attention, []
+
+    def recorded(q, k, v, **kwargs):
+        dims.append((q.dim(), k.dim(), v.dim()))
+        return sdpa(q, k, v, **kwargs)
+
+    monkeypatch.setattr(reference_attention.F, "scaled_dot_product_attention", recorded)
+    grid = torch.tensor([[2, 3, 4], [1, 2, 2]])
+    q = torch.randn(28, 2, 8)
+    cu = torch.tensor([0, 24, 28], dtype=torch.int32)
+    varlen_attention(q, q, q, cu, mode=mode, grid=None if mode == "full" else grid)
+    assert dims and set(dims) == {(4, 4, 4)}

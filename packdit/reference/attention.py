@@ -97,7 +97,9 @@ def varlen_attention(
         qb = q[q0:q1].transpose(0, 1)                                   # (Hq, Lq, D)
         kb = k[k0:k1].transpose(0, 1).repeat_interleave(hq // hk, 0)    # (Hq, Lk, D)
         vb = v[k0:k1].transpose(0, 1).repeat_interleave(hq // hk, 0)
-        out[q0:q1] = F.scaled_dot_product_attention(qb, kb, vb, scale=scale).transpose(0, 1)
+        # 4-D (1, Hq, L, D): SDPA may pick a fused backend (flash, memory-efficient) that never holds the
+        # scores; 3-D input always runs the math backend: 32 GiB of fp32 scores for a 31k-token video at 9 heads
+        out[q0:q1] = F.scaled_dot_product_attention(qb[None], kb[None], vb[None], scale=scale)[0].transpose(0, 1)
         if return_lse:
             lse[:, q0:q1] = torch.logsumexp((qb.float() @ kb.float().transpose(1, 2)) * scale, dim=-1)
     return (out, lse) if return_lse else out
@@ -133,11 +135,9 @@ def _factorized(q, k, v, cu, grid, mode, scale, return_lse):
         kb = groups(k).repeat_interleave(hq // hk, 1)
         vb = groups(v).repeat_interleave(hq // hk, 1)
         ob = F.scaled_dot_product_attention(qb, kb, vb, scale=scale)
-        lb = torch.logsumexp((qb.float() @ kb.float().transpose(-1, -2)) * scale, dim=-1)   # (groups, heads, size)
-        if mode == "spatial":
-            out[start:end] = ob.permute(0, 2, 1, 3).flatten(0, 1)
-            lse[:, start:end] = lb.permute(1, 0, 2).flatten(1)
-        else:
-            out[start:end] = ob.permute(2, 0, 1, 3).flatten(0, 1)
-            lse[:, start:end] = lb.permute(1, 2, 0).flatten(1)
+        spatial = mode == "spatial"
+        out[start:end] = (ob.permute(0, 2, 1, 3) if spatial else ob.permute(2, 0, 1, 3)).flatten(0, 1)
+        if return_lse:
+            lb = torch.logsumexp((qb.float() @ kb.float().transpose(-1, -2)) * scale, dim=-1)  # (groups, heads, size)
+            lse[:, start:end] = (lb.permute(1, 0, 2) if spatial else lb.permute(1, 2, 0)).flatten(1)
     return (out, lse) if return_lse else out
