@@ -6,6 +6,8 @@ first (video-mix, full attention; then RoPE, the factorized modes, long videos, 
 
 Providers, on the same q, k, v:
     packdit        packdit.varlen_attention (Triton), q and k rotated once by the qk_norm_rope kernel
+    packdit-deterministic   the same under ``packdit.use_deterministic(True)`` (full mode, RoPE off): dQ by its
+                   own kernel instead of fp32 atomics in the dK/dV kernel, the two backward designs side by side
     fa3            FlashAttention-3 varlen (``flash_attn_interface.flash_attn_varlen_func``), when installed
     torch-varlen   torch.nn.attention.varlen.varlen_attn (FlashAttention-2 inside PyTorch)
     flash-attn     FlashAttention-2 varlen (``flash_attn.flash_attn_varlen_func``), when installed
@@ -85,12 +87,14 @@ class Case:
 
 @dataclasses.dataclass(frozen=True)
 class Provider:
-    """``fn(q, k, v) -> out``; ``fused_rope``: it applies RoPE itself (else it gets rotated q and k)."""
+    """``fn(q, k, v) -> out``; ``fused_rope``: it applies RoPE itself (else it gets rotated q and k);
+    ``deterministic``: verified and timed under ``packdit.use_deterministic(True)``."""
 
     name: str
     fn: Callable
     fused_rope: bool = False
     timed: bool = True
+    deterministic: bool = False
 
 
 def _cases(ctx: Context) -> list[Case]:
@@ -197,8 +201,9 @@ def _fa2(q, k, v, cu, max_len):
 
 
 def _sdpa_loop(q, k, v, cu, max_len):
+    """One (1, H, L, D) SDPA call per sample, as a model would make it (4-D: PyTorch picks its flash kernel)."""
     bounds = cu.tolist()
-    outs = [F.scaled_dot_product_attention(q[a:b].transpose(0, 1), k[a:b].transpose(0, 1), v[a:b].transpose(0, 1))
+    outs = [F.scaled_dot_product_attention(*(x[a:b].transpose(0, 1)[None] for x in (q, k, v)))[0]
             for a, b in zip(bounds, bounds[1:]) if b > a]
     return torch.cat([o.transpose(0, 1) for o in outs])
 
@@ -290,6 +295,9 @@ def _providers(ctx: Context, seqs: PackedSeqs, case: Case) -> tuple[list[Provide
     providers, skipped = [], {}
     if ctx.is_gpu:
         providers.append(Provider("packdit", _packdit(seqs, case), fused_rope=True))
+        if case.mode == "full" and not case.rope:
+            providers.append(Provider("packdit-deterministic", _packdit(seqs, case), fused_rope=True,
+                                      deterministic=True))
         for name, attend in (("fa3", _fa3), ("torch-varlen", _torch_varlen), ("flash-attn", _fa2)):
             try:
                 attend(*(torch.zeros(1, 1, 64, device=ctx.device, dtype=torch.bfloat16),) * 3,
@@ -351,10 +359,19 @@ class _Expected:
         self.values = {}
         for fused in (True, False) if case.rope else (True,):
             ref = _reference(seqs, case, fused_rope=fused)
-            oracle = forward_and_grads(ref, self.inputs[fused], grad, dtype=torch.float32)
-            same_precision = None if q.dtype == torch.float32 else forward_and_grads(ref, self.inputs[fused], grad)
+            oracle = _per_head(ref, self.inputs[fused], grad, torch.float32)
+            same_precision = None if q.dtype == torch.float32 else _per_head(ref, self.inputs[fused], grad, None)
             self.values[fused] = (oracle, same_precision)
         self.values.setdefault(False, self.values[True])
+
+
+def _per_head(ref: Callable, inputs, grad, dtype: torch.dtype | None) -> list[torch.Tensor]:
+    """``forward_and_grads`` of the reference one head at a time: heads are independent, and the reference's
+    SDPA (3-D inputs: PyTorch's math backend) holds every score of a segment, 32 GiB in fp32 for the 9 heads
+    of a 31k-token video."""
+    per_head = [forward_and_grads(ref, [x[:, h:h + 1] for x in inputs], grad[:, h:h + 1], dtype=dtype)
+                for h in range(grad.shape[1])]
+    return [torch.cat(parts, dim=1) for parts in zip(*per_head)]
 
 
 def _run_case(ctx: Context, case: Case, seqs: PackedSeqs, label: str) -> list[dict]:
@@ -377,29 +394,38 @@ def _run_case(ctx: Context, case: Case, seqs: PackedSeqs, label: str) -> list[di
         if ctx.out_of_time():
             rows.append({**row, "pass": "-", "note": "skipped: time budget spent"})
             continue
-        want, peer = expected.values[provider.fused_rope]
-        inputs = expected.inputs[provider.fused_rope]
+        packdit.use_deterministic(provider.deterministic)
         try:
-            got = forward_and_grads(provider.fn, inputs, grad)
-        except Exception as e:  # noqa: BLE001 -- a peer that cannot run this case: record why, go on
-            rows.append({**row, "pass": "-", "note": f"failed: {type(e).__name__}: {str(e)[:200]}"})
-            continue
-        try:
-            err = verify_outputs(f"attention/{case.mix}/{case.mode}/rope={case.rope}/d{case.head_dim}/{provider.name}",
-                                 got, want, tol=TOLERANCE[dtype], peer=peer, names=GRAD_NAMES)
-        except OutputMismatch as e:
-            rows.append(refused_row({**row, "pass": "-"}, e))
-            continue
-        if not provider.timed:
-            rows.append({**row, "pass": "-", "rel_err": err, "note": "verified (Triton interpreter), not timed"})
-            continue
-        for backward in (False, True):
-            timing = _time(ctx, provider.fn, inputs, grad, backward)
-            useful = flops * (BACKWARD_FACTOR if backward else 1.0)
-            rows.append({**row, "pass": "fwd+bwd" if backward else "fwd", "ms": timing.median_ms,
-                         "p20_ms": timing.p20_ms, "p80_ms": timing.p80_ms, "TFLOPs": useful / timing.median_ms / 1e9,
-                         "rel_err": err, "note": "rope applied outside the timed call"
-                         if case.rope and not provider.fused_rope else ""})
+            rows += _verify_and_time(ctx, provider, expected, grad, row, flops, case)
+        finally:
+            packdit.use_deterministic(False)
+    return rows
+
+
+def _verify_and_time(ctx: Context, provider: Provider, expected: _Expected, grad, row: dict, flops: float,
+                     case: Case) -> list[dict]:
+    """``provider``'s rows: refused or failed, verified only, or timed forward and forward + backward."""
+    want, peer = expected.values[provider.fused_rope]
+    inputs = expected.inputs[provider.fused_rope]
+    try:
+        got = forward_and_grads(provider.fn, inputs, grad)
+    except Exception as e:  # noqa: BLE001 -- a peer that cannot run this case: record why, go on
+        return [{**row, "pass": "-", "note": f"failed: {type(e).__name__}: {str(e)[:200]}"}]
+    try:
+        err = verify_outputs(f"attention/{case.mix}/{case.mode}/rope={case.rope}/d{case.head_dim}/{provider.name}",
+                             got, want, tol=TOLERANCE[got[0].dtype], peer=peer, names=GRAD_NAMES)
+    except OutputMismatch as e:
+        return [refused_row({**row, "pass": "-"}, e)]
+    if not provider.timed:
+        return [{**row, "pass": "-", "rel_err": err, "note": "verified (Triton interpreter), not timed"}]
+    rows = []
+    for backward in (False, True):
+        timing = _time(ctx, provider.fn, inputs, grad, backward)
+        useful = flops * (BACKWARD_FACTOR if backward else 1.0)
+        rows.append({**row, "pass": "fwd+bwd" if backward else "fwd", "ms": timing.median_ms,
+                     "p20_ms": timing.p20_ms, "p80_ms": timing.p80_ms, "TFLOPs": useful / timing.median_ms / 1e9,
+                     "rel_err": err, "note": "rope applied outside the timed call"
+                     if case.rope and not provider.fused_rope else ""})
     return rows
 
 
@@ -459,7 +485,7 @@ def _add_peer_ratios(rows: list[dict]) -> None:
         if "TFLOPs" in r:
             groups.setdefault((r["mix"], r["mode"], r["rope"], r["head_dim"], r["pass"]), []).append(r)
     for group in groups.values():
-        peers = [r for r in group if r["provider"] not in ("packdit", "reference")]
+        peers = [r for r in group if not r["provider"].startswith("packdit") and r["provider"] != "reference"]
         best = max(peers, key=lambda r: r["TFLOPs"], default=None)
         for r in group:
             if r["provider"] == "packdit" and best is not None:

@@ -98,6 +98,45 @@ def test_attention_section_refuses_a_wrong_implementation(bug, tmp_path, monkeyp
     assert all("ms" in r for r in rows if r["provider"] == "reference")  # the right ones were timed
 
 
+def test_attention_deterministic_provider_runs_forward_and_backward_deterministic(tmp_path, monkeypatch):
+    """A provider marked deterministic is verified and timed with packdit.use_deterministic(True) on in its
+    forward and its backward (where the dQ design is chosen), and the setting is off again for the next one."""
+    import attention
+
+    from packdit.determinism import deterministic_enabled
+
+    case = attention.Case("cpu-images", 64, False, "full")
+    monkeypatch.setattr(attention, "_cases", lambda ctx: [case])
+    providers, seen = attention._providers, []
+
+    class Record(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            seen.append(("forward", deterministic_enabled()))
+            return x.view_as(x)
+
+        @staticmethod
+        def backward(ctx, grad):
+            seen.append(("backward", deterministic_enabled()))
+            return grad
+
+    def with_a_deterministic_one(ctx, seqs, case):
+        found, skipped = providers(ctx, seqs, case)
+        ref = attention._reference(seqs, case, fused_rope=True)
+        recorded = attention.Provider("packdit-deterministic", lambda q, k, v: ref(Record.apply(q), k, v),
+                                      fused_rope=True, deterministic=True)
+        return [recorded] + found, skipped
+
+    monkeypatch.setattr(attention, "_providers", with_a_deterministic_one)
+    assert bench_run.main(["--quick", "--device", "cpu", "--only", "attention", "--out", str(tmp_path),
+                           "--no-plots"]) == 0
+    assert {"forward", "backward"} <= {stage for stage, _ in seen} and all(on for _, on in seen)
+    assert not deterministic_enabled()
+    rows = json.loads(next(tmp_path.glob("*/attention.json")).read_text())["rows"]
+    timed = [r for r in rows if r["provider"] == "packdit-deterministic" and "ms" in r]
+    assert {r["pass"] for r in timed} == {"fwd", "fwd+bwd"}
+
+
 @pytest.mark.parametrize("section", ["norm", "mlp"])
 @pytest.mark.parametrize("bug", ["output", "gradient"])
 def test_fused_block_sections_refuse_a_wrong_implementation(section, bug, tmp_path, monkeypatch):
