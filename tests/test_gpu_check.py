@@ -36,3 +36,12 @@ def test_gpu_check_dry_run(tmp_path):
     for section in SECTIONS:
         assert {f"{section}.{ext}" for ext in ("json", "csv", "png")} <= names, section
     assert "memcheck exit 0" in log and "racecheck exit 0" in log
+
+
+def test_gpu_check_runs_every_gpu_test_file():
+    """The GPU test step names its files (quickest first); a new file with GPU tests must be among them."""
+    listed = re.search(r"^GPU_TESTS=\((.*?)\)", SCRIPT.read_text(), flags=re.M | re.S).group(1).split()
+    marked = {f"tests/{p.name}" for p in (ROOT / "tests").glob("test_*.py") if p.name != "test_gpu_check.py"
+              and re.search(r"mark\.gpu\b|mark\.cuda_ext\b", p.read_text())}
+    assert set(listed) == marked
+
