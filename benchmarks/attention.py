@@ -50,7 +50,16 @@ from collections.abc import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
-from common import Context, OutputMismatch, forward_and_grads, measure, print_table, refused_row, verify_outputs
+from common import (
+    Context,
+    OutputMismatch,
+    forward_and_grads,
+    kernel_times,
+    measure,
+    print_table,
+    refused_row,
+    verify_outputs,
+)
 from workloads import MIXES, patch_grid, take_tokens
 
 import packdit
@@ -426,7 +435,21 @@ def _verify_and_time(ctx: Context, provider: Provider, expected: _Expected, grad
                      "p20_ms": timing.p20_ms, "p80_ms": timing.p80_ms, "TFLOPs": useful / timing.median_ms / 1e9,
                      "rel_err": err, "note": "rope applied outside the timed call"
                      if case.rope and not provider.fused_rope else ""})
+    if provider.name.startswith("packdit") or not ctx.is_gpu:  # on a GPU packdit's rows only: ~1 s per profile
+        rows[-1].update(_kernel_breakdown(ctx, provider.fn, inputs, grad))
     return rows
+
+
+def _kernel_breakdown(ctx: Context, fn: Callable, inputs, grad) -> dict:
+    """``kernel_ms`` ("name ms; ..."), ``kernel_sum_ms`` of one profiled forward + backward call; the gap to the
+    row's ``ms`` is what a lone call spends waiting on the host. A profiler that fails is recorded, not fatal."""
+    leaves = [t.detach().requires_grad_(True) for t in inputs]
+    try:
+        times = kernel_times(lambda: torch.autograd.grad(fn(*leaves), leaves, grad), device=ctx.device)
+    except Exception as e:  # noqa: BLE001 -- a profiler that cannot run here must not lose the timings
+        return {"kernel_ms": f"profile failed: {type(e).__name__}: {str(e)[:120]}"}
+    return {"kernel_ms": "; ".join(f"{name} {ms:.3g}" for name, ms in times.items()),
+            "kernel_sum_ms": sum(times.values())}
 
 
 def run(ctx: Context) -> list[dict]:

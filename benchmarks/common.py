@@ -232,6 +232,26 @@ def measure(fn: Callable[[], object], *, device: torch.device, warmup: int = 3, 
     return Timing(statistics.median(times), q[0], q[3], min(times), max(times), len(times))
 
 
+def kernel_times(fn: Callable[[], object], *, device: torch.device, top: int = 8) -> dict[str, float]:
+    """Milliseconds per kernel of one (warm) call of ``fn`` under ``torch.profiler``, the ``top`` longest: device
+    kernels on a GPU (their sum against the call's event time is the host overhead a lone call pays), top-level
+    operators on the CPU. Names are cut to 48 characters (C++ template kernels have very long ones)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    gpu = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CUDA if gpu else ProfilerActivity.CPU]) as prof:
+        fn()
+        if gpu:
+            torch.cuda.synchronize(device)
+    totals: dict[str, float] = {}
+    for event in prof.events():
+        if (event.device_type == DeviceType.CUDA) if gpu else event.cpu_parent is None:
+            name = event.name[:48]
+            totals[name] = totals.get(name, 0.0) + event.time_range.elapsed_us() / 1e3
+    return dict(sorted(totals.items(), key=lambda item: -item[1])[:top])
+
+
 def results_dir(ctx: Context, slug: str | None = None) -> Path:
     """``<out>/<slug>`` for a full run, ``<out>/<slug>-quick`` for a quick one (git ignores those). ``slug``: the
     results folder, default the device's (``device_slug``); a static section names its own."""

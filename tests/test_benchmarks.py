@@ -282,3 +282,26 @@ def test_packing_section_refuses_a_broken_plan():
     packing.check_plan("groups", grouped, 10)  # 25 tokens on a group of 4 ranks of 10
     with pytest.raises(OutputMismatch, match="exceed the capacity of 6 tokens per rank"):
         packing.check_plan("groups", grouped, 6)
+
+
+@pytest.mark.parametrize("profiler_works", [True, False])
+def test_attention_rows_carry_a_kernel_breakdown(profiler_works, tmp_path, monkeypatch):
+    """Each timed provider's fwd+bwd row (on a GPU: packdit's) names the kernels of one profiled call and their
+    sum; a profiler that fails is recorded in the row and the timings stay."""
+    import attention
+
+    monkeypatch.setattr(attention, "_cases", lambda ctx: [attention.Case("cpu-images", 64, False, "full")])
+    if not profiler_works:
+        def broken(*args, **kwargs):
+            raise RuntimeError("CUPTI unavailable")
+        monkeypatch.setattr(attention, "kernel_times", broken)
+    assert bench_run.main(["--quick", "--device", "cpu", "--only", "attention", "--out", str(tmp_path),
+                           "--no-plots"]) == 0
+    rows = json.loads(next(tmp_path.glob("*/attention.json")).read_text())["rows"]
+    timed = [r for r in rows if "ms" in r and r["pass"] == "fwd+bwd"]
+    assert timed and all("ms" in r for r in timed)
+    for r in timed:
+        if profiler_works:
+            assert r["kernel_sum_ms"] > 0 and r["kernel_ms"].count(";") >= 1
+        else:
+            assert r["kernel_ms"] == "profile failed: RuntimeError: CUPTI unavailable" and "kernel_sum_ms" not in r
