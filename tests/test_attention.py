@@ -579,3 +579,21 @@ def test_gpu_cross_attention_and_long_segments():
     seqs = PackedSeqs.from_grids([(9, 24, 32), (1, 45, 80), (1, 9, 16)], device=DEVICE)
     cu_k = cu_seqlens_of([77, 120, 1], DEVICE)
     check_against_reference(seqs, 16, 16, 64, cu_k=cu_k, num_k=198, max_k=120, dtype=torch.bfloat16)
+
+
+def test_forward_offers_one_stage_only_where_the_key_loop_runs_once():
+    """The autotuner gets 1-stage forwards on tiles of >= 64 rows where every tile's keys fit one 64-key block
+    (max_len_bucket <= 64): stages then hold shared memory and overlap nothing. Elsewhere the pipelined
+    configurations alone."""
+    from packdit.ops import attention as attention_op
+
+    def kept(max_len_bucket, rows=64, columns=128):
+        pruned = attention_op._prune_fwd_configs(attention_op.fwd_configs(), {"max_len_bucket": max_len_bucket},
+                                                 BLOCK_M=rows, BLOCK_D0=columns, BLOCK_D1=0)
+        return {(c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in pruned}
+
+    assert kept(32) == kept(64) == {(64, 4, 3), (64, 4, 1)}
+    assert kept(128) == kept(4096) == {(64, 4, 3)}
+    assert kept(32, rows=128) == {(64, 8, 3), (64, 8, 1)} and kept(4096, rows=128) == {(64, 8, 3)}
+    assert kept(16, columns=64) == {(64, 4, 3), (128, 4, 2), (64, 4, 1)}
+    assert kept(32, rows=32) == {(64, 4, 3)}  # mma.sync tiles: 1 stage spills at D = 72, little to free

@@ -142,7 +142,8 @@ def fwd_configs() -> list:
     """The forward kernel's autotuning configurations (inner key block BLOCK_N, warps, stages), first the one the
     interpreter runs; BLOCK_N >= 64 so a packed tile's keys fit one block (attention_schedule.PACK_ROWS)."""
     return [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s)
-            for n, w, s in ((64, 4, 3), (64, 4, 2), (128, 4, 2), (64, 8, 3), (64, 8, 2), (128, 8, 2))]
+            for n, w, s in ((64, 4, 3), (64, 4, 2), (128, 4, 2), (64, 8, 3), (64, 8, 2), (128, 8, 2), (64, 4, 1),
+                            (64, 8, 1))]
 
 
 def _prune_fwd_configs(configs, named_args, **kwargs) -> list:
@@ -150,12 +151,21 @@ def _prune_fwd_configs(configs, named_args, **kwargs) -> list:
     wider heads (D = 256 at 3 stages needs 256 KB of shared memory); 128-key blocks only where scores and
     accumulator fit the registers: compiled for sm_90 (bf16), 128 x 128 scores spill beside a 128-column
     accumulator (104 B at 8 warps), 64 x 128 beside 80 columns (72 B at 4 warps); 128 x 128 beside 80 columns
-    takes 255 registers without spilling."""
+    takes 255 registers without spilling.
+
+    Where every tile's keys fit one 64-key block (``max_len_bucket`` <= 64: temporal tiles, short segments) the
+    loop runs once and its pipeline stages only hold shared memory: at 64 rows and D = 128, 3 stages take 112 KB,
+    one program per SM, 1 stage 32 KB at 254 registers, two. There the 1-stage configuration competes too, on
+    tiles of >= 64 rows (a 32-row tile at D = 72 spills 16 B with 1 stage); on an H200 such temporal layers
+    moved ~0.7 TB/s, ~9.6 us per one-block program (benchmarks/results/nvidia-h200)."""
     rows, columns = kwargs["BLOCK_M"], kwargs["BLOCK_D0"] + kwargs["BLOCK_D1"]
     warps = 8 if rows >= 128 else 4
     widest = 96 if warps == 8 else 64
+    one_block = named_args["max_len_bucket"] <= 64 and rows >= 64
 
     def keep(config):
+        if config.num_stages == 1:
+            return one_block
         if config.kwargs["BLOCK_N"] == 128:
             return columns <= widest
         return config.num_stages == (3 if columns <= 128 else 2)
