@@ -27,7 +27,9 @@ against the fp32 reference (``packdit.reference.varlen_attention`` after ``apply
 2x rule against the same reference run in bf16 (``common.verify_outputs``); a provider that disagrees
 is refused and not timed. Useful FLOPs: ``4 * D * H * pairs`` forward, x3.5 forward+backward
 (backward = 2.5x forward), pairs = sum L^2 (full), sum T (HW)^2 (spatial), sum HW T^2 (temporal).
-``vs_best_peer`` is packdit's TFLOP/s over the best peer's on the same case and pass.
+``vs_best_peer`` is packdit's TFLOP/s over the best peer's on the same case and pass. ``kernel_ms`` /
+``kernel_sum_ms`` (fwd+bwd rows; on a GPU packdit's only): the kernels of one call under ``torch.profiler``; the
+gap between ``kernel_sum_ms`` and ``ms`` is the time a lone call waits on the host.
 ``packdit_useful_area``: the share of the scores packdit's tiles compute that attention needs, per case and,
 in rows with pass ``static`` (any device), per workload mix and mode, next to ``forward_flop_per_byte``: the
 forward's MMA FLOPs as computed (wasted scores included) over its minimum HBM traffic (bf16 q, k, v, out read
