@@ -212,7 +212,8 @@ def _fa2(q, k, v, cu, max_len):
 
 
 def _sdpa_loop(q, k, v, cu, max_len):
-    """One (1, H, L, D) SDPA call per sample, as a model would make it (4-D: PyTorch picks its flash kernel)."""
+    """One (1, H, L, D) SDPA call per sample, as a model would make it (4-D, so PyTorch can pick its flash
+    kernel; 3-D input runs its math backend)."""
     bounds = cu.tolist()
     outs = [F.scaled_dot_product_attention(*(x[a:b].transpose(0, 1)[None] for x in (q, k, v)))[0]
             for a, b in zip(bounds, bounds[1:]) if b > a]
@@ -377,9 +378,9 @@ class _Expected:
 
 
 def _per_head(ref: Callable, inputs, grad, dtype: torch.dtype | None) -> list[torch.Tensor]:
-    """``forward_and_grads`` of the reference one head at a time: heads are independent, and the reference's
-    SDPA (3-D inputs: PyTorch's math backend) holds every score of a segment, 32 GiB in fp32 for the 9 heads
-    of a 31k-token video."""
+    """``forward_and_grads`` of the reference one head at a time: heads are independent, and where SDPA has no
+    fused fp32 kernel for a shape it runs its math backend, which holds every score of a segment (32 GiB in fp32
+    for the 9 heads of a 31k-token video ran an H200 out of memory); one head at a time bounds that to 1/H."""
     per_head = [forward_and_grads(ref, [x[:, h:h + 1] for x in inputs], grad[:, h:h + 1], dtype=dtype)
                 for h in range(grad.shape[1])]
     return [torch.cat(parts, dim=1) for parts in zip(*per_head)]
