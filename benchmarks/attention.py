@@ -6,8 +6,9 @@ first (video-mix, full attention; then RoPE, the factorized modes, long videos, 
 
 Providers, on the same q, k, v:
     packdit        packdit.varlen_attention (Triton), q and k rotated once by the qk_norm_rope kernel
-    packdit-deterministic   the same under ``packdit.use_deterministic(True)`` (full mode, RoPE off): dQ by its
-                   own kernel instead of fp32 atomics in the dK/dV kernel, the two backward designs side by side
+    packdit-atomic-dq, packdit-separate-dq   the same with the dQ design packdit does not pick for the case
+                   (full mode, RoPE off): fp32 atomics in the dK/dV kernel, or dQ by its own kernel (the
+                   ``packdit.use_deterministic(True)`` path); the two backward designs side by side
     fa3            FlashAttention-3 varlen (``flash_attn_interface.flash_attn_varlen_func``), when installed
     torch-varlen   torch.nn.attention.varlen.varlen_attn (FlashAttention-2 inside PyTorch)
     flash-attn     FlashAttention-2 varlen (``flash_attn.flash_attn_varlen_func``), when installed
@@ -44,10 +45,12 @@ one tiny case and not timed.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
 from collections.abc import Callable
+from unittest import mock
 
 import numpy as np
 import torch
@@ -68,6 +71,7 @@ import packdit
 from packdit import reference
 from packdit.layout import PackedSeqs
 from packdit.models.config import default_rope
+from packdit.ops import attention as attention_op
 from packdit.ops.attention_schedule import score_area
 
 MODEL_WIDTH = 1152
@@ -99,13 +103,37 @@ class Case:
 @dataclasses.dataclass(frozen=True)
 class Provider:
     """``fn(q, k, v) -> out``; ``fused_rope``: it applies RoPE itself (else it gets rotated q and k);
-    ``deterministic``: verified and timed under ``packdit.use_deterministic(True)``."""
+    ``dq``: packdit's backward design it is verified and timed with (see _dq_design)."""
 
     name: str
     fn: Callable
     fused_rope: bool = False
     timed: bool = True
-    deterministic: bool = False
+    dq: str = "default"
+
+
+@contextlib.contextmanager
+def _dq_design(dq: str):
+    """packdit's backward computes dQ its default way ("default"), by the dQ kernel ("separate": deterministic
+    mode) or by fp32 atomics in the dK/dV kernel wherever deterministic mode is off ("atomic")."""
+    if dq == "default":
+        yield
+    elif dq == "separate":
+        packdit.use_deterministic(True)
+        try:
+            yield
+        finally:
+            packdit.use_deterministic(False)
+    elif dq == "atomic":
+        with mock.patch.object(attention_op, "_dq_by_atomics", lambda *args: True):
+            yield
+    else:
+        raise ValueError(f"dq: expected 'default', 'separate' or 'atomic', got {dq!r}")
+
+
+def _other_dq(case: Case) -> str:
+    """The dQ design packdit's backward does not pick for ``case`` (bf16, 128-key tiles of long segments)."""
+    return "separate" if attention_op._dq_by_atomics(128, case.head_dim, 2, 1) else "atomic"
 
 
 def _cases(ctx: Context) -> list[Case]:
@@ -308,8 +336,8 @@ def _providers(ctx: Context, seqs: PackedSeqs, case: Case) -> tuple[list[Provide
     if ctx.is_gpu:
         providers.append(Provider("packdit", _packdit(seqs, case), fused_rope=True))
         if case.mode == "full" and not case.rope:
-            providers.append(Provider("packdit-deterministic", _packdit(seqs, case), fused_rope=True,
-                                      deterministic=True))
+            other = _other_dq(case)
+            providers.append(Provider(f"packdit-{other}-dq", _packdit(seqs, case), fused_rope=True, dq=other))
         for name, attend in (("fa3", _fa3), ("torch-varlen", _torch_varlen), ("flash-attn", _fa2)):
             try:
                 attend(*(torch.zeros(1, 1, 64, device=ctx.device, dtype=torch.bfloat16),) * 3,
@@ -406,11 +434,8 @@ def _run_case(ctx: Context, case: Case, seqs: PackedSeqs, label: str) -> list[di
         if ctx.out_of_time():
             rows.append({**row, "pass": "-", "note": "skipped: time budget spent"})
             continue
-        packdit.use_deterministic(provider.deterministic)
-        try:
+        with _dq_design(provider.dq):
             rows += _verify_and_time(ctx, provider, expected, grad, row, flops, case)
-        finally:
-            packdit.use_deterministic(False)
     return rows
 
 

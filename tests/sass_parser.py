@@ -142,6 +142,7 @@ class LoopStats:
     tma: int
     ldg_widths: dict
     nested_loops: int
+    local: int              # local-memory accesses (STL / LDL: spills, stack arrays) in the loop
 
     @property
     def pipelined(self) -> bool:
@@ -174,6 +175,7 @@ def loop_stats(instructions: list[Instruction], first: int, last: int, all_loops
         cp_async_widths=_widths(body, CP_ASYNC_OPCODE), tma=sum(inst.base in TMA_OPCODES for inst in body),
         ldg_widths=_widths(body, "LDG"),
         nested_loops=sum(first <= a and b <= last and (a, b) != (first, last) for a, b in all_loops),
+        local=sum(inst.base in ("STL", "LDL") for inst in body),
     )
 
 

@@ -323,6 +323,54 @@ def test_program_rows_are_powers_of_two_within_the_tile_budgets():
 
 
 # ---------------------------------------------------------------------------------------------- determinism
+def test_dq_by_atomics_only_where_they_keep_the_key_tile():
+    """Atomic dQ by default where the dK/dV program keeps its key tile with it; the dQ kernel where atomics would
+    halve it (bf16: head dims 97-128, GQA) and always in deterministic mode."""
+    by_atomics = attention_op._dq_by_atomics
+    assert by_atomics(128, 64, 2, 1) and by_atomics(128, 72, 2, 1) and by_atomics(128, 96, 2, 1)
+    assert not by_atomics(128, 128, 2, 1) and not by_atomics(128, 72, 2, 2) and not by_atomics(128, 64, 2, 4)
+    assert by_atomics(128, 128, 2, 3)  # 64 keys either way: 128 keys with 3 query heads spill inside the loop
+    assert by_atomics(64, 128, 2, 1) and by_atomics(64, 72, 2, 2)  # 64-row tiles: 64 keys either way
+    assert by_atomics(128, 128, 4, 1)  # fp32 at D = 128: 64-row programs (_BWD_TILE_BYTES) either way
+    assert by_atomics(128, 256, 2, 1)  # 32 keys either way
+    for group in (1, 2):
+        assert attention_op._dkdv_rows(128, 128, 2, group, True) == 64
+    assert attention_op._dkdv_rows(128, 128, 2, 1, False) == attention_op._dkdv_rows(128, 72, 2, 2, False) == 128
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_backward_takes_the_dq_kernel_where_atomics_halve_the_key_tile(deterministic):
+    """GQA (2 query heads per kv head) on samples of 256 and 255 tokens, 128-row tiles: the default backward
+    launches the dK/dV kernel on 128 keys without atomics, then the dQ kernel, and matches the oracle."""
+    seqs = PackedSeqs.from_grids([(1, 16, 16), (1, 15, 17)], device=DEVICE)
+    kernels = attention_op._kernels()
+    launched = {}
+
+    def spy(name):
+        kernel = getattr(kernels, name)
+
+        class Spy:
+            def __getitem__(self, grid):
+                def launch(*args, **kwargs):
+                    launched[name] = kwargs
+                    return kernel[grid](*args, **kwargs)
+                return launch
+        return Spy()
+
+    names = ("attention_bwd_dkdv_kernel", "attention_bwd_dq_kernel")
+    try:
+        packdit.use_deterministic(deterministic)
+        with contextlib.ExitStack() as stack:
+            for name in names:
+                stack.enter_context(mock.patch.object(kernels, name, spy(name)))
+            check_against_reference(seqs, 2, 1, 16, seed=3)
+    finally:
+        packdit.use_deterministic(False)
+    assert set(launched) == set(names)
+    assert launched["attention_bwd_dkdv_kernel"]["BLOCK_N"] == 128
+    assert not launched["attention_bwd_dkdv_kernel"]["ATOMIC_DQ"]
+
+
 def test_deterministic_backward_is_bitwise_reproducible_and_matches_default():
     seqs = PackedSeqs.from_grids([(2, 4, 5), (1, 3, 3), (1, 1, 2)], device=DEVICE)
     gen = torch.Generator(device=DEVICE).manual_seed(0)

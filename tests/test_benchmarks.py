@@ -98,43 +98,73 @@ def test_attention_section_refuses_a_wrong_implementation(bug, tmp_path, monkeyp
     assert all("ms" in r for r in rows if r["provider"] == "reference")  # the right ones were timed
 
 
-def test_attention_deterministic_provider_runs_forward_and_backward_deterministic(tmp_path, monkeypatch):
-    """A provider marked deterministic is verified and timed with packdit.use_deterministic(True) on in its
-    forward and its backward (where the dQ design is chosen), and the setting is off again for the next one."""
+def test_attention_dq_design_providers_run_with_their_design_then_restore_the_default(tmp_path, monkeypatch):
+    """A provider with ``dq="separate"`` is verified and timed with packdit.use_deterministic(True) on in its forward
+    and its backward (where the dQ design is chosen), one with ``dq="atomic"`` with atomic dQ forced; afterwards
+    packdit is back to its defaults."""
     import attention
 
     from packdit.determinism import deterministic_enabled
+    from packdit.ops import attention as attention_op
 
     case = attention.Case("cpu-images", 64, False, "full")
     monkeypatch.setattr(attention, "_cases", lambda ctx: [case])
     providers, seen = attention._providers, []
+    by_atomics = attention_op._dq_by_atomics(128, 128, 2, 1)  # packdit's own choice at D = 128
 
-    class Record(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x):
-            seen.append(("forward", deterministic_enabled()))
-            return x.view_as(x)
+    def design():
+        return deterministic_enabled(), attention_op._dq_by_atomics(128, 128, 2, 1)
 
-        @staticmethod
-        def backward(ctx, grad):
-            seen.append(("backward", deterministic_enabled()))
-            return grad
+    def recorded(name):
+        class Record(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, x):
+                seen.append((name, "forward", design()))
+                return x.view_as(x)
 
-    def with_a_deterministic_one(ctx, seqs, case):
+            @staticmethod
+            def backward(ctx, grad):
+                seen.append((name, "backward", design()))
+                return grad
+
+        return Record.apply
+
+    def with_both_designs(ctx, seqs, case):
         found, skipped = providers(ctx, seqs, case)
         ref = attention._reference(seqs, case, fused_rope=True)
-        recorded = attention.Provider("packdit-deterministic", lambda q, k, v: ref(Record.apply(q), k, v),
-                                      fused_rope=True, deterministic=True)
-        return [recorded] + found, skipped
+        def provider(dq):
+            record = recorded(dq)
+            return attention.Provider(f"packdit-{dq}-dq", lambda q, k, v: ref(record(q), k, v), fused_rope=True,
+                                      dq=dq)
 
-    monkeypatch.setattr(attention, "_providers", with_a_deterministic_one)
+        return [provider("separate"), provider("atomic")] + found, skipped
+
+    monkeypatch.setattr(attention, "_providers", with_both_designs)
     assert bench_run.main(["--quick", "--device", "cpu", "--only", "attention", "--out", str(tmp_path),
                            "--no-plots"]) == 0
-    assert {"forward", "backward"} <= {stage for stage, _ in seen} and all(on for _, on in seen)
-    assert not deterministic_enabled()
+    stages = {dq: {stage for name, stage, _ in seen if name == dq} for dq in ("separate", "atomic")}
+    assert stages == {"separate": {"forward", "backward"}, "atomic": {"forward", "backward"}}
+    assert all(state == (True, by_atomics) for name, _, state in seen if name == "separate")
+    assert all(state == (False, True) for name, _, state in seen if name == "atomic")
+    assert design() == (False, by_atomics)
     rows = json.loads(next(tmp_path.glob("*/attention.json")).read_text())["rows"]
-    timed = [r for r in rows if r["provider"] == "packdit-deterministic" and "ms" in r]
-    assert {r["pass"] for r in timed} == {"fwd", "fwd+bwd"}
+    for dq in ("separate", "atomic"):
+        timed = [r for r in rows if r["provider"] == f"packdit-{dq}-dq" and "ms" in r]
+        assert {r["pass"] for r in timed} == {"fwd", "fwd+bwd"}, dq
+
+
+def test_attention_benchmark_times_the_dq_design_packdit_does_not_pick():
+    """The alternate-design row of a case is the design packdit's default does not use there."""
+    import attention
+
+    from packdit.ops import attention as attention_op
+
+    for head_dim in attention.HEAD_DIMS:
+        by_atomics = attention_op._dq_by_atomics(128, head_dim, 2, 1)
+        assert attention._other_dq(attention.Case("video-mix", head_dim, False, "full")) == (
+            "separate" if by_atomics else "atomic")
+    assert attention._other_dq(attention.Case("video-mix", 128, False, "full")) == "atomic"
+    assert attention._other_dq(attention.Case("video-mix", 72, False, "full")) == "separate"
 
 
 @pytest.mark.parametrize("section", ["norm", "mlp"])

@@ -97,6 +97,15 @@ def test_hot_loop_is_the_innermost_mma_loop_with_most_flops(warps):
     assert loop.issue_per_mma(warps) == pytest.approx((10 * warps / 4) / (flops / 4096))
 
 
+def test_local_memory_accesses_in_the_hot_loop():
+    """Spill traffic inside a loop (STL / LDL) is counted per loop; accesses outside every loop are not."""
+    spilled = (SASS.replace("FFMA R1, R2, R3, R4", "STL [R1+0x4], R3").replace("LDG.E.U16 R5,", "LDL.LU R5,")
+               .replace("STG.E.128 desc[UR16][R2.64], R4", "STL.128 [R1], R4"))
+    loop, _ = sass_parser.hot_loop(sass_parser.parse_sass(spilled), 4)
+    assert (loop.first, loop.local) == (3, 2)
+    assert sass_parser.hot_loop(sass_parser.parse_sass(SASS), 4)[0].local == 0
+
+
 def test_kernel_stats():
     stats = sass_parser.kernel_stats(SASS, PTXAS_LOG, 4)
     assert stats.instructions == 19 and stats.loops == 3

@@ -25,10 +25,11 @@ Pipeline, per layout and mode:
    loops never see it; ``PackedAttention`` fuses the rotation into its QK-norm).
 3. ``packdit::varlen_attention_fwd``: the forward kernel, grid ``(query tiles, Hq, parts)``.
 4. ``packdit::varlen_attention_bwd``: delta kernel, then the key-major dK/dV kernel, grid
-   ``(key tiles, Hk, parts)``, with dQ either accumulated in fp32 atomics inside it (default) or computed by
-   the dQ kernel, grid ``(query tiles, Hq, parts)``, when ``packdit.use_deterministic(True)`` or
-   ``torch.use_deterministic_algorithms(True)`` is on (bitwise reproducible). ``parts`` is 1 unless a tile's
-   rows would take more shared memory than fits (wide fp32 heads, see _FWD_TILE_BYTES and _BWD_TILE_BYTES).
+   ``(key tiles, Hk, parts)``, with dQ either accumulated in fp32 atomics inside it or computed by the dQ
+   kernel, grid ``(query tiles, Hq, parts)`` (bitwise reproducible). The dQ kernel runs when
+   ``packdit.use_deterministic(True)`` or ``torch.use_deterministic_algorithms(True)`` is on, and where atomics
+   would halve the dK/dV program's key tile (_dq_by_atomics: head dims 97-128, GQA). ``parts`` is 1 unless a
+   tile's rows would take more shared memory than fits (wide fp32 heads, see _FWD_TILE_BYTES and _BWD_TILE_BYTES).
 """
 
 from __future__ import annotations
@@ -103,14 +104,33 @@ def _bwd_rows(block: int, head_dim: int, itemsize: int) -> int:
     return _rows_within(block, _BWD_TILE_BYTES, head_dim, itemsize)
 
 
-def _dkdv_rows(block: int, head_dim: int, itemsize: int, group: int) -> int:
-    """Key rows of one dK/dV program: 128 up to 96 head columns without GQA, else 64 up to 128 columns, else 32.
-    The program holds dK and dV in fp32 registers beside the (keys x 64 query rows) scores; compiled for sm_90
-    (bf16, 8 warps, atomic dQ): 128 keys take 255 registers at D = 72 without spilling and spill 232 B at D = 128
-    or 32 B at D = 72 with 2 query heads per kv head; 64 keys at D = 128 take 251 registers."""
+def _dkdv_rows(block: int, head_dim: int, itemsize: int, group: int, atomic_dq: bool) -> int:
+    """Key rows of one dK/dV program: 128 where dK, dV (fp32 registers) and the (keys x 64 query rows) scores fit,
+    else 64 up to 128 head columns, else 32. Compiled for sm_90 (bf16, 8 warps, 3 stages), 128 keys fit
+
+    * with atomic dQ (its ds^T k product and fp32 atomics take registers too): up to 96 columns without GQA
+      (255 registers at D = 72); they spill 232 B at D = 128 and 32 B at D = 72 with 2 query heads per kv head;
+    * without: up to 96 columns (D = 72 with 2 heads per kv head: 254 registers) and at 128 columns without GQA
+      (40 B spilled once outside the loop, none in it; with 3 heads per kv head 112 B, some inside the loop)."""
+    if atomic_dq:
+        widest = 96 if group == 1 else 0
+    else:
+        widest = 128 if group == 1 else 96
     columns = _head_columns(head_dim)
-    rows = 128 if columns <= 96 and group == 1 else 64 if columns <= 128 else 32
+    rows = 128 if columns <= widest else 64 if columns <= 128 else 32
     return min(_bwd_rows(block, head_dim, itemsize), rows)
+
+
+def _dq_by_atomics(block: int, head_dim: int, itemsize: int, group: int) -> bool:
+    """Whether the default backward adds dQ by fp32 atomics inside the dK/dV programs: only where that keeps their
+    key tile (_dkdv_rows). Every dQ element takes one atomic add per key tile, so halving the tile doubles that
+    traffic; the dQ kernel instead recomputes the scores (7 matmuls per query-key block instead of 5, no atomics).
+
+    Measured on an H200 (bf16, 49k-token video packs, benchmarks/results/nvidia-h200): with atomics, the backward
+    at D = 128 (64-key tiles) took 35.5 ms, where D = 64 and 72 (128-key tiles) took 23.7 and 30.6 ms at the same
+    FLOPs and FlexAttention, which computes dQ in separate programs, 22.5 ms. Compiled for sm_90 at D = 128, the
+    128-key dK/dV loop issues 0.55 instructions per MMA clock (64 keys with atomics: 0.80) and the dQ loop 0.37."""
+    return _dkdv_rows(block, head_dim, itemsize, group, True) == _dkdv_rows(block, head_dim, itemsize, group, False)
 
 
 def _bwd_num_warps(rows: int, head_dim: int) -> int:
@@ -332,14 +352,15 @@ def varlen_attention_bwd(
     if keys_uncovered:
         dk.zero_()
         dv.zero_()
-    atomic_dq = not deterministic
+    group = num_heads // kv_heads
+    atomic_dq = not deterministic and _dq_by_atomics(block_kt, head_dim, itemsize, group)
     dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if atomic_dq else torch.empty_like(q)
     inputs = (q, k, v, grad_out)
     align = tu.stride_alignment(itemsize, *inputs, dq, dk, dv)
-    shared = dict(HEAD_DIM=head_dim, BLOCK_D0=block_d0, BLOCK_D1=block_d1, GROUP=num_heads // kv_heads, ALIGN=align,
+    shared = dict(HEAD_DIM=head_dim, BLOCK_D0=block_d0, BLOCK_D1=block_d1, GROUP=group, ALIGN=align,
                   DOT_PRECISION=_DOT_PRECISION)
     if k_tiles.shape[0]:
-        key_rows = _dkdv_rows(block_kt, head_dim, itemsize, num_heads // kv_heads)
+        key_rows = _dkdv_rows(block_kt, head_dim, itemsize, group, atomic_dq)
         kernels.attention_bwd_dkdv_kernel[(k_tiles.shape[0], kv_heads, block_kt // key_rows)](
             *inputs, lse, delta, dq, dk, dv, k_groups, k_tiles, k_groups.shape[1],
             *tu.unit_strides(align, *inputs, dq, dk, dv), lse.stride(0), scale, TILE=block_kt, BLOCK_M=_BWD_INNER,
