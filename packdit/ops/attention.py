@@ -28,8 +28,9 @@ Pipeline, per layout and mode:
    ``(key tiles, Hk, parts)``, with dQ either accumulated in fp32 atomics inside it or computed by the dQ
    kernel, grid ``(query tiles, Hq, parts)`` (bitwise reproducible). The dQ kernel runs when
    ``packdit.use_deterministic(True)`` or ``torch.use_deterministic_algorithms(True)`` is on, and where atomics
-   would halve the dK/dV program's key tile (_dq_by_atomics: head dims 97-128, GQA). ``parts`` is 1 unless a
-   tile's rows would take more shared memory than fits (wide fp32 heads, see _FWD_TILE_BYTES and _BWD_TILE_BYTES).
+   would halve the dK/dV program's key tile (_dq_by_atomics, bf16/fp16: head dims 97-128 without GQA, up to
+   96 with it). ``parts`` is 1 unless a tile's rows would take more shared memory than fits (wide fp32 heads, see
+   _FWD_TILE_BYTES and _BWD_TILE_BYTES).
 """
 
 from __future__ import annotations
