@@ -15,8 +15,11 @@ import math
 import random
 from unittest import mock
 
+import numpy as np
 import pytest
 import torch
+import triton
+import triton.language as tl
 from helpers import assert_close, assert_within_2x, cu_seqlens_of, random_grids, random_seqlens
 
 import packdit
@@ -25,6 +28,7 @@ from packdit.layout import PackedSeqs
 from packdit.nn import PackedAttention, PackedCrossAttention
 from packdit.ops import attention as attention_op
 from packdit.ops import attention_schedule
+from packdit.ops._attention_kernels import _frame_and_segment
 from packdit.reference.rope import RoPE3D, apply_rope_3d
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -320,6 +324,41 @@ def test_program_rows_are_powers_of_two_within_the_tile_budgets():
                 assert rows & (rows - 1) == 0 and rows * columns * itemsize <= budget, (head_dim, itemsize, rows)
                 assert rows == 128 or 2 * rows * columns * itemsize > budget, (head_dim, itemsize, rows)
     assert attention_op._bwd_rows(128, 72, 4) == 64
+
+
+@triton.jit
+def _frame_and_segment_of(Index, Packs, Frames, Segments, BLOCK: tl.constexpr):
+    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    out = tl.program_id(1) * tl.num_programs(0) * BLOCK + offsets
+    frame, segment = _frame_and_segment(tl.load(Index + offsets), tl.load(Packs + tl.program_id(1)))
+    tl.store(Frames + out, frame)
+    tl.store(Segments + out, segment)
+
+
+def test_frame_and_segment_of_tile_positions_is_integer_divmod():
+    """The kernels' fp32 divmod of tile positions by the segments per tile is integer divmod: in the kernel, for
+    every position < 2**14 and a sample up to 2**20 - 1, packs 1..128; and in its error model, with the
+    reciprocal 2 ulp off either way (a GPU's approximate division), at the positions nearest a multiple of the
+    pack (kp - 1 and kp), every k up to 2**20."""
+    index = torch.cat([torch.arange(2**14), torch.randint(2**14, 2**20, (2**14,), generator=torch.Generator()
+                                                           .manual_seed(0)), torch.tensor([2**20 - 2, 2**20 - 1])])
+    index = torch.nn.functional.pad(index, (0, -len(index) % 4096)).to(torch.int32).to(DEVICE)
+    packs = torch.arange(1, 129, dtype=torch.int32, device=DEVICE)
+    frames, segments = (torch.empty(len(packs), len(index), dtype=torch.int32, device=DEVICE) for _ in range(2))
+    _frame_and_segment_of[(len(index) // 4096, len(packs))](index, packs, frames, segments, BLOCK=4096)
+    want = index[None, :].long()
+    assert torch.equal(frames.long(), want // packs[:, None]) and torch.equal(segments.long(), want % packs[:, None])
+
+    for pack in range(2, 129):
+        multiples = np.arange(1, 2**20 // pack + 1, dtype=np.int64) * pack
+        for x in (multiples - 1, multiples[multiples < 2**20]):
+            inverse = np.float32(1) / np.float32(pack)
+            for ulps in (-2, -1, 1, 2):
+                off = inverse
+                for _ in range(abs(ulps)):
+                    off = np.nextafter(off, np.float32(np.sign(ulps) * np.inf), dtype=np.float32)
+                frame = ((x.astype(np.float32) + np.float32(0.5)) * off).astype(np.int32)
+                assert np.array_equal(frame, x // pack), (pack, ulps)
 
 
 # ---------------------------------------------------------------------------------------------- determinism

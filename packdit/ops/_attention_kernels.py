@@ -57,6 +57,19 @@ def _tile_of(Groups, Tiles, num_groups, TILE: tl.constexpr):
 
 
 @triton.jit
+def _frame_and_segment(index, pack):
+    """``(index // pack, index % pack)`` of key columns ``0 <= index < 2**20`` (callers pass a block's columns,
+    < 2**8), by fp32 arithmetic: ``(index + 0.5) / pack`` lies at least ``0.5 / pack`` from an integer, and a
+    reciprocal within 2 ulp and one rounded product move it by less than ``(index + 0.5) / pack * 1.25 * 2**-22``.
+    About 4 instructions per element instead of a ~20-instruction signed division by a runtime value. Compiled for
+    sm_90 (bf16), 5-14% fewer instructions outside the key loops of the forward and dQ programs, the loops within
+    1%. Query rows (``_rows``) keep the integer division: the fp32 one there spilled 8 B in the forward at D = 64
+    and in dK/dV at D = 72."""
+    frame = ((index.to(tl.float32) + 0.5) * (1.0 / pack.to(tl.float32))).to(tl.int32)
+    return frame, index - frame * pack
+
+
+@triton.jit
 def _rows(index, frame0, start, length, seg0, num_segs, seg_stride, row_stride, pack):
     """Rows of tile positions ``index`` whose first frame is ``frame0``: ``(rows, valid, segment)``."""
     frame = frame0 + index // pack
@@ -169,9 +182,9 @@ def _key_blocks(K, V, k_start, seg_stride, row_stride, pack, seg0, head_offset_k
                 BLOCK_N: tl.constexpr, ALIGN: tl.constexpr):
     """K/V row pointers of the key block at frame 0, their segments, and the pointer steps per frame: key column c is
     frame c // pack of segment seg0 + c % pack."""
-    cols = tl.arange(0, BLOCK_N)
-    k_seg = seg0 + cols % pack
-    rows = k_start + k_seg * seg_stride + (cols // pack) * row_stride
+    k_frame, k_seg = _frame_and_segment(tl.arange(0, BLOCK_N), pack)
+    k_seg += seg0
+    rows = k_start + k_seg * seg_stride + k_frame * row_stride
     k_ptrs = _row_ptrs(K, rows, stride_kn, head_offset_k, ALIGN)
     v_ptrs = _row_ptrs(V, rows, stride_vn, head_offset_v, ALIGN)
     k_step = (row_stride * stride_kn).to(tl.int64) * ALIGN
@@ -184,7 +197,8 @@ def _tail_mask(frame0, k_len, k_seg, q_seg, num_segs, pack, BLOCK_N: tl.constexp
     """``(key_valid (BLOCK_N,), score mask (rows, BLOCK_N))`` of the masked key block at frame ``frame0``: keys inside
     the segments, each query row seeing its own segment's keys."""
     cols = tl.arange(0, BLOCK_N)
-    key_valid = (frame0 + cols // pack < k_len) & (k_seg < num_segs) & (cols < (BLOCK_N // pack) * pack)
+    k_frame, _ = _frame_and_segment(cols, pack)
+    key_valid = (frame0 + k_frame < k_len) & (k_seg < num_segs) & (cols < (BLOCK_N // pack) * pack)
     return key_valid, key_valid[None, :] & (k_seg[None, :] == q_seg[:, None])
 
 
