@@ -1,8 +1,9 @@
 """Section ``attention``: packed varlen attention, packdit's Triton kernel vs the strongest peers.
 
 Cases: mix x head dim (64, 72, 128) x RoPE (off / on) x mode (full / spatial / temporal), most valuable
-first (video-mix, full attention; then RoPE, the factorized modes, long videos, images). Model width 1152
-(heads = 1152 / head dim, as DiT-XL/STDiT), bf16, a 49k-token pack per mix from ``workloads.take_tokens``.
+first (video-mix, full attention; then GQA, RoPE, the factorized modes, long videos, images). Model width 1152
+(heads = 1152 / head dim, as DiT-XL/STDiT; GQA: 2 query heads per kv head at hd 72, 3 at hd 128), bf16, a
+49k-token pack per mix from ``workloads.take_tokens``.
 
 Providers, on the same q, k, v:
     packdit        packdit.varlen_attention (Triton), q and k rotated once by the qk_norm_rope kernel
@@ -38,9 +39,9 @@ or written once), ``computed scores * 4 D / (tokens * 8 D)`` per head, to hold a
 (dense bf16 FLOP/s over HBM bytes/s: ~295 on an H100 SXM); below it the layer is bound by memory, and wasted
 MMA work costs no time.
 
-CPU (quick): tiny fp32 layouts, head dim 64; the reference and the SDPA peers are verified and timed
-(no performance claims). Under ``TRITON_INTERPRET=1`` (the test suite) packdit's kernel is verified on
-one tiny case and not timed.
+CPU (quick): tiny fp32 layouts, head dim 64, with and without GQA; the reference and the SDPA peers are
+verified and timed (no performance claims). Under ``TRITON_INTERPRET=1`` (the test suite) packdit's kernel is
+verified on one tiny case and not timed.
 """
 
 from __future__ import annotations
@@ -79,7 +80,10 @@ HEAD_DIMS = (128, 72, 64)
 MODES = ("full", "spatial", "temporal")
 TOKEN_BUDGET = 49_152
 BACKWARD_FACTOR = 3.5
-FLEX_CASES = {("video-mix", 128)}  # (mix, head dim) where flex is compiled
+FLEX_CASES = {("video-mix", 128)}  # (mix, head dim) where flex is compiled, without GQA
+# (head dim, query heads per kv head) of the GQA cases at width 1152: 16 / 8 heads at hd 72 (packdit's backward
+# computes dQ by its own kernel there), 9 / 3 at hd 128 (atomic dQ on 64-key tiles, as without GQA before)
+GQA_CASES = ((72, 2), (128, 3))
 CPU_LAYOUTS = {"cpu-videos": [(3, 6, 8), (2, 6, 8), (1, 8, 8)], "cpu-images": [(1, 9, 16), (1, 12, 20), (1, 6, 8)]}
 INTERPRETER_LAYOUT = [(2, 3, 4), (1, 4, 4)]  # small enough for the Triton interpreter (~1 s fwd+bwd)
 CPU_HEADS = 2
@@ -94,10 +98,18 @@ class Case:
     head_dim: int
     rope: bool
     mode: str
+    group: int = 1  # query heads per key/value head (GQA)
 
     @property
     def heads(self) -> int:
-        return CPU_HEADS if self.mix in CPU_LAYOUTS or self.mix == "interpreter" else MODEL_WIDTH // self.head_dim
+        """Query heads: model width / head dim on a GPU; on the CPU ``CPU_HEADS`` key/value heads' worth."""
+        if self.mix in CPU_LAYOUTS or self.mix == "interpreter":
+            return CPU_HEADS * self.group
+        return MODEL_WIDTH // self.head_dim
+
+    @property
+    def kv_heads(self) -> int:
+        return self.heads // self.group
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,16 +145,17 @@ def _dq_design(dq: str):
 
 def _other_dq(case: Case) -> str:
     """The dQ design packdit's backward does not pick for ``case`` (bf16, 128-key tiles of long segments)."""
-    return "separate" if attention_op._dq_by_atomics(128, case.head_dim, 2, 1) else "atomic"
+    return "separate" if attention_op._dq_by_atomics(128, case.head_dim, 2, case.group) else "atomic"
 
 
 def _cases(ctx: Context) -> list[Case]:
     if not ctx.is_gpu:
         interpreted = [Case("interpreter", 64, True, "full")] if _interpreter() else []
         return ([Case("cpu-videos", 64, True, mode) for mode in MODES] + [Case("cpu-images", 64, False, "full")]
-                + interpreted)
+                + [Case("cpu-images", 64, False, "full", group=CPU_HEADS)] + interpreted)
     ordered = [Case("video-mix", d, False, "full") for d in HEAD_DIMS]
     ordered += [Case("long-videos", 128, False, "full")]
+    ordered += [Case("video-mix", d, False, "full", group=g) for d, g in GQA_CASES]
     ordered += [Case("video-mix", d, True, "full") for d in HEAD_DIMS]
     ordered += [Case("video-mix", d, rope, mode) for mode in MODES[1:] for rope in (False, True) for d in HEAD_DIMS]
     ordered += [Case("images", d, rope, "full") for rope in (False, True) for d in HEAD_DIMS]
@@ -243,7 +256,8 @@ def _sdpa_loop(q, k, v, cu, max_len):
     """One (1, H, L, D) SDPA call per sample, as a model would make it (4-D, so PyTorch can pick its flash
     kernel; 3-D input runs its math backend)."""
     bounds = cu.tolist()
-    outs = [F.scaled_dot_product_attention(*(x[a:b].transpose(0, 1)[None] for x in (q, k, v)))[0]
+    gqa = k.shape[1] != q.shape[1]
+    outs = [F.scaled_dot_product_attention(*(x[a:b].transpose(0, 1)[None] for x in (q, k, v)), enable_gqa=gqa)[0]
             for a, b in zip(bounds, bounds[1:]) if b > a]
     return torch.cat([o.transpose(0, 1) for o in outs])
 
@@ -262,7 +276,8 @@ def _sdpa_padded(segments: Segments) -> Callable:
         return padded.transpose(1, 2)
 
     def fn(q, k, v, _cu, _max_len):
-        out = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), attn_mask=key_valid)
+        out = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), attn_mask=key_valid,
+                                             enable_gqa=k.shape[1] != q.shape[1])
         return out.transpose(1, 2)[sample, row]
 
     return fn
@@ -351,10 +366,11 @@ def _providers(ctx: Context, seqs: PackedSeqs, case: Case) -> tuple[list[Provide
             providers.append(Provider(name, _on_segments(attend, segments)))
         if case.head_dim == 72 and "torch-varlen" not in skipped:
             providers.append(Provider("torch-varlen-d96", _on_segments(_padded_head_dim(_torch_varlen, 96), segments)))
-        if (case.mix, case.head_dim) in FLEX_CASES:
+        if (case.mix, case.head_dim) in FLEX_CASES and case.group == 1:
             providers.append(Provider("flex", _flex(seqs, case.mode)))
         else:
-            skipped["flex"] = "compiled for head dim 128 on video-mix only (one compile per shape and mask)"
+            skipped["flex"] = ("compiled for head dim 128 on video-mix without GQA only (one compile per shape and "
+                               "mask)")
     else:
         providers.append(Provider("reference", _reference(seqs, case, fused_rope=True), fused_rope=True))
         for name in ("packdit", "fa3", "torch-varlen", "flash-attn", "flex"):
@@ -406,22 +422,26 @@ class _Expected:
 
 
 def _per_head(ref: Callable, inputs, grad, dtype: torch.dtype | None) -> list[torch.Tensor]:
-    """``forward_and_grads`` of the reference one head at a time: heads are independent, and where SDPA has no
-    fused fp32 kernel for a shape it runs its math backend, which holds every score of a segment (32 GiB in fp32
-    for the 9 heads of a 31k-token video ran an H200 out of memory); one head at a time bounds that to 1/H."""
-    per_head = [forward_and_grads(ref, [x[:, h:h + 1] for x in inputs], grad[:, h:h + 1], dtype=dtype)
-                for h in range(grad.shape[1])]
+    """``forward_and_grads`` of the reference one key/value head at a time, with the query heads that read it:
+    they are independent of the others, and where SDPA has no fused fp32 kernel for a shape it runs its math
+    backend, which holds every score of a segment (32 GiB in fp32 for the 9 heads of a 31k-token video ran an H200
+    out of memory); one kv head at a time bounds that to its group of heads."""
+    q, k, v = inputs
+    group = q.shape[1] // k.shape[1]
+    per_head = [forward_and_grads(ref, [q[:, h * group:(h + 1) * group], k[:, h:h + 1], v[:, h:h + 1]],
+                                  grad[:, h * group:(h + 1) * group], dtype=dtype) for h in range(k.shape[1])]
     return [torch.cat(parts, dim=1) for parts in zip(*per_head)]
 
 
 def _run_case(ctx: Context, case: Case, seqs: PackedSeqs, label: str) -> list[dict]:
     dtype = torch.bfloat16 if ctx.is_gpu else torch.float32
     gen = torch.Generator(device=ctx.device).manual_seed(0)
-    q, k, v, grad = (torch.randn(seqs.num_tokens, case.heads, case.head_dim, device=ctx.device, dtype=dtype,
-                                 generator=gen) for _ in range(4))
+    q, k, v, grad = (torch.randn(seqs.num_tokens, heads, case.head_dim, device=ctx.device, dtype=dtype,
+                                 generator=gen) for heads in (case.heads, case.kv_heads, case.kv_heads, case.heads))
     expected = _Expected(seqs, case, (q, k, v), grad)
     base = {"device": label, "mix": case.mix, "mode": case.mode, "rope": case.rope, "head_dim": case.head_dim,
-            "heads": case.heads, "tokens": seqs.num_tokens, "samples": len(seqs), "max_seqlen": seqs.max_seqlen,
+            "heads": case.heads, "kv_heads": case.kv_heads, "tokens": seqs.num_tokens, "samples": len(seqs),
+            "max_seqlen": seqs.max_seqlen,
             "dtype": str(dtype).removeprefix("torch.")}
     # the scores packdit's tiles compute that attention needs (the rest is padding and block-diagonal masking)
     base["packdit_useful_area"] = round(score_area(seqs.grids, case.mode)["fraction"], 3)
@@ -449,7 +469,8 @@ def _verify_and_time(ctx: Context, provider: Provider, expected: _Expected, grad
     except Exception as e:  # noqa: BLE001 -- a peer that cannot run this case: record why, go on
         return [{**row, "pass": "-", "note": f"failed: {type(e).__name__}: {str(e)[:200]}"}]
     try:
-        err = verify_outputs(f"attention/{case.mix}/{case.mode}/rope={case.rope}/d{case.head_dim}/{provider.name}",
+        err = verify_outputs(f"attention/{case.mix}/{case.mode}/rope={case.rope}/d{case.head_dim}/g{case.group}/"
+                             f"{provider.name}",
                              got, want, tol=TOLERANCE[got[0].dtype], peer=peer, names=GRAD_NAMES)
     except OutputMismatch as e:
         return [refused_row({**row, "pass": "-"}, e)]
@@ -492,7 +513,8 @@ def run(ctx: Context) -> list[dict]:
     for case in _cases(ctx):
         if ctx.out_of_time():
             rows.append({"device": label, "mix": case.mix, "mode": case.mode, "rope": case.rope,
-                         "head_dim": case.head_dim, "provider": "-", "pass": "-", "note": "skipped: time budget spent"})
+                         "head_dim": case.head_dim, "heads": case.heads, "kv_heads": case.kv_heads, "provider": "-",
+                         "pass": "-", "note": "skipped: time budget spent"})
             continue
         if case.mix not in layouts:
             layouts[case.mix] = _layout(ctx, case.mix)
@@ -503,11 +525,12 @@ def run(ctx: Context) -> list[dict]:
                 "static, not timed)", [r for r in rows if r["pass"] == "static"],
                 ["mix", "mode", "tokens", "samples", "packdit_useful_area", "forward_flop_per_byte", "block_m"])
     print_table(f"attention ({label}; TFLOP/s of useful FLOPs)", [r for r in rows if "TFLOPs" in r],
-                ["mix", "mode", "rope", "head_dim", "pass", "provider", "ms", "TFLOPs", "vs_best_peer", "best_peer",
-                 "rel_err"])
+                ["mix", "mode", "rope", "head_dim", "kv_heads", "pass", "provider", "ms", "TFLOPs", "vs_best_peer",
+                 "best_peer", "rel_err"])
     for r in rows:
         if r["pass"] == "-" and r.get("note", "").startswith(("skipped: time", "failed", "verified")):
-            print(f"  {r['mix']} {r['mode']} rope={r['rope']} d{r['head_dim']} {r['provider']}: {r['note']}")
+            print(f"  {r['mix']} {r['mode']} rope={r['rope']} d{r['head_dim']} kv_heads={r.get('kv_heads')} "
+                  f"{r['provider']}: {r['note']}")
     return rows
 
 
@@ -530,11 +553,16 @@ def useful_areas(label: str) -> list[dict]:
     return rows
 
 
+def _case_key(row: dict) -> tuple:
+    """The case a timed row belongs to: mix, mode, RoPE, head dim and key/value heads (GQA)."""
+    return row["mix"], row["mode"], row["rope"], row["head_dim"], row.get("kv_heads", row.get("heads"))
+
+
 def _add_peer_ratios(rows: list[dict]) -> None:
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         if "TFLOPs" in r:
-            groups.setdefault((r["mix"], r["mode"], r["rope"], r["head_dim"], r["pass"]), []).append(r)
+            groups.setdefault((*_case_key(r), r["pass"]), []).append(r)
     for group in groups.values():
         peers = [r for r in group if not r["provider"].startswith("packdit") and r["provider"] != "reference"]
         best = max(peers, key=lambda r: r["TFLOPs"], default=None)
@@ -551,17 +579,16 @@ def plot(rows: list[dict], path) -> None:
     fig, axes = plt.subplots(2, 1, figsize=(max(8, 0.5 * len(timed) / 4), 7), squeeze=False)
     for ax, pass_ in zip(axes[:, 0], passes):
         subset = [r for r in timed if r["pass"] == pass_]
-        groups = list(dict.fromkeys((r["mix"], r["mode"], r["rope"], r["head_dim"]) for r in subset))
+        groups = list(dict.fromkeys(_case_key(r) for r in subset))
         providers = list(dict.fromkeys(r["provider"] for r in subset))
         width = 0.8 / max(1, len(providers))
         for i, name in enumerate(providers):
-            values = {(r["mix"], r["mode"], r["rope"], r["head_dim"]): r["TFLOPs"] for r in subset
-                      if r["provider"] == name}
+            values = {_case_key(r): r["TFLOPs"] for r in subset if r["provider"] == name}
             ax.bar([g + i * width for g in range(len(groups))], [values.get(key, 0.0) for key in groups], width,
                    label=name)
         ax.set_xticks([g + 0.4 - width / 2 for g in range(len(groups))],
-                      [f"{m}\n{mode}{' rope' if rope else ''} d{d}" for m, mode, rope, d in groups], fontsize=6,
-                      rotation=90)
+                      [f"{m}\n{mode}{' rope' if rope else ''} d{d} kv{kv}" for m, mode, rope, d, kv in groups],
+                      fontsize=6, rotation=90)
         ax.set_ylabel(f"{pass_}: useful TFLOP/s")
         ax.legend(fontsize=6, ncol=4)
     axes[0, 0].set_title(f"packed attention ({rows[0]['device'] if rows else ''})")

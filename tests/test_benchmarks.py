@@ -153,6 +153,21 @@ def test_attention_dq_design_providers_run_with_their_design_then_restore_the_de
         assert {r["pass"] for r in timed} == {"fwd", "fwd+bwd"}, dq
 
 
+def test_attention_gqa_case_verifies_the_peers_against_a_grouped_oracle(tmp_path, monkeypatch):
+    """A GQA case (4 query heads, 2 kv heads): the oracle runs per kv head with its query heads, so dK/dV sum
+    over the group; the SDPA peers (``enable_gqa``) agree with it and are timed, and the rows say kv_heads."""
+    import attention
+
+    case = attention.Case("cpu-images", 64, False, "full", group=2)
+    monkeypatch.setattr(attention, "_cases", lambda ctx: [case])
+    assert bench_run.main(["--quick", "--device", "cpu", "--only", "attention", "--out", str(tmp_path),
+                           "--no-plots"]) == 0
+    rows = json.loads(next(tmp_path.glob("*/attention.json")).read_text())["rows"]
+    timed = [r for r in rows if "ms" in r]
+    assert {r["provider"] for r in timed} == {"reference", "sdpa-loop", "sdpa-padded"}
+    assert all((r["heads"], r["kv_heads"]) == (4, 2) and r["rel_err"] < 1e-5 for r in timed)
+
+
 def test_attention_benchmark_times_the_dq_design_packdit_does_not_pick():
     """The alternate-design row of a case is the design packdit's default does not use there."""
     import attention
