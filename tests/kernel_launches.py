@@ -55,7 +55,7 @@ MODELS = {
 @dataclasses.dataclass(frozen=True)
 class Scenario:
     """A packdit call to capture. ``kind``: "model" (DiT blocks + final layer, forward and backward with the
-    default atomic dQ), "attention" (``PackedAttention`` forward, backward with atomic and with deterministic dQ:
+    default dQ design), "attention" (``PackedAttention`` forward, backward by default and in deterministic mode:
     the dQ kernel), "mlp" (``FusedMLP``: without residual the bias epilogue, else the gated one) or "norm"
     (``ModulatedNorm`` into ``GatedResidual``). ``params``: the runner's keyword arguments."""
 
@@ -161,7 +161,8 @@ def _deterministic(enabled: bool):
 
 
 def _backward(forward, deterministic_too: bool) -> None:
-    """Forward and backward with atomic dQ, then (``deterministic_too``) with the deterministic kernels."""
+    """Forward and backward by default (atomic dQ where it keeps the dK/dV key tile, see
+    ``attention._dq_by_atomics``), then (``deterministic_too``) with the deterministic kernels."""
     for deterministic in (False, True)[:1 + deterministic_too]:
         with _deterministic(deterministic):
             out = forward()
