@@ -29,7 +29,8 @@ against the fp32 reference (``packdit.reference.varlen_attention`` after ``apply
 2x rule against the same reference run in bf16 (``common.verify_outputs``); a provider that disagrees
 is refused and not timed. Useful FLOPs: ``4 * D * H * pairs`` forward, x3.5 forward+backward
 (backward = 2.5x forward), pairs = sum L^2 (full), sum T (HW)^2 (spatial), sum HW T^2 (temporal).
-``vs_best_peer`` is packdit's TFLOP/s over the best peer's on the same case and pass. ``kernel_ms`` /
+``vs_best_peer`` is packdit's TFLOP/s over the best peer's on the same case and pass; ``dq`` (packdit's rows) the
+backward's dQ design: "atomic" (fp32 atomics in the dK/dV kernel) or "separate" (the dQ kernel). ``kernel_ms`` /
 ``kernel_sum_ms`` (fwd+bwd rows; on a GPU packdit's only): the kernels of one call under ``torch.profiler``; the
 gap between ``kernel_sum_ms`` and ``ms`` is the time a lone call waits on the host.
 ``packdit_useful_area``: the share of the scores packdit's tiles compute that attention needs, per case and,
@@ -73,7 +74,7 @@ from packdit import reference
 from packdit.layout import PackedSeqs
 from packdit.models.config import default_rope
 from packdit.ops import attention as attention_op
-from packdit.ops.attention_schedule import score_area
+from packdit.ops.attention_schedule import host_schedule, score_area
 
 MODEL_WIDTH = 1152
 HEAD_DIMS = (128, 72, 64)
@@ -143,9 +144,17 @@ def _dq_design(dq: str):
         raise ValueError(f"dq: expected 'default', 'separate' or 'atomic', got {dq!r}")
 
 
-def _other_dq(case: Case) -> str:
-    """The dQ design packdit's backward does not pick for ``case`` (bf16, 128-key tiles of long segments)."""
-    return "separate" if attention_op._dq_by_atomics(128, case.head_dim, 2, case.group) else "atomic"
+def _default_dq(seqs: PackedSeqs, case: Case, dtype: torch.dtype) -> str:
+    """The dQ design packdit's default backward uses on ``case``: "atomic" or "separate", from the key tile of
+    the case's schedule (``attention._dq_by_atomics``)."""
+    grids = seqs.grids if case.mode != "full" else None
+    block_kt = host_schedule(case.mode, seqs.seqlens, None, grids, seqs.num_tokens, torch.device("cpu")).block_kt
+    by_atomics = attention_op._dq_by_atomics(block_kt, case.head_dim, dtype.itemsize, case.group)
+    return "atomic" if by_atomics else "separate"
+
+
+def _other_dq(default: str) -> str:
+    return "separate" if default == "atomic" else "atomic"
 
 
 def _cases(ctx: Context) -> list[Case]:
@@ -351,7 +360,7 @@ def _providers(ctx: Context, seqs: PackedSeqs, case: Case) -> tuple[list[Provide
     if ctx.is_gpu:
         providers.append(Provider("packdit", _packdit(seqs, case), fused_rope=True))
         if case.mode == "full" and not case.rope:
-            other = _other_dq(case)
+            other = _other_dq(_default_dq(seqs, case, torch.bfloat16))
             providers.append(Provider(f"packdit-{other}-dq", _packdit(seqs, case), fused_rope=True, dq=other))
         for name, attend in (("fa3", _fa3), ("torch-varlen", _torch_varlen), ("flash-attn", _fa2)):
             try:
@@ -449,8 +458,11 @@ def _run_case(ctx: Context, case: Case, seqs: PackedSeqs, label: str) -> list[di
     rows = []
     rows += [{**base, "provider": name, "pass": "-", "note": f"skipped: {why}"} for name, why in skipped.items()]
     flops = 4.0 * case.head_dim * case.heads * _pairs(seqs, case.mode)
+    default_dq = _default_dq(seqs, case, dtype)
     for provider in providers:
         row = {**base, "provider": provider.name}
+        if provider.name.startswith("packdit"):  # the backward design its fwd+bwd row times
+            row["dq"] = default_dq if provider.dq == "default" else provider.dq
         if ctx.out_of_time():
             rows.append({**row, "pass": "-", "note": "skipped: time budget spent"})
             continue
@@ -525,8 +537,8 @@ def run(ctx: Context) -> list[dict]:
                 "static, not timed)", [r for r in rows if r["pass"] == "static"],
                 ["mix", "mode", "tokens", "samples", "packdit_useful_area", "forward_flop_per_byte", "block_m"])
     print_table(f"attention ({label}; TFLOP/s of useful FLOPs)", [r for r in rows if "TFLOPs" in r],
-                ["mix", "mode", "rope", "head_dim", "kv_heads", "pass", "provider", "ms", "TFLOPs", "vs_best_peer",
-                 "best_peer", "rel_err"])
+                ["mix", "mode", "rope", "head_dim", "kv_heads", "pass", "provider", "dq", "ms", "TFLOPs",
+                 "vs_best_peer", "best_peer", "rel_err"])
     for r in rows:
         if r["pass"] == "-" and r.get("note", "").startswith(("skipped: time", "failed", "verified")):
             print(f"  {r['mix']} {r['mode']} rope={r['rope']} d{r['head_dim']} kv_heads={r.get('kv_heads')} "

@@ -151,6 +151,7 @@ def test_attention_dq_design_providers_run_with_their_design_then_restore_the_de
     for dq in ("separate", "atomic"):
         timed = [r for r in rows if r["provider"] == f"packdit-{dq}-dq" and "ms" in r]
         assert {r["pass"] for r in timed} == {"fwd", "fwd+bwd"}, dq
+        assert all(r["dq"] == dq for r in timed)
 
 
 def test_attention_gqa_case_verifies_the_peers_against_a_grouped_oracle(tmp_path, monkeypatch):
@@ -168,18 +169,23 @@ def test_attention_gqa_case_verifies_the_peers_against_a_grouped_oracle(tmp_path
     assert all((r["heads"], r["kv_heads"]) == (4, 2) and r["rel_err"] < 1e-5 for r in timed)
 
 
-def test_attention_benchmark_times_the_dq_design_packdit_does_not_pick():
-    """The alternate-design row of a case is the design packdit's default does not use there."""
+def test_attention_rows_name_the_dq_design_and_time_the_other_one():
+    """packdit's dQ design per case follows its schedule's key tile on the GPU layouts: the dQ kernel at hd 128
+    and with GQA at hd 72 on 128-row key tiles, atomics at hd 64/72 and on temporal tiles (64 keys either way);
+    the alternate provider is the other design."""
     import attention
 
-    from packdit.ops import attention as attention_op
+    from packdit.layout import PackedSeqs
 
-    for head_dim in attention.HEAD_DIMS:
-        by_atomics = attention_op._dq_by_atomics(128, head_dim, 2, 1)
-        assert attention._other_dq(attention.Case("video-mix", head_dim, False, "full")) == (
-            "separate" if by_atomics else "atomic")
-    assert attention._other_dq(attention.Case("video-mix", 128, False, "full")) == "atomic"
-    assert attention._other_dq(attention.Case("video-mix", 72, False, "full")) == "separate"
+    seqs = PackedSeqs.from_grids(attention._mix_grids("video-mix"))
+
+    def default(head_dim, mode="full", group=1):
+        return attention._default_dq(seqs, attention.Case("video-mix", head_dim, False, mode, group), torch.bfloat16)
+
+    assert [default(d) for d in (128, 72, 64)] == ["separate", "atomic", "atomic"]
+    assert default(72, group=2) == "separate" and default(128, group=3) == "atomic"
+    assert default(128, mode="temporal") == "atomic"
+    assert attention._other_dq("atomic") == "separate" and attention._other_dq("separate") == "atomic"
 
 
 @pytest.mark.parametrize("section", ["norm", "mlp"])
