@@ -127,10 +127,10 @@ def _dq_by_atomics(block: int, head_dim: int, itemsize: int, group: int) -> bool
     key tile (_dkdv_rows). Every dQ element takes one atomic add per key tile, so halving the tile doubles that
     traffic; the dQ kernel instead recomputes the scores (7 matmuls per query-key block instead of 5, no atomics).
 
-    Measured on an H200 (bf16, 49k-token video packs, benchmarks/results/nvidia-h200): with atomics, the backward
-    at D = 128 (64-key tiles) took 35.5 ms, where D = 64 and 72 (128-key tiles) took 23.7 and 30.6 ms at the same
-    FLOPs and FlexAttention, which computes dQ in separate programs, 22.5 ms. Compiled for sm_90 at D = 128, the
-    128-key dK/dV loop issues 0.55 instructions per MMA clock (64 keys with atomics: 0.80) and the dQ loop 0.37."""
+    Measured on an H200 (bf16, 49k-token video packs, benchmarks/results/nvidia-h200), with atomics: the backward
+    took 35.5 ms at D = 128 (64-key tiles), 23.7 and 30.6 ms at D = 64 and 72 (128-key tiles) for the same FLOPs;
+    FlexAttention, which computes dQ in separate programs, took 22.5 ms at D = 128. Compiled for sm_90 at D = 128,
+    the 128-key dK/dV loop issues 0.55 instructions per MMA clock (64 keys with atomics: 0.80), the dQ loop 0.37."""
     return _dkdv_rows(block, head_dim, itemsize, group, True) == _dkdv_rows(block, head_dim, itemsize, group, False)
 
 
