@@ -351,8 +351,9 @@ def _interpreter() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _providers(ctx: Context, seqs: PackedSeqs, case: Case) -> tuple[list[Provider], dict]:
-    """The providers of a case, and name -> reason for those that cannot run it."""
+def _providers(ctx: Context, seqs: PackedSeqs, case: Case, default_dq: str) -> tuple[list[Provider], dict]:
+    """The providers of a case, and name -> reason for those that cannot run it; ``default_dq``: the dQ design
+    packdit picks for the case (_default_dq), whose alternative is timed beside it."""
     if case.mix == "interpreter":
         return [Provider("packdit", _packdit(seqs, case), fused_rope=True, timed=False)], {}
     segments = _segments(seqs, case.mode)
@@ -360,7 +361,7 @@ def _providers(ctx: Context, seqs: PackedSeqs, case: Case) -> tuple[list[Provide
     if ctx.is_gpu:
         providers.append(Provider("packdit", _packdit(seqs, case), fused_rope=True))
         if case.mode == "full" and not case.rope:
-            other = _other_dq(_default_dq(seqs, case, torch.bfloat16))
+            other = _other_dq(default_dq)
             providers.append(Provider(f"packdit-{other}-dq", _packdit(seqs, case), fused_rope=True, dq=other))
         for name, attend in (("fa3", _fa3), ("torch-varlen", _torch_varlen), ("flash-attn", _fa2)):
             try:
@@ -454,11 +455,11 @@ def _run_case(ctx: Context, case: Case, seqs: PackedSeqs, label: str) -> list[di
             "dtype": str(dtype).removeprefix("torch.")}
     # the scores packdit's tiles compute that attention needs (the rest is padding and block-diagonal masking)
     base["packdit_useful_area"] = round(score_area(seqs.grids, case.mode)["fraction"], 3)
-    providers, skipped = _providers(ctx, seqs, case)
+    default_dq = _default_dq(seqs, case, dtype)
+    providers, skipped = _providers(ctx, seqs, case, default_dq)
     rows = []
     rows += [{**base, "provider": name, "pass": "-", "note": f"skipped: {why}"} for name, why in skipped.items()]
     flops = 4.0 * case.head_dim * case.heads * _pairs(seqs, case.mode)
-    default_dq = _default_dq(seqs, case, dtype)
     for provider in providers:
         row = {**base, "provider": provider.name}
         if provider.name.startswith("packdit"):  # the backward design its fwd+bwd row times

@@ -78,8 +78,8 @@ def test_attention_section_refuses_a_wrong_implementation(bug, tmp_path, monkeyp
     monkeypatch.setattr(attention, "_cases", lambda ctx: [case])
     providers = attention._providers
 
-    def with_a_wrong_one(ctx, seqs, case):
-        found, skipped = providers(ctx, seqs, case)
+    def with_a_wrong_one(ctx, seqs, case, default_dq):
+        found, skipped = providers(ctx, seqs, case, default_dq)
         ref = attention._reference(seqs, case, fused_rope=True)
         if bug == "wrong mode":  # full attention where the case asks for temporal
             full = attention._reference(seqs, attention.Case(case.mix, 64, True, "full"), fused_rope=True)
@@ -129,8 +129,8 @@ def test_attention_dq_design_providers_run_with_their_design_then_restore_the_de
 
         return Record.apply
 
-    def with_both_designs(ctx, seqs, case):
-        found, skipped = providers(ctx, seqs, case)
+    def with_both_designs(ctx, seqs, case, default_dq):
+        found, skipped = providers(ctx, seqs, case, default_dq)
         ref = attention._reference(seqs, case, fused_rope=True)
         def provider(dq):
             record = recorded(dq)
