@@ -208,12 +208,13 @@ def _fwd_block(q0, q1, k_ptrs, v_ptrs, key_valid, mask, m_i, l_i, acc0, acc1, qk
                DOT_PRECISION: tl.constexpr):
     """One key block of the online softmax. MASKED: ``mask (BLOCK_M, BLOCK_N)`` says which scores exist and
     rows may have none yet (their max stays -inf); else every score of the block exists."""
+    # The masked block runs outside the pipelined loop (it is the one block of a temporal tile), where V's load
+    # would wait for the scores: loaded with K, twice the 16-byte loads are in flight before its first MMA on
+    # tiles of >= 64 rows (sm_90). Inside the loop the pipeliner prefetches both either way; 128-key blocks hold
+    # twice the registers and spilled 8 B (64 rows, D = 64).
+    V_WITH_K: tl.constexpr = MASKED and k_ptrs.shape[0] == 64
     k0, k1 = _load_head(k_ptrs, key_valid, HEAD_DIM, BLOCK_D0, BLOCK_D1, MASKED)
-    if MASKED and k_ptrs.shape[0] == 64:
-        # The masked block runs outside the pipelined loop (it is the one block of a temporal tile), where V's
-        # load would wait for the scores: loaded with K, twice the 16-byte loads are in flight before its first
-        # MMA on tiles of >= 64 rows (sm_90). Inside the loop the pipeliner prefetches both either way; 128-key
-        # blocks hold twice the registers and spilled 8 B (64 rows, D = 64).
+    if V_WITH_K:
         v0, v1 = _load_head(v_ptrs, key_valid, HEAD_DIM, BLOCK_D0, BLOCK_D1, MASKED)
     s = _dot_nt(q0, q1, k0, k1, BLOCK_D1, DOT_PRECISION)
     if MASKED:
@@ -226,7 +227,7 @@ def _fwd_block(q0, q1, k_ptrs, v_ptrs, key_valid, mask, m_i, l_i, acc0, acc1, qk
     alpha = tl.exp2(m_i - m_new_safe)
     p = tl.exp2(s * qk_scale - m_new_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    if not (MASKED and k_ptrs.shape[0] == 64):
+    if not V_WITH_K:
         v0, v1 = _load_head(v_ptrs, key_valid, HEAD_DIM, BLOCK_D0, BLOCK_D1, MASKED)
     acc0, acc1 = _dot_nn(p.to(v0.dtype), v0, v1, acc0 * alpha[:, None], acc1 * alpha[:, None], BLOCK_D1,
                          DOT_PRECISION)
