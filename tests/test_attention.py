@@ -364,7 +364,7 @@ def test_frame_and_segment_of_tile_positions_is_integer_divmod():
 # ---------------------------------------------------------------------------------------------- determinism
 def test_dq_by_atomics_only_where_they_keep_the_key_tile():
     """Atomic dQ by default where the dK/dV program keeps its key tile with it; the dQ kernel where atomics would
-    halve it (bf16: head dims 97-128, GQA) and always in deterministic mode."""
+    halve it (bf16: head dims 97-128 without GQA, up to 96 with it) and always in deterministic mode."""
     by_atomics = attention_op._dq_by_atomics
     assert by_atomics(128, 64, 2, 1) and by_atomics(128, 72, 2, 1) and by_atomics(128, 96, 2, 1)
     assert not by_atomics(128, 128, 2, 1) and not by_atomics(128, 72, 2, 2) and not by_atomics(128, 64, 2, 4)
@@ -672,7 +672,6 @@ def test_forward_offers_one_stage_only_where_the_key_loop_runs_once():
     """The autotuner gets 1-stage forwards on tiles of >= 64 rows where every tile's keys fit one 64-key block
     (max_len_bucket <= 64): stages then hold shared memory and overlap nothing. Elsewhere the pipelined
     configurations alone."""
-    from packdit.ops import attention as attention_op
 
     def kept(max_len_bucket, rows=64, columns=128):
         pruned = attention_op._prune_fwd_configs(attention_op.fwd_configs(), {"max_len_bucket": max_len_bucket},
