@@ -21,7 +21,9 @@ check that the captured layouts give the majority (the generic) specialisation.
 Layouts (patch grids ``(T, H, W)``) are chosen for the attention query tile size (BLOCK_M) the schedule picks:
 "long" keeps 128-row tiles (DiT-XL/2 at 256 px is one 16 x 16 grid), "medium" 64, "short" 32, "tiny" 16 (key
 tiles have at least 64 rows); the video layout gives 128-row spatial tiles and 64-row packed temporal tiles
-(T = 9: 7 spatial positions per tile).
+(T = 9: 7 spatial positions per tile). "medium" and "short" hold one sample of more than 64 tokens, so their
+programs loop over key (query) blocks; "tiny" and the temporal tiles fit one block, and their programs loop
+over heads (ONE_BLOCK).
 """
 
 from __future__ import annotations
@@ -33,11 +35,11 @@ from unittest import mock
 from triton_aot import Launch, capturing
 
 LAYOUTS = {
-    "long": ((1, 16, 16), (1, 15, 17)),         # 511 tokens, BLOCK_M 128
-    "medium": ((1, 8, 8), (1, 8, 8), (1, 7, 9)),  # 191 tokens, BLOCK_M 64
-    "short": ((1, 4, 8), (1, 4, 8), (1, 5, 6)),   # 94 tokens, BLOCK_M 32
-    "tiny": ((1, 4, 4), (1, 3, 5), (1, 4, 4)),    # 47 tokens, BLOCK_M 16
-    "video": ((9, 8, 14), (1, 15, 17)),         # 1,263 tokens: spatial BLOCK_M 128, temporal 16
+    "long": ((1, 16, 16), (1, 15, 17)),                        # 511 tokens, BLOCK_M 128
+    "medium": ((1, 8, 8), (1, 8, 8), (1, 7, 9), (1, 12, 16)),  # 383 tokens, BLOCK_M 64
+    "short": ((1, 4, 8), (1, 4, 8), (1, 5, 6), (1, 8, 12)),    # 190 tokens, BLOCK_M 32
+    "tiny": ((1, 4, 4), (1, 3, 5), (1, 4, 4)),                 # 47 tokens, BLOCK_M 16, one key block
+    "video": ((9, 8, 14), (1, 15, 17)),                        # 1,263 tokens: spatial BLOCK_M 128, temporal 64
 }
 ATTENTION_LAYOUTS = ("long", "medium", "short", "tiny")
 

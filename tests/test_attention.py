@@ -377,37 +377,70 @@ def test_dq_by_atomics_only_where_they_keep_the_key_tile():
     assert attention_op._dkdv_rows(128, 128, 2, 1, False) == attention_op._dkdv_rows(128, 72, 2, 2, False) == 128
 
 
+@contextlib.contextmanager
+def _spied_launches():
+    """Yields ``{kernel name: (grid, keyword arguments)}`` of the attention kernels' launches, which still run."""
+    kernels = attention_op._kernels()
+    fwd_kernel = attention_op._fwd_kernel
+    launched = {}
+
+    class Spy:
+        def __init__(self, name, kernel):
+            self.name, self.kernel = name, kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launched[self.name] = (grid, kwargs)
+                return self.kernel[grid](*args, **kwargs)
+            return launch
+
+    names = ("attention_bwd_dkdv_kernel", "attention_bwd_dq_kernel")
+    with contextlib.ExitStack() as stack:
+        for name in names:
+            stack.enter_context(mock.patch.object(kernels, name, Spy(name, getattr(kernels, name))))
+        stack.enter_context(mock.patch.object(attention_op, "_fwd_kernel",
+                                              lambda: Spy("attention_fwd_kernel", fwd_kernel())))
+        yield launched
+
+
+@contextlib.contextmanager
+def _deterministic(enabled: bool):
+    try:
+        packdit.use_deterministic(enabled)
+        yield
+    finally:
+        packdit.use_deterministic(False)
+
+
 @pytest.mark.parametrize("deterministic", [False, True])
 def test_backward_takes_the_dq_kernel_where_atomics_halve_the_key_tile(deterministic):
     """GQA (2 query heads per kv head) on samples of 256 and 255 tokens, 128-row tiles: the default backward
     launches the dK/dV kernel on 128 keys without atomics, then the dQ kernel, and matches the oracle."""
     seqs = PackedSeqs.from_grids([(1, 16, 16), (1, 15, 17)], device=DEVICE)
-    kernels = attention_op._kernels()
-    launched = {}
+    with _deterministic(deterministic), _spied_launches() as launched:
+        check_against_reference(seqs, 2, 1, 16, seed=3)
+    _, dkdv = launched["attention_bwd_dkdv_kernel"]
+    assert "attention_bwd_dq_kernel" in launched
+    assert dkdv["BLOCK_N"] == 128 and not dkdv["ATOMIC_DQ"]
+    # Keys of 255 and 256 rows: one head per program, the block loops pipelined.
+    assert all(grid[1] == heads and not kwargs["ONE_BLOCK"] for (grid, kwargs), heads in zip(
+        (launched[name] for name in ("attention_fwd_kernel", "attention_bwd_dkdv_kernel", "attention_bwd_dq_kernel")),
+        (2, 1, 2)))
 
-    def spy(name):
-        kernel = getattr(kernels, name)
 
-        class Spy:
-            def __getitem__(self, grid):
-                def launch(*args, **kwargs):
-                    launched[name] = kwargs
-                    return kernel[grid](*args, **kwargs)
-                return launch
-        return Spy()
-
-    names = ("attention_bwd_dkdv_kernel", "attention_bwd_dq_kernel")
-    try:
-        packdit.use_deterministic(deterministic)
-        with contextlib.ExitStack() as stack:
-            for name in names:
-                stack.enter_context(mock.patch.object(kernels, name, spy(name)))
-            check_against_reference(seqs, 2, 1, 16, seed=3)
-    finally:
-        packdit.use_deterministic(False)
-    assert set(launched) == set(names)
-    assert launched["attention_bwd_dkdv_kernel"]["BLOCK_N"] == 128
-    assert not launched["attention_bwd_dkdv_kernel"]["ATOMIC_DQ"]
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_one_block_launches_loop_over_heads(deterministic):
+    """Temporal segments of 1-17 frames (every tile one key block): the forward, dK/dV and dQ programs loop over
+    up to _ONE_BLOCK_HEADS heads (3 here): 10 query heads in programs of 3, 3, 3, 1 and 5 kv heads (GQA 2) in
+    3 + 2, the single-row segments (images) too, and match the oracle."""
+    seqs = PackedSeqs.from_grids([(5, 2, 3), (1, 3, 4), (17, 1, 2), (3, 1, 1)], device=DEVICE)
+    with (_deterministic(deterministic), mock.patch.object(attention_op, "_ONE_BLOCK_HEADS", 3),
+          _spied_launches() as launched):
+        check_against_reference(seqs, 10, 5, 16, mode="temporal", seed=4)
+    expected = {"attention_fwd_kernel": 4, "attention_bwd_dkdv_kernel": 2}
+    if deterministic:
+        expected["attention_bwd_dq_kernel"] = 4
+    assert {name: grid[1] for name, (grid, kwargs) in launched.items() if kwargs["ONE_BLOCK"]} == expected
 
 
 def test_deterministic_backward_is_bitwise_reproducible_and_matches_default():
@@ -668,18 +701,32 @@ def test_gpu_cross_attention_and_long_segments():
     check_against_reference(seqs, 16, 16, 64, cu_k=cu_k, num_k=198, max_k=120, dtype=torch.bfloat16)
 
 
-def test_forward_offers_one_stage_only_where_the_key_loop_runs_once():
-    """The autotuner gets 1-stage forwards on tiles of >= 64 rows where every tile's keys fit one 64-key block
-    (max_len_bucket <= 64): stages then hold shared memory and overlap nothing. Elsewhere the pipelined
-    configurations alone."""
+def test_forward_configs_of_one_block_launches():
+    """Where every tile's keys fit one 64-key block (ONE_BLOCK) the pipelined loop runs over the program's heads:
+    the autotuner gets 1, 2 and 3 stages there (1 stage on tiles of >= 64 rows, 3 up to 128 columns) and 64-key
+    blocks only. Elsewhere the pipelined configurations alone, 128-key blocks where they fit the registers."""
 
-    def kept(max_len_bucket, rows=64, columns=128):
-        pruned = attention_op._prune_fwd_configs(attention_op.fwd_configs(), {"max_len_bucket": max_len_bucket},
-                                                 BLOCK_M=rows, BLOCK_D0=columns, BLOCK_D1=0)
+    def kept(one_block, rows=64, columns=128):
+        pruned = attention_op._prune_fwd_configs(attention_op.fwd_configs(), {}, BLOCK_M=rows, BLOCK_D0=columns,
+                                                 BLOCK_D1=0, ONE_BLOCK=one_block)
         return {(c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in pruned}
 
-    assert kept(32) == kept(64) == {(64, 4, 3), (64, 4, 1)}
-    assert kept(128) == kept(4096) == {(64, 4, 3)}
-    assert kept(32, rows=128) == {(64, 8, 3), (64, 8, 1)} and kept(4096, rows=128) == {(64, 8, 3)}
-    assert kept(16, columns=64) == {(64, 4, 3), (128, 4, 2), (64, 4, 1)}
-    assert kept(32, rows=32) == {(64, 4, 3)}  # mma.sync tiles: 1 stage spills at D = 72, little to free
+    assert kept(True) == kept(True, columns=64) == {(64, 4, 3), (64, 4, 2), (64, 4, 1)}
+    assert kept(True, columns=256) == {(64, 4, 2), (64, 4, 1)}
+    assert kept(True, rows=128) == {(64, 8, 3), (64, 8, 2), (64, 8, 1)}
+    assert kept(True, rows=32) == {(64, 4, 3), (64, 4, 2)}  # mma.sync tiles: 1 stage spills at D = 72
+    assert kept(False) == {(64, 4, 3)} and kept(False, rows=128) == {(64, 8, 3)}
+    assert kept(False, columns=64) == {(64, 4, 3), (128, 4, 2)}
+
+
+def test_head_loops_take_the_heads_and_stages_that_fit():
+    """One-block launches (inner segments <= 64 rows) split the heads evenly into programs of at most 8; a backward
+    head loop stages all four tiles a head reads within 128 KiB (up to 3 stages), and where one stage does not fit
+    the launch keeps one head per program."""
+    split, stages = attention_op._head_split, attention_op._head_loop_stages
+    assert split(16, 33) == (True, 8) and split(9, 64) == (True, 5) and split(24, 1) == (True, 8)
+    assert split(16, 65) == (False, 1) and split(16, 9, 0) == (False, 1)
+    assert stages(64, 64, 64, 2) == stages(64, 64, 72, 2) == 3
+    assert stages(64, 64, 128, 2) == 2  # 3 stages took 225 KiB, more than an A100's 163
+    assert stages(64, 2 * 64, 72, 2) == 2  # GQA 2: two query blocks per head
+    assert stages(32, 2 * 64, 256, 4) == 0  # fp32, D = 256, GQA 2

@@ -460,7 +460,7 @@ def case_label(case: CompileCase) -> str:
                         ("CHUNK", "c"), ("BLOCK", "b"), ("GROUP", "g"), ("EPILOGUE", "epi")):
         if name in values and not (name == "BLOCK_D" and "HEAD_DIM" in values):
             parts.append(f"{label}{values[name]}")
-    for flag in ("W_KN", "NORM", "ROPE", "ATOMIC_DQ", "HAS_GRAD_LSE", "IS_RMS", "HAS_WEIGHT", "HAS_BIAS"):
+    for flag in ("W_KN", "NORM", "ROPE", "ONE_BLOCK", "ATOMIC_DQ", "HAS_GRAD_LSE", "IS_RMS", "HAS_WEIGHT", "HAS_BIAS"):
         if values.get(flag):
             parts.append(flag.lower().removeprefix("has_").removeprefix("is_"))
     parts += [f"w{case.num_warps}s{case.num_stages}", f"sm{case.arch}"]

@@ -6,6 +6,8 @@ tile's rows. Tile row r is row ``first + r // pack`` of segment ``seg0 + r % pac
 segment's rows ``first..first + BLOCK``; ``pack > 1``: several short segments, frame-major, with the
 block-diagonal mask ``r % pack == c % pack`` between query row r and key column c). Single-row segments
 (``q_len == k_len == 1``) are computed row by row: out = v, lse = scale q.k, dv = sum of dO, no MMA.
+Program id 1 picks the heads: one, or, where every tile is one block (ONE_BLOCK: temporal tiles), several in a
+loop whose software pipeline loads the next heads' rows during the current head's matmuls.
 
 Head dim: a tile holds ``BLOCK_D0 + BLOCK_D1`` columns (see ``_head_blocks`` in attention.py): one power of two
 when the head dim is one (64, 128), else a power of two plus a second, narrower chunk (72 = 64 + 16 with 8
@@ -235,63 +237,102 @@ def _fwd_block(q0, q1, k_ptrs, v_ptrs, key_valid, mask, m_i, l_i, acc0, acc1, qk
 
 
 @triton.jit
+def _fwd_single_rows(Q, K, V, Out, Lse, q_rows, k_rows, m_valid, head, kv_head, stride_qn, stride_qh, stride_kn,
+                     stride_kh, stride_vn, stride_vh, stride_on, stride_oh, stride_lh, scale, HEAD_DIM: tl.constexpr,
+                     BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr, ALIGN: tl.constexpr):
+    """Single-row segments of one head: the softmax of one score is 1, out = v, lse = scale q.k."""
+    q0, q1 = _load_head(_row_ptrs(Q, q_rows, stride_qn, head * stride_qh, ALIGN), m_valid, HEAD_DIM, BLOCK_D0,
+                        BLOCK_D1, True)
+    k0, k1 = _load_head(_row_ptrs(K, k_rows, stride_kn, kv_head * stride_kh, ALIGN), m_valid, HEAD_DIM,
+                        BLOCK_D0, BLOCK_D1, True)
+    v0, v1 = _load_head(_row_ptrs(V, k_rows, stride_vn, kv_head * stride_vh, ALIGN), m_valid, HEAD_DIM,
+                        BLOCK_D0, BLOCK_D1, True)
+    _store_head(_row_ptrs(Out, q_rows, stride_on, head * stride_oh, ALIGN), m_valid, v0, v1, HEAD_DIM, BLOCK_D0,
+                BLOCK_D1)
+    tl.store(Lse + head * stride_lh + q_rows, _rowdot(q0, q1, k0, k1, BLOCK_D1) * scale, mask=m_valid)
+
+
+@triton.jit
+def _fwd_store(Out, Lse, q_rows, m_valid, head, stride_on, stride_oh, stride_lh, m_i, l_i, acc0, acc1,
+               HEAD_DIM: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr, ALIGN: tl.constexpr):
+    """out = acc / l and the natural-log lse of one head's rows (-inf and 0 for rows without keys)."""
+    has_keys = l_i > 0.0
+    inv_l = 1.0 / tl.where(has_keys, l_i, 1.0)
+    _store_head(_row_ptrs(Out, q_rows, stride_on, head * stride_oh, ALIGN), m_valid, acc0 * inv_l[:, None],
+                acc1 * inv_l[:, None], HEAD_DIM, BLOCK_D0, BLOCK_D1)
+    lse = tl.where(has_keys, (m_i + tl.log2(tl.where(has_keys, l_i, 1.0))) * LN2, float("-inf"))
+    tl.store(Lse + head * stride_lh + q_rows, lse, mask=m_valid)
+
+
+@triton.jit
 def attention_fwd_kernel(
-    Q, K, V, Out, Lse, QGroups, QTiles, num_groups,
+    Q, K, V, Out, Lse, QGroups, QTiles, num_groups, num_heads, heads_per_program,
     stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_on, stride_oh, stride_lh,
     scale, max_len_bucket,
     HEAD_DIM: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr, TILE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr, ALIGN: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr, ONE_BLOCK: tl.constexpr, ALIGN: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """One program = BLOCK_M rows (part ``program_id(2)`` of a TILE-row query tile) x one query head: online
-    softmax over the tile's keys, full key blocks unmasked, then one masked block (the segment's tail, or the
-    whole key set of a packed tile)."""
-    head = tl.program_id(1)
-    kv_head = head // GROUP
+    """One program = BLOCK_M rows (part ``program_id(2)`` of a TILE-row query tile) x ``heads_per_program`` query
+    heads from ``program_id(1) * heads_per_program``: online softmax over the tile's keys, full key blocks
+    unmasked, then one masked block (the segment's tail, or the whole key set of a packed tile). ONE_BLOCK: every
+    tile's keys fit that one masked block (temporal tiles), and the program loops over its heads, the pipeliner
+    keeping the next heads' loads in flight during this head's matmuls; else one head per program."""
+    head0 = tl.program_id(1) * heads_per_program
+    heads_end = tl.minimum(head0 + heads_per_program, num_heads)
     live, q_start, k_start, q_len, k_len, num_segs, seg_stride, row_stride, pack, seg0, first = _tile_of(
         QGroups, QTiles, num_groups, TILE)
     index = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
     if (live == 0) | (first + (tl.program_id(2) * BLOCK_M) // pack >= q_len):
         return  # surplus program, or a part of a tile past its segment's end
     q_rows, m_valid, q_seg = _rows(index, first, q_start, q_len, seg0, num_segs, seg_stride, row_stride, pack)
-    q_ptrs = _row_ptrs(Q, q_rows, stride_qn, head * stride_qh, ALIGN)
-    o_ptrs = _row_ptrs(Out, q_rows, stride_on, head * stride_oh, ALIGN)
-    lse_ptrs = Lse + head * stride_lh + q_rows
-    q0, q1 = _load_head(q_ptrs, m_valid, HEAD_DIM, BLOCK_D0, BLOCK_D1, True)
-
-    if (q_len == 1) & (k_len == 1):  # single-row segments: softmax of one score is 1
+    if (q_len == 1) & (k_len == 1):
         k_rows = k_start + q_seg * seg_stride
-        k0, k1 = _load_head(_row_ptrs(K, k_rows, stride_kn, kv_head * stride_kh, ALIGN), m_valid, HEAD_DIM,
-                            BLOCK_D0, BLOCK_D1, True)
-        v0, v1 = _load_head(_row_ptrs(V, k_rows, stride_vn, kv_head * stride_vh, ALIGN), m_valid, HEAD_DIM,
-                            BLOCK_D0, BLOCK_D1, True)
-        _store_head(o_ptrs, m_valid, v0, v1, HEAD_DIM, BLOCK_D0, BLOCK_D1)
-        tl.store(lse_ptrs, _rowdot(q0, q1, k0, k1, BLOCK_D1) * scale, mask=m_valid)
+        for head in range(head0, heads_end):
+            _fwd_single_rows(Q, K, V, Out, Lse, q_rows, k_rows, m_valid, head, head // GROUP, stride_qn, stride_qh,
+                             stride_kn, stride_kh, stride_vn, stride_vh, stride_on, stride_oh, stride_lh, scale,
+                             HEAD_DIM, BLOCK_D0, BLOCK_D1, ALIGN)
         return
 
     qk_scale = scale * LOG2E
-    k_ptrs, v_ptrs, k_step, v_step, k_seg = _key_blocks(K, V, k_start, seg_stride, row_stride, pack, seg0,
-                                                        kv_head * stride_kh, kv_head * stride_vh, stride_kn, stride_vn,
-                                                        BLOCK_N, ALIGN)
-    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-    l_i = tl.zeros((BLOCK_M,), tl.float32)
-    acc0, acc1 = _zeros_head(BLOCK_M, BLOCK_D0, BLOCK_D1)
-    full_frames = tl.where(pack == 1, k_len - k_len % BLOCK_N, 0)
-    for n0 in range(0, full_frames, BLOCK_N):
-        m_i, l_i, acc0, acc1 = _fwd_block(q0, q1, k_ptrs + n0 * k_step, v_ptrs + n0 * v_step, m_valid, m_valid,
-                                          m_i, l_i, acc0, acc1, qk_scale, HEAD_DIM, BLOCK_D0, BLOCK_D1, False,
-                                          DOT_PRECISION)
-    if full_frames < k_len:
-        key_valid, mask = _tail_mask(full_frames, k_len, k_seg, q_seg, num_segs, pack, BLOCK_N)
-        m_i, l_i, acc0, acc1 = _fwd_block(q0, q1, k_ptrs + full_frames * k_step, v_ptrs + full_frames * v_step,
-                                          key_valid, mask, m_i, l_i, acc0, acc1, qk_scale, HEAD_DIM, BLOCK_D0,
-                                          BLOCK_D1, True, DOT_PRECISION)
-
-    has_keys = l_i > 0.0
-    inv_l = 1.0 / tl.where(has_keys, l_i, 1.0)
-    _store_head(o_ptrs, m_valid, acc0 * inv_l[:, None], acc1 * inv_l[:, None], HEAD_DIM, BLOCK_D0, BLOCK_D1)
-    lse = tl.where(has_keys, (m_i + tl.log2(tl.where(has_keys, l_i, 1.0))) * LN2, float("-inf"))
-    tl.store(lse_ptrs, lse, mask=m_valid)
+    k_ptrs, v_ptrs, k_step, v_step, k_seg = _key_blocks(K, V, k_start, seg_stride, row_stride, pack, seg0, 0, 0,
+                                                        stride_kn, stride_vn, BLOCK_N, ALIGN)
+    if ONE_BLOCK:
+        key_valid, mask = _tail_mask(0, k_len, k_seg, q_seg, num_segs, pack, BLOCK_N)
+        for head in tl.range(head0, heads_end):
+            kv_head = head // GROUP
+            q0, q1 = _load_head(_row_ptrs(Q, q_rows, stride_qn, head * stride_qh, ALIGN), m_valid, HEAD_DIM,
+                                BLOCK_D0, BLOCK_D1, True)
+            m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+            l_i = tl.zeros((BLOCK_M,), tl.float32)
+            acc0, acc1 = _zeros_head(BLOCK_M, BLOCK_D0, BLOCK_D1)
+            m_i, l_i, acc0, acc1 = _fwd_block(q0, q1, k_ptrs + kv_head * stride_kh * ALIGN,
+                                              v_ptrs + kv_head * stride_vh * ALIGN, key_valid, mask, m_i, l_i, acc0,
+                                              acc1, qk_scale, HEAD_DIM, BLOCK_D0, BLOCK_D1, True, DOT_PRECISION)
+            _fwd_store(Out, Lse, q_rows, m_valid, head, stride_on, stride_oh, stride_lh, m_i, l_i, acc0, acc1,
+                       HEAD_DIM, BLOCK_D0, BLOCK_D1, ALIGN)
+    else:
+        head = head0
+        kv_head = head // GROUP
+        k_ptrs += kv_head * stride_kh * ALIGN
+        v_ptrs += kv_head * stride_vh * ALIGN
+        q0, q1 = _load_head(_row_ptrs(Q, q_rows, stride_qn, head * stride_qh, ALIGN), m_valid, HEAD_DIM, BLOCK_D0,
+                            BLOCK_D1, True)
+        m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+        l_i = tl.zeros((BLOCK_M,), tl.float32)
+        acc0, acc1 = _zeros_head(BLOCK_M, BLOCK_D0, BLOCK_D1)
+        full_frames = tl.where(pack == 1, k_len - k_len % BLOCK_N, 0)
+        for n0 in range(0, full_frames, BLOCK_N):
+            m_i, l_i, acc0, acc1 = _fwd_block(q0, q1, k_ptrs + n0 * k_step, v_ptrs + n0 * v_step, m_valid, m_valid,
+                                              m_i, l_i, acc0, acc1, qk_scale, HEAD_DIM, BLOCK_D0, BLOCK_D1, False,
+                                              DOT_PRECISION)
+        if full_frames < k_len:
+            key_valid, mask = _tail_mask(full_frames, k_len, k_seg, q_seg, num_segs, pack, BLOCK_N)
+            m_i, l_i, acc0, acc1 = _fwd_block(q0, q1, k_ptrs + full_frames * k_step, v_ptrs + full_frames * v_step,
+                                              key_valid, mask, m_i, l_i, acc0, acc1, qk_scale, HEAD_DIM, BLOCK_D0,
+                                              BLOCK_D1, True, DOT_PRECISION)
+        _fwd_store(Out, Lse, q_rows, m_valid, head, stride_on, stride_oh, stride_lh, m_i, l_i, acc0, acc1,
+                   HEAD_DIM, BLOCK_D0, BLOCK_D1, ALIGN)
 
 
 # ---------------------------------------------------------------------------------------------- backward
@@ -372,57 +413,129 @@ def _dkdv_block(Q, DO, DQ, Lse, Delta, q_rows, heads, stride_qn, stride_qh, stri
 
 
 @triton.jit
-def attention_bwd_dkdv_kernel(
-    Q, K, V, DO, Lse, Delta, DQ, DK, DV, KGroups, KTiles, num_groups,
-    stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_don, stride_doh,
-    stride_dqn, stride_dqh, stride_dkn, stride_dkh, stride_dvn, stride_dvh, stride_lh,
-    scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr, TILE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr, ALIGN: tl.constexpr,
-    ATOMIC_DQ: tl.constexpr, DOT_PRECISION: tl.constexpr,
-):
-    """One program = BLOCK_N key rows (part ``program_id(2)`` of a TILE-row key tile) x one kv head, looping over
-    BLOCK_M-row query blocks (see _dkdv_block) whose rows are the (query row, query head) pairs of the GROUP heads
-    that read these keys, row-major: GQA adds rows to the blocks, not a loop around them (a loop over heads around
-    the pipelined block loop spilled 400 B at D = 72). No two programs write the same dK/dV rows, so dK/dV are
-    deterministic; dQ is, only without ATOMIC_DQ."""
-    kv_head = tl.program_id(1)
-    live, q_start, k_start, q_len, k_len, num_segs, seg_stride, row_stride, pack, seg0, first = _tile_of(
-        KGroups, KTiles, num_groups, TILE)
-    index = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
-    if (live == 0) | (first + (tl.program_id(2) * BLOCK_N) // pack >= k_len):
-        return
-    k_rows, n_valid, k_seg = _rows(index, first, k_start, k_len, seg0, num_segs, seg_stride, row_stride, pack)
+def _dkdv_single_rows(Q, K, V, DO, Delta, DQ, DK, DV, q_start, seg_stride, k_rows, n_valid, k_seg, kv_head, stride_qn,
+                      stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_don, stride_doh, stride_dqn,
+                      stride_dqh, stride_dkn, stride_dkh, stride_dvn, stride_dvh, stride_lh, scale,
+                      HEAD_DIM: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr, BLOCK_N: tl.constexpr,
+                      GROUP: tl.constexpr, ALIGN: tl.constexpr, ATOMIC_DQ: tl.constexpr):
+    """Single-row segments of one kv head: p = 1, ds = dO.v - delta, dv = sum of dO, dk = sum of ds q over the
+    GROUP query heads."""
     k0, k1 = _load_head(_row_ptrs(K, k_rows, stride_kn, kv_head * stride_kh, ALIGN), n_valid, HEAD_DIM, BLOCK_D0,
                         BLOCK_D1, True)
     v0, v1 = _load_head(_row_ptrs(V, k_rows, stride_vn, kv_head * stride_vh, ALIGN), n_valid, HEAD_DIM, BLOCK_D0,
                         BLOCK_D1, True)
     dk0, dk1 = _zeros_head(BLOCK_N, BLOCK_D0, BLOCK_D1)
     dv0, dv1 = _zeros_head(BLOCK_N, BLOCK_D0, BLOCK_D1)
+    q_rows = q_start + k_seg * seg_stride
+    for g in tl.static_range(GROUP):
+        head = kv_head * GROUP + g
+        q0, q1 = _load_head(_row_ptrs(Q, q_rows, stride_qn, head * stride_qh, ALIGN), n_valid, HEAD_DIM, BLOCK_D0,
+                            BLOCK_D1, True)
+        do0, do1 = _load_head(_row_ptrs(DO, q_rows, stride_don, head * stride_doh, ALIGN), n_valid, HEAD_DIM,
+                              BLOCK_D0, BLOCK_D1, True)
+        ds = _rowdot(do0, do1, v0, v1, BLOCK_D1) - tl.load(Delta + head * stride_lh + q_rows, mask=n_valid, other=0.0)
+        dv0 += do0.to(tl.float32)
+        dk0 += ds[:, None] * q0.to(tl.float32)
+        if BLOCK_D1 > 0:
+            dv1 += do1.to(tl.float32)
+            dk1 += ds[:, None] * q1.to(tl.float32)
+        if ATOMIC_DQ:  # the only contribution to these dQ rows: a plain store
+            _store_head(_row_ptrs(DQ, q_rows, stride_dqn, head * stride_dqh, ALIGN), n_valid,
+                        (scale * ds)[:, None] * k0.to(tl.float32), (scale * ds)[:, None] * k1.to(tl.float32),
+                        HEAD_DIM, BLOCK_D0, BLOCK_D1)
+    _dkdv_store(DK, DV, k_rows, n_valid, kv_head, stride_dkn, stride_dkh, stride_dvn, stride_dvh, dk0, dk1, dv0, dv1,
+                scale, HEAD_DIM, BLOCK_D0, BLOCK_D1, ALIGN)
 
-    if (q_len == 1) & (k_len == 1):  # single-row segments: p = 1, ds = dO.v - delta, dv = dO
-        q_rows = q_start + k_seg * seg_stride
-        for g in tl.static_range(GROUP):
-            head = kv_head * GROUP + g
-            q0, q1 = _load_head(_row_ptrs(Q, q_rows, stride_qn, head * stride_qh, ALIGN), n_valid, HEAD_DIM,
+
+@triton.jit
+def _dkdv_store(DK, DV, k_rows, n_valid, kv_head, stride_dkn, stride_dkh, stride_dvn, stride_dvh, dk0, dk1, dv0, dv1,
+                scale, HEAD_DIM: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr, ALIGN: tl.constexpr):
+    """dK = scale dk (the kernels accumulate ds q unscaled) and dV of one kv head's key rows."""
+    _store_head(_row_ptrs(DK, k_rows, stride_dkn, kv_head * stride_dkh, ALIGN), n_valid, dk0 * scale, dk1 * scale,
+                HEAD_DIM, BLOCK_D0, BLOCK_D1)
+    _store_head(_row_ptrs(DV, k_rows, stride_dvn, kv_head * stride_dvh, ALIGN), n_valid, dv0, dv1, HEAD_DIM, BLOCK_D0,
+                BLOCK_D1)
+
+
+@triton.jit
+def _dkdv_masked_block(Q, DO, DQ, Lse, Delta, m0, q_start, q_len, seg0, num_segs, seg_stride, row_stride, pack,
+                       pairs, kv_head, k_seg, stride_qn, stride_qh, stride_don, stride_doh, stride_dqn, stride_dqh,
+                       stride_lh, k0, k1, v0, v1, dk0, dk1, dv0, dv1, scale, HEAD_DIM: tl.constexpr,
+                       BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr, BLOCK_M: tl.constexpr, GROUP: tl.constexpr,
+                       ALIGN: tl.constexpr, ATOMIC_DQ: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """The query-head pairs ``m0..m0 + BLOCK_M`` (those < ``pairs``), masked: a segment's tail, or a packed tile
+    (pack * q_len <= BLOCK_M rows per head), where a key sees the queries of its own segment only."""
+    pair = m0 + tl.arange(0, BLOCK_M)
+    q_rows, query_valid, q_seg = _rows(pair // GROUP, 0, q_start, q_len, seg0, num_segs, seg_stride, row_stride, pack)
+    return _dkdv_block(Q, DO, DQ, Lse, Delta, q_rows, _pair_heads(kv_head, pair, GROUP), stride_qn, stride_qh,
+                       stride_don, stride_doh, stride_dqn, stride_dqh, stride_lh, query_valid & (pair < pairs),
+                       k_seg[:, None] == q_seg[None, :], k0, k1, v0, v1, dk0, dk1, dv0, dv1, scale, HEAD_DIM,
+                       BLOCK_D0, BLOCK_D1, ALIGN, True, ATOMIC_DQ, DOT_PRECISION)
+
+
+@triton.jit
+def attention_bwd_dkdv_kernel(
+    Q, K, V, DO, Lse, Delta, DQ, DK, DV, KGroups, KTiles, num_groups, num_kv_heads, heads_per_program,
+    stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_don, stride_doh,
+    stride_dqn, stride_dqh, stride_dkn, stride_dkh, stride_dvn, stride_dvh, stride_lh,
+    scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr, TILE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr, ONE_BLOCK: tl.constexpr, ALIGN: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """One program = BLOCK_N key rows (part ``program_id(2)`` of a TILE-row key tile) x ``heads_per_program`` kv
+    heads from ``program_id(1) * heads_per_program``, looping over BLOCK_M-row query blocks (see _dkdv_block) whose
+    rows are the (query row, query head) pairs of the GROUP heads that read these keys, row-major: GQA adds rows to
+    the blocks, not a loop around them (a loop over heads around the pipelined block loop spilled 400 B at D = 72).
+    ONE_BLOCK: every key tile's queries fit the masked blocks (temporal tiles); the program then loops over its kv
+    heads, the pipeliner keeping the next heads' loads in flight, as the forward does; else one kv head per
+    program. No two programs write the same dK/dV rows, so dK/dV are deterministic; dQ is, only without
+    ATOMIC_DQ."""
+    kv_head0 = tl.program_id(1) * heads_per_program
+    kv_heads_end = tl.minimum(kv_head0 + heads_per_program, num_kv_heads)
+    live, q_start, k_start, q_len, k_len, num_segs, seg_stride, row_stride, pack, seg0, first = _tile_of(
+        KGroups, KTiles, num_groups, TILE)
+    index = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
+    if (live == 0) | (first + (tl.program_id(2) * BLOCK_N) // pack >= k_len):
+        return
+    k_rows, n_valid, k_seg = _rows(index, first, k_start, k_len, seg0, num_segs, seg_stride, row_stride, pack)
+    if (q_len == 1) & (k_len == 1):
+        for kv_head in range(kv_head0, kv_heads_end):
+            _dkdv_single_rows(Q, K, V, DO, Delta, DQ, DK, DV, q_start, seg_stride, k_rows, n_valid, k_seg, kv_head,
+                              stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_don,
+                              stride_doh, stride_dqn, stride_dqh, stride_dkn, stride_dkh, stride_dvn, stride_dvh,
+                              stride_lh, scale, HEAD_DIM, BLOCK_D0, BLOCK_D1, BLOCK_N, GROUP, ALIGN, ATOMIC_DQ)
+        return
+
+    # Block row r of the block at m0 is the query-head pair m0 + r: query row q = (m0 + r) // GROUP (row
+    # q // pack of segment seg0 + q % pack) of head kv_head * GROUP + (m0 + r) % GROUP.
+    pairs = GROUP * pack * q_len
+    if ONE_BLOCK:
+        for kv_head in tl.range(kv_head0, kv_heads_end):
+            k0, k1 = _load_head(_row_ptrs(K, k_rows, stride_kn, kv_head * stride_kh, ALIGN), n_valid, HEAD_DIM,
                                 BLOCK_D0, BLOCK_D1, True)
-            do0, do1 = _load_head(_row_ptrs(DO, q_rows, stride_don, head * stride_doh, ALIGN), n_valid, HEAD_DIM,
-                                  BLOCK_D0, BLOCK_D1, True)
-            ds = _rowdot(do0, do1, v0, v1, BLOCK_D1) - tl.load(Delta + head * stride_lh + q_rows, mask=n_valid,
-                                                               other=0.0)
-            dv0 += do0.to(tl.float32)
-            dk0 += ds[:, None] * q0.to(tl.float32)
-            if BLOCK_D1 > 0:
-                dv1 += do1.to(tl.float32)
-                dk1 += ds[:, None] * q1.to(tl.float32)
-            if ATOMIC_DQ:  # the only contribution to these dQ rows: a plain store
-                _store_head(_row_ptrs(DQ, q_rows, stride_dqn, head * stride_dqh, ALIGN), n_valid,
-                            (scale * ds)[:, None] * k0.to(tl.float32), (scale * ds)[:, None] * k1.to(tl.float32),
-                            HEAD_DIM, BLOCK_D0, BLOCK_D1)
+            v0, v1 = _load_head(_row_ptrs(V, k_rows, stride_vn, kv_head * stride_vh, ALIGN), n_valid, HEAD_DIM,
+                                BLOCK_D0, BLOCK_D1, True)
+            dk0, dk1 = _zeros_head(BLOCK_N, BLOCK_D0, BLOCK_D1)
+            dv0, dv1 = _zeros_head(BLOCK_N, BLOCK_D0, BLOCK_D1)
+            # pairs <= GROUP * BLOCK_M: every block runs, unguarded (loads under an if are not pipelined); a
+            # block past the pairs is all masked.
+            for block in tl.static_range(GROUP):
+                dk0, dk1, dv0, dv1 = _dkdv_masked_block(
+                    Q, DO, DQ, Lse, Delta, block * BLOCK_M, q_start, q_len, seg0, num_segs, seg_stride, row_stride,
+                    pack, pairs, kv_head, k_seg, stride_qn, stride_qh, stride_don, stride_doh, stride_dqn, stride_dqh,
+                    stride_lh, k0, k1, v0, v1, dk0, dk1, dv0, dv1, scale, HEAD_DIM, BLOCK_D0, BLOCK_D1, BLOCK_M,
+                    GROUP, ALIGN, ATOMIC_DQ, DOT_PRECISION)
+            _dkdv_store(DK, DV, k_rows, n_valid, kv_head, stride_dkn, stride_dkh, stride_dvn, stride_dvh, dk0, dk1,
+                        dv0, dv1, scale, HEAD_DIM, BLOCK_D0, BLOCK_D1, ALIGN)
     else:
-        # Block row r of the block at m0 is the query-head pair m0 + r: query row q = (m0 + r) // GROUP (row
-        # q // pack of segment seg0 + q % pack) of head kv_head * GROUP + (m0 + r) % GROUP.
-        pairs = GROUP * pack * q_len
+        kv_head = kv_head0
+        k0, k1 = _load_head(_row_ptrs(K, k_rows, stride_kn, kv_head * stride_kh, ALIGN), n_valid, HEAD_DIM, BLOCK_D0,
+                            BLOCK_D1, True)
+        v0, v1 = _load_head(_row_ptrs(V, k_rows, stride_vn, kv_head * stride_vh, ALIGN), n_valid, HEAD_DIM, BLOCK_D0,
+                            BLOCK_D1, True)
+        dk0, dk1 = _zeros_head(BLOCK_N, BLOCK_D0, BLOCK_D1)
+        dv0, dv1 = _zeros_head(BLOCK_N, BLOCK_D0, BLOCK_D1)
         full_pairs = tl.where(pack == 1, pairs - pairs % BLOCK_M, 0)
         # The full blocks, unmasked.
         q_base = q_start + seg0 * seg_stride
@@ -433,23 +546,32 @@ def attention_bwd_dkdv_kernel(
                 stride_qn, stride_qh, stride_don, stride_doh, stride_dqn, stride_dqh, stride_lh, n_valid, n_valid, k0,
                 k1, v0, v1, dk0, dk1, dv0, dv1, scale, HEAD_DIM, BLOCK_D0, BLOCK_D1, ALIGN, False, ATOMIC_DQ,
                 DOT_PRECISION)
-        # Then the rest, masked: a segment's tail (< BLOCK_M pairs), or a packed tile (pack * q_len <= BLOCK_M rows
-        # per head), where a key sees the queries of its own segment only; unrolled, not a loop.
+        # Then the rest, masked: a segment's tail (< BLOCK_M pairs), or a packed tile; unrolled, not a loop.
         for block in tl.static_range(GROUP):
             m0 = full_pairs + block * BLOCK_M
             if m0 < pairs:
-                pair = m0 + tl.arange(0, BLOCK_M)
-                q_rows, query_valid, q_seg = _rows(pair // GROUP, 0, q_start, q_len, seg0, num_segs, seg_stride,
-                                                   row_stride, pack)
-                dk0, dk1, dv0, dv1 = _dkdv_block(
-                    Q, DO, DQ, Lse, Delta, q_rows, _pair_heads(kv_head, pair, GROUP), stride_qn, stride_qh, stride_don,
-                    stride_doh, stride_dqn, stride_dqh, stride_lh, query_valid & (pair < pairs),
-                    k_seg[:, None] == q_seg[None, :], k0, k1, v0, v1, dk0, dk1, dv0, dv1, scale, HEAD_DIM, BLOCK_D0,
-                    BLOCK_D1, ALIGN, True, ATOMIC_DQ, DOT_PRECISION)
-    _store_head(_row_ptrs(DK, k_rows, stride_dkn, kv_head * stride_dkh, ALIGN), n_valid, dk0 * scale, dk1 * scale,
-                HEAD_DIM, BLOCK_D0, BLOCK_D1)
-    _store_head(_row_ptrs(DV, k_rows, stride_dvn, kv_head * stride_dvh, ALIGN), n_valid, dv0, dv1, HEAD_DIM, BLOCK_D0,
-                BLOCK_D1)
+                dk0, dk1, dv0, dv1 = _dkdv_masked_block(
+                    Q, DO, DQ, Lse, Delta, m0, q_start, q_len, seg0, num_segs, seg_stride, row_stride, pack, pairs,
+                    kv_head, k_seg, stride_qn, stride_qh, stride_don, stride_doh, stride_dqn, stride_dqh, stride_lh,
+                    k0, k1, v0, v1, dk0, dk1, dv0, dv1, scale, HEAD_DIM, BLOCK_D0, BLOCK_D1, BLOCK_M, GROUP, ALIGN,
+                    ATOMIC_DQ, DOT_PRECISION)
+        _dkdv_store(DK, DV, k_rows, n_valid, kv_head, stride_dkn, stride_dkh, stride_dvn, stride_dvh, dk0, dk1, dv0,
+                    dv1, scale, HEAD_DIM, BLOCK_D0, BLOCK_D1, ALIGN)
+
+
+@triton.jit
+def _dq_rows(Q, DO, Lse, Delta, q_rows, m_valid, head, stride_qn, stride_qh, stride_don, stride_doh, stride_lh,
+             HEAD_DIM: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr, ALIGN: tl.constexpr):
+    """What a dQ program holds of its query rows in one head: q, dO, lse * log2(e) (+inf on invalid rows: p = 0)
+    and delta."""
+    q0, q1 = _load_head(_row_ptrs(Q, q_rows, stride_qn, head * stride_qh, ALIGN), m_valid, HEAD_DIM, BLOCK_D0,
+                        BLOCK_D1, True)
+    do0, do1 = _load_head(_row_ptrs(DO, q_rows, stride_don, head * stride_doh, ALIGN), m_valid, HEAD_DIM, BLOCK_D0,
+                          BLOCK_D1, True)
+    stats = head * stride_lh + q_rows
+    lse2 = tl.load(Lse + stats, mask=m_valid, other=float("inf")) * LOG2E
+    delta = tl.load(Delta + stats, mask=m_valid, other=0.0)
+    return q0, q1, do0, do1, lse2, delta
 
 
 @triton.jit
@@ -467,57 +589,83 @@ def _dq_block(q0, q1, do0, do1, lse2, delta, k_ptrs, v_ptrs, key_valid, mask, dq
 
 
 @triton.jit
+def _dq_single_rows(Q, K, V, DO, Delta, DQ, q_rows, k_rows, m_valid, head, kv_head, stride_qn, stride_qh, stride_kn,
+                    stride_kh, stride_vn, stride_vh, stride_don, stride_doh, stride_dqn, stride_dqh, stride_lh, scale,
+                    HEAD_DIM: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr, ALIGN: tl.constexpr):
+    """Single-row segments of one head: ds = dO.v - delta, dq = scale ds k."""
+    do0, do1 = _load_head(_row_ptrs(DO, q_rows, stride_don, head * stride_doh, ALIGN), m_valid, HEAD_DIM, BLOCK_D0,
+                          BLOCK_D1, True)
+    k0, k1 = _load_head(_row_ptrs(K, k_rows, stride_kn, kv_head * stride_kh, ALIGN), m_valid, HEAD_DIM, BLOCK_D0,
+                        BLOCK_D1, True)
+    v0, v1 = _load_head(_row_ptrs(V, k_rows, stride_vn, kv_head * stride_vh, ALIGN), m_valid, HEAD_DIM, BLOCK_D0,
+                        BLOCK_D1, True)
+    delta = tl.load(Delta + head * stride_lh + q_rows, mask=m_valid, other=0.0)
+    ds = scale * (_rowdot(do0, do1, v0, v1, BLOCK_D1) - delta)
+    _store_head(_row_ptrs(DQ, q_rows, stride_dqn, head * stride_dqh, ALIGN), m_valid, ds[:, None] * k0.to(tl.float32),
+                ds[:, None] * k1.to(tl.float32), HEAD_DIM, BLOCK_D0, BLOCK_D1)
+
+
+@triton.jit
 def attention_bwd_dq_kernel(
-    Q, K, V, DO, Lse, Delta, DQ, QGroups, QTiles, num_groups,
+    Q, K, V, DO, Lse, Delta, DQ, QGroups, QTiles, num_groups, num_heads, heads_per_program,
     stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_don, stride_doh,
     stride_dqn, stride_dqh, stride_lh,
     scale,
     HEAD_DIM: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr, TILE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr, ALIGN: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr, ONE_BLOCK: tl.constexpr, ALIGN: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """One program = BLOCK_M rows (part ``program_id(2)`` of a query tile) x one query head:
-    ``dQ = scale sum_blocks (P * (dO v^T - delta)) k``, recomputing P from the saved LSE; one writer per dQ
-    element, so bitwise deterministic."""
-    head = tl.program_id(1)
-    kv_head = head // GROUP
+    """One program = BLOCK_M rows (part ``program_id(2)`` of a query tile) x ``heads_per_program`` query heads (a
+    loop where ONE_BLOCK, as in the forward): ``dQ = scale sum_blocks (P * (dO v^T - delta)) k``, recomputing P
+    from the saved LSE; one writer per dQ element, so bitwise deterministic."""
+    head0 = tl.program_id(1) * heads_per_program
+    heads_end = tl.minimum(head0 + heads_per_program, num_heads)
     live, q_start, k_start, q_len, k_len, num_segs, seg_stride, row_stride, pack, seg0, first = _tile_of(
         QGroups, QTiles, num_groups, TILE)
     index = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
     if (live == 0) | (first + (tl.program_id(2) * BLOCK_M) // pack >= q_len):
         return
     q_rows, m_valid, q_seg = _rows(index, first, q_start, q_len, seg0, num_segs, seg_stride, row_stride, pack)
-    dq_ptrs = _row_ptrs(DQ, q_rows, stride_dqn, head * stride_dqh, ALIGN)
-    q0, q1 = _load_head(_row_ptrs(Q, q_rows, stride_qn, head * stride_qh, ALIGN), m_valid, HEAD_DIM, BLOCK_D0,
-                        BLOCK_D1, True)
-    do0, do1 = _load_head(_row_ptrs(DO, q_rows, stride_don, head * stride_doh, ALIGN), m_valid, HEAD_DIM, BLOCK_D0,
-                          BLOCK_D1, True)
-    delta = tl.load(Delta + head * stride_lh + q_rows, mask=m_valid, other=0.0)
-
-    if (q_len == 1) & (k_len == 1):  # single-row segments: ds = dO.v - delta, dq = scale ds k
+    if (q_len == 1) & (k_len == 1):
         k_rows = k_start + q_seg * seg_stride
-        k0, k1 = _load_head(_row_ptrs(K, k_rows, stride_kn, kv_head * stride_kh, ALIGN), m_valid, HEAD_DIM,
-                            BLOCK_D0, BLOCK_D1, True)
-        v0, v1 = _load_head(_row_ptrs(V, k_rows, stride_vn, kv_head * stride_vh, ALIGN), m_valid, HEAD_DIM,
-                            BLOCK_D0, BLOCK_D1, True)
-        ds = scale * (_rowdot(do0, do1, v0, v1, BLOCK_D1) - delta)
-        _store_head(dq_ptrs, m_valid, ds[:, None] * k0.to(tl.float32), ds[:, None] * k1.to(tl.float32), HEAD_DIM,
-                    BLOCK_D0, BLOCK_D1)
+        for head in range(head0, heads_end):
+            _dq_single_rows(Q, K, V, DO, Delta, DQ, q_rows, k_rows, m_valid, head, head // GROUP, stride_qn,
+                            stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_don, stride_doh, stride_dqn,
+                            stride_dqh, stride_lh, scale, HEAD_DIM, BLOCK_D0, BLOCK_D1, ALIGN)
         return
 
     qk_scale = scale * LOG2E
-    lse2 = tl.load(Lse + head * stride_lh + q_rows, mask=m_valid, other=float("inf")) * LOG2E
-    k_ptrs, v_ptrs, k_step, v_step, k_seg = _key_blocks(K, V, k_start, seg_stride, row_stride, pack, seg0,
-                                                        kv_head * stride_kh, kv_head * stride_vh, stride_kn, stride_vn,
-                                                        BLOCK_N, ALIGN)
-    dq0, dq1 = _zeros_head(BLOCK_M, BLOCK_D0, BLOCK_D1)
-    full_frames = tl.where(pack == 1, k_len - k_len % BLOCK_N, 0)
-    for n0 in range(0, full_frames, BLOCK_N):
-        dq0, dq1 = _dq_block(q0, q1, do0, do1, lse2, delta, k_ptrs + n0 * k_step, v_ptrs + n0 * v_step, m_valid,
-                             m_valid, dq0, dq1, qk_scale, HEAD_DIM, BLOCK_D0, BLOCK_D1, False, DOT_PRECISION)
-    if full_frames < k_len:
-        key_valid, mask = _tail_mask(full_frames, k_len, k_seg, q_seg, num_segs, pack, BLOCK_N)
-        dq0, dq1 = _dq_block(q0, q1, do0, do1, lse2, delta, k_ptrs + full_frames * k_step,
-                             v_ptrs + full_frames * v_step, key_valid, mask, dq0, dq1, qk_scale, HEAD_DIM, BLOCK_D0,
-                             BLOCK_D1, True, DOT_PRECISION)
-    _store_head(dq_ptrs, m_valid, dq0 * scale, dq1 * scale, HEAD_DIM, BLOCK_D0, BLOCK_D1)
+    k_ptrs, v_ptrs, k_step, v_step, k_seg = _key_blocks(K, V, k_start, seg_stride, row_stride, pack, seg0, 0, 0,
+                                                        stride_kn, stride_vn, BLOCK_N, ALIGN)
+    if ONE_BLOCK:
+        key_valid, mask = _tail_mask(0, k_len, k_seg, q_seg, num_segs, pack, BLOCK_N)
+        for head in tl.range(head0, heads_end):
+            kv_head = head // GROUP
+            q0, q1, do0, do1, lse2, delta = _dq_rows(Q, DO, Lse, Delta, q_rows, m_valid, head, stride_qn, stride_qh,
+                                                     stride_don, stride_doh, stride_lh, HEAD_DIM, BLOCK_D0, BLOCK_D1,
+                                                     ALIGN)
+            dq0, dq1 = _zeros_head(BLOCK_M, BLOCK_D0, BLOCK_D1)
+            dq0, dq1 = _dq_block(q0, q1, do0, do1, lse2, delta, k_ptrs + kv_head * stride_kh * ALIGN,
+                                 v_ptrs + kv_head * stride_vh * ALIGN, key_valid, mask, dq0, dq1, qk_scale, HEAD_DIM,
+                                 BLOCK_D0, BLOCK_D1, True, DOT_PRECISION)
+            _store_head(_row_ptrs(DQ, q_rows, stride_dqn, head * stride_dqh, ALIGN), m_valid, dq0 * scale,
+                        dq1 * scale, HEAD_DIM, BLOCK_D0, BLOCK_D1)
+    else:
+        head = head0
+        kv_head = head // GROUP
+        k_ptrs += kv_head * stride_kh * ALIGN
+        v_ptrs += kv_head * stride_vh * ALIGN
+        q0, q1, do0, do1, lse2, delta = _dq_rows(Q, DO, Lse, Delta, q_rows, m_valid, head, stride_qn, stride_qh,
+                                                 stride_don, stride_doh, stride_lh, HEAD_DIM, BLOCK_D0, BLOCK_D1, ALIGN)
+        dq0, dq1 = _zeros_head(BLOCK_M, BLOCK_D0, BLOCK_D1)
+        full_frames = tl.where(pack == 1, k_len - k_len % BLOCK_N, 0)
+        for n0 in range(0, full_frames, BLOCK_N):
+            dq0, dq1 = _dq_block(q0, q1, do0, do1, lse2, delta, k_ptrs + n0 * k_step, v_ptrs + n0 * v_step, m_valid,
+                                 m_valid, dq0, dq1, qk_scale, HEAD_DIM, BLOCK_D0, BLOCK_D1, False, DOT_PRECISION)
+        if full_frames < k_len:
+            key_valid, mask = _tail_mask(full_frames, k_len, k_seg, q_seg, num_segs, pack, BLOCK_N)
+            dq0, dq1 = _dq_block(q0, q1, do0, do1, lse2, delta, k_ptrs + full_frames * k_step,
+                                 v_ptrs + full_frames * v_step, key_valid, mask, dq0, dq1, qk_scale, HEAD_DIM,
+                                 BLOCK_D0, BLOCK_D1, True, DOT_PRECISION)
+        _store_head(_row_ptrs(DQ, q_rows, stride_dqn, head * stride_dqh, ALIGN), m_valid, dq0 * scale, dq1 * scale,
+                    HEAD_DIM, BLOCK_D0, BLOCK_D1)

@@ -66,6 +66,17 @@ _FWD_TILE_BYTES = 64 * 1024
 # less deep (_bwd_num_stages) keeps both kernels within an A100's 163 KiB per block: the dK/dV kernel on a bf16
 # tile of 128 x 256 (D = 256) needs 296 KB at 3 stages, more than an H100's 227 KiB.
 _BWD_TILE_BYTES = 32 * 1024
+# Most heads per program of one-block launches (temporal tiles: one masked 64-key block per tile and head). With
+# one head per program they were latency-bound: on an H200 ~9.6 us per (tile, head) program, ~0.7 TB/s, as table
+# lookups, loads, two matmuls and stores ran one after the other. Looping over heads, the pipeliner keeps the next
+# heads' q, k, v loads (cp.async) in flight during this head's matmuls, and the program's fixed part (tile lookups,
+# row indices, masks) is paid once per 8 heads: compiled for sm_90 (bf16, D = 72, 3 stages), 656 static
+# instructions in the head loop and 1,431 outside it, where the one-head kernel had 2,354 in all.
+_ONE_BLOCK_HEADS = 8
+# Shared memory the stages of a backward head loop may take (see _head_loop_stages). Compiled for sm_90 (bf16, 64
+# rows, atomic dQ), the dK/dV program held 17-33 KiB beside them: 160.5 KiB at D = 128 with 2 stages of 64 KiB,
+# within an A100's 163 KiB per block (3 stages: 225 KiB); 145 KiB at D = 72 with 3 of 40 KiB.
+_ONE_BLOCK_STAGED_BYTES = 128 * 1024
 # Inner blocks of the backward: the dK/dV program streams 64-row query blocks (the N dimension of its
 # key-major wgmmas), the dQ program 64-key blocks. 64 = PACK_ROWS, so a packed tile's rows fit one block.
 _BWD_INNER = sched.PACK_ROWS
@@ -134,6 +145,17 @@ def _dq_by_atomics(block: int, head_dim: int, itemsize: int, group: int) -> bool
     return _dkdv_rows(block, head_dim, itemsize, group, True) == _dkdv_rows(block, head_dim, itemsize, group, False)
 
 
+def _head_split(num_heads: int, max_inner_len: int, head_stages: int = 1) -> tuple[bool, int]:
+    """``(ONE_BLOCK, heads per program)`` of a launch over ``num_heads`` heads whose programs stream segments of at
+    most ``max_inner_len`` rows (keys for the forward and dQ, queries for dK/dV): where every tile's inner rows fit
+    one block (<= PACK_ROWS) and a head's tiles fit the pipeline (``head_stages`` > 0, see _head_loop_stages), at
+    most _ONE_BLOCK_HEADS heads per program, split evenly over the fewest programs (16 -> 8 + 8, 9 -> 5 + 4,
+    24 -> 3 x 8); else one head."""
+    if max_inner_len > sched.PACK_ROWS or head_stages < 1:
+        return False, 1
+    return True, triton.cdiv(num_heads, triton.cdiv(num_heads, _ONE_BLOCK_HEADS))
+
+
 def _bwd_num_warps(rows: int, head_dim: int) -> int:
     """Warps of the dQ programs on a GPU: one warpgroup (wgmma's M = 64) per 64 tile rows, and two from 128 head
     columns up (the second halves each thread's share of the fp32 accumulator)."""
@@ -153,10 +175,19 @@ def _bwd_num_stages(head_dim: int, itemsize: int) -> int:
     return 3 if row_bytes <= 256 else 2 if row_bytes < 512 else 1
 
 
-def _bwd_options(warps: int, head_dim: int, itemsize: int) -> dict:
+def _head_loop_stages(rows: int, inner_rows: int, head_dim: int, itemsize: int) -> int:
+    """Pipeline depth of a backward head loop (ONE_BLOCK), which stages every tile a head reads: two of the
+    program's ``rows`` (K, V or Q, dO) and two of ``inner_rows`` (the query blocks of all GROUP heads, or one key
+    block): as many stages, up to 3, as fit _ONE_BLOCK_STAGED_BYTES; 0 where one does not (the launch then takes
+    one head per program: fp32 at D = 256 with GQA needed 192 KiB on sm_80 at one stage)."""
+    stage_bytes = 2 * (rows + inner_rows) * _head_columns(head_dim) * itemsize
+    return min(3, _ONE_BLOCK_STAGED_BYTES // stage_bytes)
+
+
+def _bwd_options(warps: int, stages: int) -> dict:
     if tu.interpreting():
         return {}
-    return {"num_warps": warps, "num_stages": _bwd_num_stages(head_dim, itemsize)}
+    return {"num_warps": warps, "num_stages": stages}
 
 
 def fwd_configs() -> list:
@@ -174,19 +205,22 @@ def _prune_fwd_configs(configs, named_args, **kwargs) -> list:
     accumulator (104 B at 8 warps), 64 x 128 beside 80 columns (72 B at 4 warps); 128 x 128 beside 80 columns
     takes 255 registers without spilling.
 
-    Where every tile's keys fit one 64-key block (``max_len_bucket`` <= 64: temporal tiles, short segments) the
-    loop runs once and its pipeline stages only hold shared memory: at 64 rows and D = 128, 3 stages take 112 KB,
-    one program per SM, 1 stage 32 KB at 254 registers, two. There the 1-stage configuration competes too, on
-    tiles of >= 64 rows (a 32-row tile at D = 72 spills 16 B with 1 stage); on an H200 such temporal layers
-    moved ~0.7 TB/s, ~9.6 us per one-block program (benchmarks/results/nvidia-h200)."""
+    Where every tile's keys fit one 64-key block (ONE_BLOCK: temporal tiles, short segments) the pipelined loop is
+    the one over the program's heads (see _head_split), and its depth trades prefetched heads for programs per SM:
+    compiled for sm_90 (bf16, 64 rows, D = 128), 3 stages take 152 KiB (one program per SM), 2 stages 104 KiB
+    (two), 1 stage 48 KiB without prefetch. All three compete there (1 stage on tiles of >= 64 rows: a 32-row tile
+    at D = 72 spills 16 B), with 64-key blocks only (a packed tile's keys are at most PACK_ROWS = 64: a 128-key
+    block would compute twice the masked scores)."""
     rows, columns = kwargs["BLOCK_M"], kwargs["BLOCK_D0"] + kwargs["BLOCK_D1"]
     warps = 8 if rows >= 128 else 4
     widest = 96 if warps == 8 else 64
-    one_block = named_args["max_len_bucket"] <= 64 and rows >= 64
 
     def keep(config):
+        if kwargs["ONE_BLOCK"]:
+            return (config.kwargs["BLOCK_N"] == 64 and (config.num_stages < 3 or columns <= 128)
+                    and (config.num_stages > 1 or rows >= 64))
         if config.num_stages == 1:
-            return one_block
+            return False
         if config.kwargs["BLOCK_N"] == 128:
             return columns <= widest
         return config.num_stages == (3 if columns <= 128 else 2)
@@ -240,13 +274,13 @@ def _copied_schedule(cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, grid: Optional[
 def attention_schedule(
     cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, grid: Optional[Tensor], num_q: int, num_k: int, max_seqlen_q: int,
     max_seqlen_k: int, mode: str, self_attention: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, int, int, int, int]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, int, int, int, int, int]:
     """:class:`AttentionSchedule` fields of device layout tensors (for compiled graphs, where the layout's host
     metadata is not traced): one device->host copy per compiled step."""
     schedule = _copied_schedule(cu_seqlens_q, cu_seqlens_k, grid, num_q, num_k, max_seqlen_q, max_seqlen_k, mode,
                                 self_attention)
-    *tensors, block_m, block_kt, max_k_len, uncovered = schedule.as_tuple()
-    return (*tensors, block_m, block_kt, max_k_len, int(uncovered))
+    *tensors, block_m, block_kt, max_q_len, max_k_len, uncovered = schedule.as_tuple()
+    return (*tensors, block_m, block_kt, max_q_len, max_k_len, int(uncovered))
 
 
 @attention_schedule.register_fake
@@ -255,18 +289,18 @@ def _(cu_seqlens_q, cu_seqlens_k, grid, num_q, num_k, max_seqlen_q, max_seqlen_k
     fields = len(sched.GROUP_FIELDS)
     tensors = [cu_seqlens_q.new_empty(shape) for shape in ((fields, ctx.new_dynamic_size()), (ctx.new_dynamic_size(),),
                                                            (fields, ctx.new_dynamic_size()), (ctx.new_dynamic_size(),))]
-    return (*tensors, *(ctx.new_dynamic_size() for _ in range(4)))
+    return (*tensors, *(ctx.new_dynamic_size() for _ in range(5)))
 
 
 def _schedule(q: Tensor, k: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int,
               mode: str, seqs: Optional[PackedSeqs], self_attention: bool) -> tuple:
-    """``(q_groups, q_tiles, k_groups, k_tiles, [block_m, block_kt, max_k_len, keys_uncovered])``."""
+    """``(q_groups, q_tiles, k_groups, k_tiles, [block_m, block_kt, max_q_len, max_k_len, keys_uncovered])``."""
     num_q, num_k = q.shape[0], k.shape[0]
     grid = seqs.grid if mode != "full" else None
     if torch.compiler.is_compiling():
-        *tensors, block_m, block_kt, max_k_len, uncovered = attention_schedule(
+        *tensors, block_m, block_kt, max_q_len, max_k_len, uncovered = attention_schedule(
             cu_seqlens_q, cu_seqlens_k, grid, num_q, num_k, max_seqlen_q, max_seqlen_k, mode, self_attention)
-        return (*tensors, [block_m, block_kt, max_k_len, uncovered])
+        return (*tensors, [block_m, block_kt, max_q_len, max_k_len, uncovered])
 
     def copied():
         return _copied_schedule(cu_seqlens_q, cu_seqlens_k, grid, num_q, num_k, max_seqlen_q, max_seqlen_k, mode,
@@ -284,8 +318,8 @@ def _schedule(q: Tensor, k: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, 
         schedule = seqs.cached(("attention_schedule", mode, cu_seqlens_k), copied)
     else:
         schedule = copied()
-    *tensors, block_m, block_kt, max_k_len, uncovered = schedule.as_tuple()
-    return (*tensors, [block_m, block_kt, max_k_len, int(uncovered)])
+    *tensors, block_m, block_kt, max_q_len, max_k_len, uncovered = schedule.as_tuple()
+    return (*tensors, [block_m, block_kt, max_q_len, max_k_len, int(uncovered)])
 
 
 # ---------------------------------------------------------------------------------------------- custom ops
@@ -295,22 +329,24 @@ def varlen_attention_fwd(
     sizes: list[int], scale: float,
 ) -> tuple[Tensor, Tensor]:
     """``(out (Nq, Hq, D) q.dtype, lse (Hq, Nq) fp32)``; the key-side tables are carried for the backward.
-    ``sizes``: ``[block_m, block_kt, max_k_len, keys_uncovered]`` of the schedule."""
+    ``sizes``: ``[block_m, block_kt, max_q_len, max_k_len, keys_uncovered]`` of the schedule."""
     tu.require_triton("varlen_attention", q)
     num_q, num_heads, head_dim = q.shape
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(num_heads, num_q, dtype=torch.float32, device=q.device)
-    block_m, _, max_k_len, _ = sizes
+    block_m, _, _, max_k_len, _ = sizes
     if q_tiles.shape[0] == 0:
         lse.fill_(-float("inf"))
         return out.zero_(), lse
     block_d0, block_d1 = _head_blocks(head_dim)
     align = tu.stride_alignment(q.element_size(), q, k, v, out)
     rows = _fwd_rows(block_m, head_dim, q.element_size())
-    _fwd_kernel()[(q_tiles.shape[0], num_heads, block_m // rows)](
-        q, k, v, out, lse, q_groups, q_tiles, q_groups.shape[1], *tu.unit_strides(align, q, k, v, out), lse.stride(0),
-        scale, triton.next_power_of_2(max_k_len), HEAD_DIM=head_dim, BLOCK_D0=block_d0, BLOCK_D1=block_d1,
-        TILE=block_m, BLOCK_M=rows, GROUP=num_heads // k.shape[1], ALIGN=align, DOT_PRECISION=_DOT_PRECISION,
+    one_block, heads = _head_split(num_heads, max_k_len)
+    _fwd_kernel()[(q_tiles.shape[0], triton.cdiv(num_heads, heads), block_m // rows)](
+        q, k, v, out, lse, q_groups, q_tiles, q_groups.shape[1], num_heads, heads,
+        *tu.unit_strides(align, q, k, v, out), lse.stride(0), scale, triton.next_power_of_2(max_k_len),
+        HEAD_DIM=head_dim, BLOCK_D0=block_d0, BLOCK_D1=block_d1, TILE=block_m, BLOCK_M=rows,
+        GROUP=num_heads // k.shape[1], ONE_BLOCK=one_block, ALIGN=align, DOT_PRECISION=_DOT_PRECISION,
     )
     return out, lse
 
@@ -331,7 +367,7 @@ def varlen_attention_bwd(
     tu.require_triton("varlen_attention", q)
     num_q, num_heads, head_dim = q.shape
     kv_heads = k.shape[1]
-    block_m, block_kt, _, keys_uncovered = sizes
+    block_m, block_kt, max_q_len, max_k_len, keys_uncovered = sizes
     grad_out = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
     kernels = _kernels()
     itemsize = q.element_size()
@@ -362,20 +398,27 @@ def varlen_attention_bwd(
                   DOT_PRECISION=_DOT_PRECISION)
     if k_tiles.shape[0]:
         key_rows = _dkdv_rows(block_kt, head_dim, itemsize, group, atomic_dq)
-        kernels.attention_bwd_dkdv_kernel[(k_tiles.shape[0], kv_heads, block_kt // key_rows)](
-            *inputs, lse, delta, dq, dk, dv, k_groups, k_tiles, k_groups.shape[1],
+        head_stages = _head_loop_stages(key_rows, group * _BWD_INNER, head_dim, itemsize)
+        one_block, heads = _head_split(kv_heads, max_q_len, head_stages)
+        kernels.attention_bwd_dkdv_kernel[(k_tiles.shape[0], triton.cdiv(kv_heads, heads), block_kt // key_rows)](
+            *inputs, lse, delta, dq, dk, dv, k_groups, k_tiles, k_groups.shape[1], kv_heads, heads,
             *tu.unit_strides(align, *inputs, dq, dk, dv), lse.stride(0), scale, TILE=block_kt, BLOCK_M=_BWD_INNER,
-            BLOCK_N=key_rows, ATOMIC_DQ=atomic_dq, **shared,
-            **_bwd_options(_dkdv_num_warps(key_rows), head_dim, itemsize),
+            BLOCK_N=key_rows, ONE_BLOCK=one_block, ATOMIC_DQ=atomic_dq, **shared,
+            **_bwd_options(_dkdv_num_warps(key_rows),
+                           head_stages if one_block else _bwd_num_stages(head_dim, itemsize)),
         )
     if atomic_dq:
         return dq.to(q.dtype), dk, dv
     if q_tiles.shape[0]:
         query_rows = _bwd_rows(block_m, head_dim, itemsize)
-        kernels.attention_bwd_dq_kernel[(q_tiles.shape[0], num_heads, block_m // query_rows)](
-            *inputs, lse, delta, dq, q_groups, q_tiles, q_groups.shape[1], *tu.unit_strides(align, *inputs, dq),
-            lse.stride(0), scale, TILE=block_m, BLOCK_M=query_rows, BLOCK_N=_BWD_INNER, **shared,
-            **_bwd_options(_bwd_num_warps(query_rows, head_dim), head_dim, itemsize),
+        head_stages = _head_loop_stages(query_rows, _BWD_INNER, head_dim, itemsize)
+        one_block, heads = _head_split(num_heads, max_k_len, head_stages)
+        kernels.attention_bwd_dq_kernel[(q_tiles.shape[0], triton.cdiv(num_heads, heads), block_m // query_rows)](
+            *inputs, lse, delta, dq, q_groups, q_tiles, q_groups.shape[1], num_heads, heads,
+            *tu.unit_strides(align, *inputs, dq), lse.stride(0), scale, TILE=block_m, BLOCK_M=query_rows,
+            BLOCK_N=_BWD_INNER, ONE_BLOCK=one_block, **shared,
+            **_bwd_options(_bwd_num_warps(query_rows, head_dim),
+                           head_stages if one_block else _bwd_num_stages(head_dim, itemsize)),
         )
     else:
         dq.zero_()

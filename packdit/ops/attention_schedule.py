@@ -85,7 +85,9 @@ class AttentionSchedule:
         q_groups, k_groups: ``(len(GROUP_FIELDS), G)`` int32 group tables, device.
         q_tiles, k_tiles: ``(programs,)`` int32, the group of each program (G for surplus programs), device.
         block_m, block_kt: query / key tile rows.
-        max_k_len: longest key segment (a bound on the device path): the forward's autotuning key.
+        max_q_len, max_k_len: longest query / key segment (bounds on the device path). max_k_len is the
+            forward's autotuning key; at most PACK_ROWS, every forward / dQ tile's keys fit one key block (max_q_len:
+            every dK/dV tile's queries one query block per head), and those programs loop over heads.
         keys_uncovered: some key rows are in no key tile (keys of an empty query segment, or unknown on the
             device path): their dK/dV are zero-filled first.
     """
@@ -96,6 +98,7 @@ class AttentionSchedule:
     k_tiles: Tensor
     block_m: int
     block_kt: int
+    max_q_len: int
     max_k_len: int
     keys_uncovered: bool
 
@@ -205,9 +208,9 @@ def _tile_groups(table: Tensor, num_tiles: int) -> Tensor:
     return group.clamp_(min=0).to(torch.int32)
 
 
-def _host_tables(mode: str, q_lens, k_lens, grids) -> tuple[np.ndarray, int, np.ndarray, int, int, int, int, int]:
+def _host_tables(mode: str, q_lens, k_lens, grids) -> tuple[np.ndarray, int, np.ndarray, int, int, int, int, int, int]:
     """The host part of :func:`host_schedule`: ``(q table, q tiles, k table, k tiles, block_m, block_kt,
-    max_k_len, covered key rows)``, numpy on O(samples) entries."""
+    max_q_len, max_k_len, covered key rows)``, numpy on O(samples) entries."""
     q = np.fromiter(q_lens, dtype=np.int64)
     k = q if k_lens is None else np.fromiter(k_lens, dtype=np.int64)
     grid = None if mode == "full" else np.fromiter(itertools.chain.from_iterable(grids), dtype=np.int64).reshape(-1, 3)
@@ -222,7 +225,8 @@ def _host_tables(mode: str, q_lens, k_lens, grids) -> tuple[np.ndarray, int, np.
     q_table, num_q_tiles = _table(g, g.q_len, q_active, g.k_len, block_m)
     k_table, num_k_tiles = _table(g, g.k_len, k_active, g.q_len, block_kt)
     covered = int((g.k_len * g.num_segs)[k_active].sum())
-    return q_table, num_q_tiles, k_table, num_k_tiles, block_m, block_kt, int(g.k_len.max(initial=0)), covered
+    return (q_table, num_q_tiles, k_table, num_k_tiles, block_m, block_kt, int(g.q_len.max(initial=0)),
+            int(g.k_len.max(initial=0)), covered)
 
 
 def host_schedule(mode: str, q_lens: Sequence[int], k_lens: Sequence[int] | None, grids, num_k: int,
@@ -230,12 +234,13 @@ def host_schedule(mode: str, q_lens: Sequence[int], k_lens: Sequence[int] | None
     """The schedule from host lengths (and host grids ``(T, H, W)`` for the factorized modes; ``k_lens`` None for
     self-attention). The caller has checked the layout. Host work is numpy over the samples; the device gets the
     group tables (host->device copies) and builds the tile tables from them (two small device ops)."""
-    q_table, num_q_tiles, k_table, num_k_tiles, block_m, block_kt, max_k_len, covered = _host_tables(
+    q_table, num_q_tiles, k_table, num_k_tiles, block_m, block_kt, max_q_len, max_k_len, covered = _host_tables(
         mode, q_lens, k_lens, grids)
     q_groups = torch.from_numpy(q_table).to(device, non_blocking=True)
     k_groups = torch.from_numpy(k_table).to(device, non_blocking=True)
     return AttentionSchedule(q_groups, _tile_groups(q_groups, num_q_tiles), k_groups,
-                             _tile_groups(k_groups, num_k_tiles), block_m, block_kt, max_k_len, covered < num_k)
+                             _tile_groups(k_groups, num_k_tiles), block_m, block_kt, max_q_len, max_k_len,
+                             covered < num_k)
 
 
 def score_area(grids: Sequence[Sequence[int]], mode: str = "temporal", block_n: int = PACK_ROWS) -> dict:
@@ -291,4 +296,5 @@ def device_schedule(cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, num_q: int, num_
                                       -(-num_q // block_m) + num_segments)
     k_groups, k_tiles = _device_table(q_start, k_start, q_len, k_len, k_len, k_active, q_len, block_kt,
                                       -(-num_k // block_kt) + num_segments)
-    return AttentionSchedule(q_groups, q_tiles, k_groups, k_tiles, block_m, block_kt, max_seqlen_k, True)
+    return AttentionSchedule(q_groups, q_tiles, k_groups, k_tiles, block_m, block_kt, max_seqlen_q, max_seqlen_k,
+                             True)
