@@ -10,6 +10,8 @@ Providers, on the same q, k, v:
     packdit-atomic-dq, packdit-separate-dq   the same with the dQ design packdit does not pick for the case
                    (full mode, RoPE off): fp32 atomics in the dK/dV kernel, or dQ by its own kernel (the
                    ``packdit.use_deterministic(True)`` path); the two backward designs side by side
+    packdit-one-head   the same with one head per program on temporal tiles (temporal mode, RoPE off), where
+                   packdit's programs loop over up to ``attention._ONE_BLOCK_HEADS`` heads
     fa3            FlashAttention-3 varlen (``flash_attn_interface.flash_attn_varlen_func``), when installed
     torch-varlen   torch.nn.attention.varlen.varlen_attn (FlashAttention-2 inside PyTorch)
     flash-attn     FlashAttention-2 varlen (``flash_attn.flash_attn_varlen_func``), when installed
@@ -30,7 +32,8 @@ against the fp32 reference (``packdit.reference.varlen_attention`` after ``apply
 is refused and not timed. Useful FLOPs: ``4 * D * H * pairs`` forward, x3.5 forward+backward
 (backward = 2.5x forward), pairs = sum L^2 (full), sum T (HW)^2 (spatial), sum HW T^2 (temporal).
 ``vs_best_peer`` is packdit's TFLOP/s over the best peer's on the same case and pass; ``dq`` (packdit's rows) the
-backward's dQ design: "atomic" (fp32 atomics in the dK/dV kernel) or "separate" (the dQ kernel). ``kernel_ms`` /
+backward's dQ design: "atomic" (fp32 atomics in the dK/dV kernel) or "separate" (the dQ kernel);
+``one_block_heads`` (packdit's temporal rows) the most heads a program takes on temporal tiles. ``kernel_ms`` /
 ``kernel_sum_ms`` (fwd+bwd rows; on a GPU packdit's only): the kernels of one call under ``torch.profiler``; the
 gap between ``kernel_sum_ms`` and ``ms`` is the time a lone call waits on the host.
 ``packdit_useful_area``: the share of the scores packdit's tiles compute that attention needs, per case and,
@@ -116,13 +119,15 @@ class Case:
 @dataclasses.dataclass(frozen=True)
 class Provider:
     """``fn(q, k, v) -> out``; ``fused_rope``: it applies RoPE itself (else it gets rotated q and k);
-    ``dq``: packdit's backward design it is verified and timed with (see _dq_design)."""
+    ``dq``: packdit's backward design it is verified and timed with (see _dq_design); ``one_block_heads``: the
+    most heads per program of packdit's one-block launches (None: packdit's default)."""
 
     name: str
     fn: Callable
     fused_rope: bool = False
     timed: bool = True
     dq: str = "default"
+    one_block_heads: int | None = None
 
 
 @contextlib.contextmanager
@@ -142,6 +147,15 @@ def _dq_design(dq: str):
             yield
     else:
         raise ValueError(f"dq: expected 'default', 'separate' or 'atomic', got {dq!r}")
+
+
+@contextlib.contextmanager
+def _design(provider: Provider):
+    """packdit as ``provider`` runs it: its dQ design (_dq_design) and heads per one-block program."""
+    with _dq_design(provider.dq), contextlib.ExitStack() as stack:
+        if provider.one_block_heads is not None:
+            stack.enter_context(mock.patch.object(attention_op, "_ONE_BLOCK_HEADS", provider.one_block_heads))
+        yield
 
 
 def _default_dq(seqs: PackedSeqs, case: Case, dtype: torch.dtype) -> str:
@@ -363,6 +377,8 @@ def _providers(ctx: Context, seqs: PackedSeqs, case: Case, default_dq: str) -> t
         if case.mode == "full" and not case.rope:
             other = _other_dq(default_dq)
             providers.append(Provider(f"packdit-{other}-dq", _packdit(seqs, case), fused_rope=True, dq=other))
+        if case.mode == "temporal" and not case.rope:
+            providers.append(Provider("packdit-one-head", _packdit(seqs, case), fused_rope=True, one_block_heads=1))
         for name, attend in (("fa3", _fa3), ("torch-varlen", _torch_varlen), ("flash-attn", _fa2)):
             try:
                 attend(*(torch.zeros(1, 1, 64, device=ctx.device, dtype=torch.bfloat16),) * 3,
@@ -464,10 +480,12 @@ def _run_case(ctx: Context, case: Case, seqs: PackedSeqs, label: str) -> list[di
         row = {**base, "provider": provider.name}
         if provider.name.startswith("packdit"):  # the backward design its fwd+bwd row times
             row["dq"] = default_dq if provider.dq == "default" else provider.dq
+            if case.mode == "temporal":
+                row["one_block_heads"] = provider.one_block_heads or attention_op._ONE_BLOCK_HEADS
         if ctx.out_of_time():
             rows.append({**row, "pass": "-", "note": "skipped: time budget spent"})
             continue
-        with _dq_design(provider.dq):
+        with _design(provider):
             rows += _verify_and_time(ctx, provider, expected, grad, row, flops, case)
     return rows
 

@@ -98,22 +98,24 @@ def test_attention_section_refuses_a_wrong_implementation(bug, tmp_path, monkeyp
     assert all("ms" in r for r in rows if r["provider"] == "reference")  # the right ones were timed
 
 
-def test_attention_dq_design_providers_run_with_their_design_then_restore_the_default(tmp_path, monkeypatch):
+def test_attention_design_providers_run_with_their_design_then_restore_the_default(tmp_path, monkeypatch):
     """A provider with ``dq="separate"`` is verified and timed with packdit.use_deterministic(True) on in its forward
-    and its backward (where the dQ design is chosen), one with ``dq="atomic"`` with atomic dQ forced; afterwards
-    packdit is back to its defaults."""
+    and its backward (where the dQ design is chosen), one with ``dq="atomic"`` with atomic dQ forced, one with
+    ``one_block_heads=1`` with one head per program on temporal tiles; afterwards packdit is back to its defaults,
+    and the temporal rows say the heads per program each was timed with."""
     import attention
 
     from packdit.determinism import deterministic_enabled
     from packdit.ops import attention as attention_op
 
-    case = attention.Case("cpu-images", 64, False, "full")
+    case = attention.Case("cpu-videos", 64, False, "temporal")
     monkeypatch.setattr(attention, "_cases", lambda ctx: [case])
     providers, seen = attention._providers, []
     by_atomics = attention_op._dq_by_atomics(128, 128, 2, 1)  # packdit's own choice at D = 128
+    default = (False, by_atomics, attention_op._ONE_BLOCK_HEADS)
 
     def design():
-        return deterministic_enabled(), attention_op._dq_by_atomics(128, 128, 2, 1)
+        return deterministic_enabled(), attention_op._dq_by_atomics(128, 128, 2, 1), attention_op._ONE_BLOCK_HEADS
 
     def recorded(name):
         class Record(torch.autograd.Function):
@@ -129,29 +131,34 @@ def test_attention_dq_design_providers_run_with_their_design_then_restore_the_de
 
         return Record.apply
 
-    def with_both_designs(ctx, seqs, case, default_dq):
+    designs = {"packdit-separate-dq": dict(dq="separate"), "packdit-atomic-dq": dict(dq="atomic"),
+               "packdit-one-head": dict(one_block_heads=1)}
+
+    def with_every_design(ctx, seqs, case, default_dq):
         found, skipped = providers(ctx, seqs, case, default_dq)
         ref = attention._reference(seqs, case, fused_rope=True)
-        def provider(dq):
-            record = recorded(dq)
-            return attention.Provider(f"packdit-{dq}-dq", lambda q, k, v: ref(record(q), k, v), fused_rope=True,
-                                      dq=dq)
 
-        return [provider("separate"), provider("atomic")] + found, skipped
+        def provider(name):
+            record = recorded(name)
+            return attention.Provider(name, lambda q, k, v: ref(record(q), k, v), fused_rope=True, **designs[name])
 
-    monkeypatch.setattr(attention, "_providers", with_both_designs)
+        return [provider(name) for name in designs] + found, skipped
+
+    monkeypatch.setattr(attention, "_providers", with_every_design)
     assert bench_run.main(["--quick", "--device", "cpu", "--only", "attention", "--out", str(tmp_path),
                            "--no-plots"]) == 0
-    stages = {dq: {stage for name, stage, _ in seen if name == dq} for dq in ("separate", "atomic")}
-    assert stages == {"separate": {"forward", "backward"}, "atomic": {"forward", "backward"}}
-    assert all(state == (True, by_atomics) for name, _, state in seen if name == "separate")
-    assert all(state == (False, True) for name, _, state in seen if name == "atomic")
-    assert design() == (False, by_atomics)
+    assert {name: {stage for seen_name, stage, _ in seen if seen_name == name} for name in designs} == {
+        name: {"forward", "backward"} for name in designs}
+    expected = {"packdit-separate-dq": (True, by_atomics, default[2]), "packdit-atomic-dq": (False, True, default[2]),
+                "packdit-one-head": (False, by_atomics, 1)}
+    assert all(state == expected[name] for name, _, state in seen)
+    assert design() == default
     rows = json.loads(next(tmp_path.glob("*/attention.json")).read_text())["rows"]
-    for dq in ("separate", "atomic"):
-        timed = [r for r in rows if r["provider"] == f"packdit-{dq}-dq" and "ms" in r]
-        assert {r["pass"] for r in timed} == {"fwd", "fwd+bwd"}, dq
-        assert all(r["dq"] == dq for r in timed)
+    for name in designs:
+        timed = [r for r in rows if r["provider"] == name and "ms" in r]
+        assert {r["pass"] for r in timed} == {"fwd", "fwd+bwd"}, name
+        assert all(r["dq"] == designs[name].get("dq", "atomic") for r in timed), name
+        assert all(r["one_block_heads"] == designs[name].get("one_block_heads", default[2]) for r in timed), name
 
 
 def test_attention_gqa_case_verifies_the_peers_against_a_grouped_oracle(tmp_path, monkeypatch):
