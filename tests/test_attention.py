@@ -678,10 +678,11 @@ def test_random_layouts_sweep(seed):
     rng = random.Random(100 + seed)
     mode = ("full", "spatial", "temporal")[seed % 3]
     seqs = _layout(rng, rng.randint(1, 12), max_t=4, max_hw=8)
-    hk = rng.choice([1, 2])
+    hk = rng.choice([1, 2, 5])
     rope = RoPE3D(10000.0, (4, 6, 6)) if seed % 2 else None
-    check_against_reference(seqs, hk * rng.choice([1, 2, 3]), hk, rng.choice([16, 32, 72]), mode=mode, rope=rope,
-                            seed=seed)
+    with mock.patch.object(attention_op, "_ONE_BLOCK_HEADS", rng.choice([1, 2, 3, 8])):  # heads per head loop
+        check_against_reference(seqs, hk * rng.choice([1, 2, 3]), hk, rng.choice([16, 32, 72]), mode=mode,
+                                rope=rope, seed=seed)
 
 
 @pytest.mark.gpu
@@ -717,6 +718,20 @@ def test_forward_configs_of_one_block_launches():
     assert kept(True, rows=32) == {(64, 4, 3), (64, 4, 2)}  # mma.sync tiles: 1 stage spills at D = 72
     assert kept(False) == {(64, 4, 3)} and kept(False, rows=128) == {(64, 8, 3)}
     assert kept(False, columns=64) == {(64, 4, 3), (128, 4, 2)}
+
+
+@pytest.mark.parametrize("query_grids, key_lengths, one_block", [
+    ([(1, 8, 10), (1, 3, 4)], [20, 7], {"attention_fwd_kernel"}),         # long queries, short keys
+    ([(1, 4, 5), (1, 2, 3)], [100, 70], {"attention_bwd_dkdv_kernel"}),  # short queries, long keys
+])
+def test_cross_attention_loops_over_heads_on_the_side_that_fits_one_block(query_grids, key_lengths, one_block):
+    """The forward loops over heads where every key segment fits one block, dK/dV where every query segment
+    does (``max_q_len``); the other side keeps one head per program and its block loop. Both match the oracle."""
+    seqs = PackedSeqs.from_grids(query_grids, device=DEVICE)
+    with mock.patch.object(attention_op, "_ONE_BLOCK_HEADS", 3), _spied_launches() as launched:
+        check_against_reference(seqs, 6, 3, 16, cu_k=cu_seqlens_of(key_lengths, DEVICE), num_k=sum(key_lengths),
+                                max_k=max(key_lengths), seed=len(key_lengths))
+    assert {name for name, (grid, kwargs) in launched.items() if kwargs["ONE_BLOCK"]} == one_block
 
 
 def test_head_loops_take_the_heads_and_stages_that_fit():
