@@ -1,9 +1,9 @@
 """Section ``attention``: packed varlen attention, packdit's Triton kernel vs the strongest peers.
 
 Cases: mix x head dim (64, 72, 128) x RoPE (off / on) x mode (full / spatial / temporal), most valuable
-first (video-mix, full attention; then GQA, temporal, RoPE, the other factorized cases, long videos, images). Model width 1152
-(heads = 1152 / head dim, as DiT-XL/STDiT; GQA: 2 query heads per kv head at hd 72, 3 at hd 128), bf16, a
-49k-token pack per mix from ``workloads.take_tokens``.
+first (video-mix, full attention; then GQA, temporal, RoPE, the other factorized cases, long videos, images).
+Model width 1152 (heads = 1152 / head dim, as DiT-XL/STDiT; GQA: 2 query heads per kv head at hd 72, 3 at
+hd 128), bf16, a 49k-token pack per mix from ``workloads.take_tokens``.
 
 Providers, on the same q, k, v:
     packdit        packdit.varlen_attention (Triton), q and k rotated once by the qk_norm_rope kernel
