@@ -7,9 +7,9 @@ hd 128), bf16, a 49k-token pack per mix from ``workloads.take_tokens``.
 
 Providers, on the same q, k, v:
     packdit        packdit.varlen_attention (Triton), q and k rotated once by the qk_norm_rope kernel
-    packdit-atomic-dq, packdit-separate-dq   the same with the dQ design packdit does not pick for the case
-                   (full mode, RoPE off): fp32 atomics in the dK/dV kernel, or dQ by its own kernel (the
-                   ``packdit.use_deterministic(True)`` path); the two backward designs side by side
+    packdit-atomic-dq, packdit-separate-dq   the same with a dQ design packdit does not pick for the case
+                   (full and temporal modes, RoPE off): fp32 atomics in the dK/dV kernel (beside the dQ kernel,
+                   or beside dQ added once by the dK/dV programs on temporal tiles), or dQ by its own kernel
     packdit-one-head   the same with one head per program on temporal tiles (temporal mode, RoPE off), where
                    packdit's programs loop over up to ``attention._ONE_BLOCK_HEADS`` heads
     fa3            FlashAttention-3 varlen (``flash_attn_interface.flash_attn_varlen_func``), when installed
@@ -32,7 +32,8 @@ against the fp32 reference (``packdit.reference.varlen_attention`` after ``apply
 is refused and not timed. Useful FLOPs: ``4 * D * H * pairs`` forward, x3.5 forward+backward
 (backward = 2.5x forward), pairs = sum L^2 (full), sum T (HW)^2 (spatial), sum HW T^2 (temporal).
 ``vs_best_peer`` is packdit's TFLOP/s over the best peer's on the same case and pass; ``dq`` (packdit's rows) the
-backward's dQ design: "atomic" (fp32 atomics in the dK/dV kernel) or "separate" (the dQ kernel);
+backward's dQ design: "single" (one add per element by the dK/dV kernel), "atomic" (fp32 atomics in it) or
+"separate" (the dQ kernel);
 ``one_block_heads`` (packdit's temporal rows) the most heads a program takes on temporal tiles. ``kernel_ms`` /
 ``kernel_sum_ms`` (fwd+bwd rows; on a GPU packdit's only): the kernels of one call under ``torch.profiler``; the
 gap between ``kernel_sum_ms`` and ``ms`` is the time a lone call waits on the host.
@@ -132,18 +133,13 @@ class Provider:
 
 @contextlib.contextmanager
 def _dq_design(dq: str):
-    """packdit's backward computes dQ its default way ("default"), by the dQ kernel ("separate": deterministic
-    mode) or by fp32 atomics in the dK/dV kernel wherever deterministic mode is off ("atomic")."""
+    """packdit's backward computes dQ its default way ("default", ``attention._dq_mode``), by the dQ kernel
+    ("separate") or by fp32 atomics in the dK/dV kernel ("atomic"). Its single adds ("single") are only right
+    where packdit picks them, so they are not forced."""
     if dq == "default":
         yield
-    elif dq == "separate":
-        packdit.use_deterministic(True)
-        try:
-            yield
-        finally:
-            packdit.use_deterministic(False)
-    elif dq == "atomic":
-        with mock.patch.object(attention_op, "_dq_by_atomics", lambda *args: True):
+    elif dq in ("separate", "atomic"):
+        with mock.patch.object(attention_op, "_dq_mode", lambda *args: dq):
             yield
     else:
         raise ValueError(f"dq: expected 'default', 'separate' or 'atomic', got {dq!r}")
@@ -159,15 +155,17 @@ def _design(provider: Provider):
 
 
 def _default_dq(seqs: PackedSeqs, case: Case, dtype: torch.dtype) -> str:
-    """The dQ design packdit's default backward uses on ``case``: "atomic" or "separate", from the key tile of
-    the case's schedule (``attention._dq_by_atomics``)."""
+    """The dQ design packdit's default backward uses on ``case``: "single", "atomic" or "separate", from the case's
+    schedule (``attention._dq_mode``)."""
     grids = seqs.grids if case.mode != "full" else None
-    block_kt = host_schedule(case.mode, seqs.seqlens, None, grids, seqs.num_tokens, torch.device("cpu")).block_kt
-    by_atomics = attention_op._dq_by_atomics(block_kt, case.head_dim, dtype.itemsize, case.group)
-    return "atomic" if by_atomics else "separate"
+    schedule = host_schedule(case.mode, seqs.seqlens, None, grids, seqs.num_tokens, torch.device("cpu"))
+    return attention_op._dq_mode(schedule.block_kt, schedule.max_k_len, schedule.keys_uncovered, case.head_dim,
+                                 dtype.itemsize, case.group, False)
 
 
 def _other_dq(default: str) -> str:
+    """The design timed beside the default: atomics beside the dQ kernel and beside single adds (temporal tiles,
+    where the H200 run measured atomics), the dQ kernel beside atomics."""
     return "separate" if default == "atomic" else "atomic"
 
 
@@ -375,7 +373,7 @@ def _providers(ctx: Context, seqs: PackedSeqs, case: Case, default_dq: str) -> t
     providers, skipped = [], {}
     if ctx.is_gpu:
         providers.append(Provider("packdit", _packdit(seqs, case), fused_rope=True))
-        if case.mode == "full" and not case.rope:
+        if case.mode in ("full", "temporal") and not case.rope:
             other = _other_dq(default_dq)
             providers.append(Provider(f"packdit-{other}-dq", _packdit(seqs, case), fused_rope=True, dq=other))
         if case.mode == "temporal" and not case.rope:

@@ -163,8 +163,8 @@ def _deterministic(enabled: bool):
 
 
 def _backward(forward, deterministic_too: bool) -> None:
-    """Forward and backward by default (atomic dQ where it keeps the dK/dV key tile, see
-    ``attention._dq_by_atomics``), then (``deterministic_too``) with the deterministic kernels."""
+    """Forward and backward by default (dQ added once or by atomics in the dK/dV kernel where
+    ``attention._dq_mode`` says so), then (``deterministic_too``) with the deterministic kernels."""
     for deterministic in (False, True)[:1 + deterministic_too]:
         with _deterministic(deterministic):
             out = forward()

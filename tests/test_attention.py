@@ -421,7 +421,7 @@ def test_backward_takes_the_dq_kernel_where_atomics_halve_the_key_tile(determini
         check_against_reference(seqs, 2, 1, 16, seed=3)
     _, dkdv = launched["attention_bwd_dkdv_kernel"]
     assert "attention_bwd_dq_kernel" in launched
-    assert dkdv["BLOCK_N"] == 128 and not dkdv["ATOMIC_DQ"]
+    assert dkdv["BLOCK_N"] == 128 and dkdv["DQ_MODE"] == "separate"
     # Keys of 255 and 256 rows: one head per program, the block loops pipelined.
     assert all(grid[1] == heads and not kwargs["ONE_BLOCK"] for (grid, kwargs), heads in zip(
         (launched[name] for name in ("attention_fwd_kernel", "attention_bwd_dkdv_kernel", "attention_bwd_dq_kernel")),
@@ -429,16 +429,26 @@ def test_backward_takes_the_dq_kernel_where_atomics_halve_the_key_tile(determini
 
 
 @pytest.mark.parametrize("deterministic", [False, True])
-def test_one_block_launches_loop_over_heads(deterministic):
+@pytest.mark.parametrize("dq_mode", ["single", "atomic", "separate"])
+def test_one_block_launches_loop_over_heads(deterministic, dq_mode):
     """Temporal segments of 1-17 frames (every tile one key block): the forward, dK/dV and dQ programs loop over
     up to _ONE_BLOCK_HEADS heads (3 here): 10 query heads in programs of 3, 3, 3, 1 and 5 kv heads (GQA 2) in
-    3 + 2, the single-row segments (images) too, and match the oracle."""
+    3 + 2, the single-row segments (images) too, and match the oracle with dQ added once by the dK/dV programs
+    (the default: each key tile holds whole segments), added by fp32 atomics, or computed by the dQ kernel."""
+    if dq_mode == "atomic" and deterministic:
+        pytest.skip("deterministic mode never adds dQ by atomics")
     seqs = PackedSeqs.from_grids([(5, 2, 3), (1, 3, 4), (17, 1, 2), (3, 1, 1)], device=DEVICE)
+    default = attention_op._dq_mode
+    chosen = [] if dq_mode == "single" else [mock.patch.object(attention_op, "_dq_mode", lambda *args: dq_mode)]
     with (_deterministic(deterministic), mock.patch.object(attention_op, "_ONE_BLOCK_HEADS", 3),
-          _spied_launches() as launched):
+          contextlib.ExitStack() as stack, _spied_launches() as launched):
+        for patch in chosen:
+            stack.enter_context(patch)
         check_against_reference(seqs, 10, 5, 16, mode="temporal", seed=4)
+    assert default(64, 17, False, 16, 8, 2, deterministic) == "single"
+    assert launched["attention_bwd_dkdv_kernel"][1]["DQ_MODE"] == dq_mode
     expected = {"attention_fwd_kernel": 4, "attention_bwd_dkdv_kernel": 2}
-    if deterministic:
+    if dq_mode == "separate":
         expected["attention_bwd_dq_kernel"] = 4
     assert {name: grid[1] for name, (grid, kwargs) in launched.items() if kwargs["ONE_BLOCK"]} == expected
 
@@ -720,18 +730,22 @@ def test_forward_configs_of_one_block_launches():
     assert kept(False, columns=64) == {(64, 4, 3), (128, 4, 2)}
 
 
-@pytest.mark.parametrize("query_grids, key_lengths, one_block", [
-    ([(1, 8, 10), (1, 3, 4)], [20, 7], {"attention_fwd_kernel"}),         # long queries, short keys
-    ([(1, 4, 5), (1, 2, 3)], [100, 70], {"attention_bwd_dkdv_kernel"}),  # short queries, long keys
+@pytest.mark.parametrize("query_grids, key_lengths, one_block, dq_mode", [
+    ([(1, 8, 10), (1, 3, 4)], [20, 0], {"attention_fwd_kernel"}, "single"),          # long queries, short keys
+    ([(1, 4, 5), (1, 2, 3)], [100, 70], {"attention_bwd_dkdv_kernel"}, "atomic"),  # short queries, long keys
 ])
-def test_cross_attention_loops_over_heads_on_the_side_that_fits_one_block(query_grids, key_lengths, one_block):
+def test_cross_attention_loops_over_heads_on_the_side_that_fits_one_block(query_grids, key_lengths, one_block,
+                                                                          dq_mode):
     """The forward loops over heads where every key segment fits one block, dK/dV where every query segment
-    does (``max_q_len``); the other side keeps one head per program and its block loop. Both match the oracle."""
+    does (``max_q_len``); the other side keeps one head per program and its block loop. Both match the oracle.
+    Short keys: each key segment lies within one dK/dV program, which adds dQ once, and the 12 queries without
+    keys keep their zeros; long keys span two 64-key tiles, whose programs add dQ by fp32 atomics."""
     seqs = PackedSeqs.from_grids(query_grids, device=DEVICE)
     with mock.patch.object(attention_op, "_ONE_BLOCK_HEADS", 3), _spied_launches() as launched:
         check_against_reference(seqs, 6, 3, 16, cu_k=cu_seqlens_of(key_lengths, DEVICE), num_k=sum(key_lengths),
                                 max_k=max(key_lengths), seed=len(key_lengths))
     assert {name for name, (grid, kwargs) in launched.items() if kwargs["ONE_BLOCK"]} == one_block
+    assert launched["attention_bwd_dkdv_kernel"][1]["DQ_MODE"] == dq_mode
 
 
 def test_head_loops_take_the_heads_and_stages_that_fit():
@@ -745,3 +759,16 @@ def test_head_loops_take_the_heads_and_stages_that_fit():
     assert stages(64, 64, 128, 2) == 2  # 3 stages took 225 KiB, more than an A100's 163
     assert stages(64, 2 * 64, 72, 2) == 2  # GQA 2: two query blocks per head
     assert stages(32, 2 * 64, 256, 4) == 0  # fp32, D = 256, GQA 2
+
+
+def test_dq_mode_stores_where_every_key_segment_is_one_program():
+    """dQ is added once by the dK/dV programs where each key segment lies within one (exact lengths, key tile
+    taken whole), in deterministic mode too; else by fp32 atomics where they keep the key tile (not
+    deterministic), else by the dQ kernel."""
+    mode = attention_op._dq_mode  # (block_kt, max_k_len, keys_uncovered, head_dim, itemsize, group, deterministic)
+    assert mode(64, 25, False, 72, 2, 1, False) == mode(64, 25, False, 72, 2, 2, True) == "single"  # temporal
+    assert mode(128, 120, False, 72, 2, 1, False) == "single"  # text keys within one 128-row key tile
+    assert mode(128, 120, True, 72, 2, 1, False) == "atomic"  # device-built schedule: the lengths are bounds
+    assert mode(128, 129, False, 72, 2, 1, False) == "atomic" and mode(128, 129, False, 72, 2, 1, True) == "separate"
+    assert mode(128, 100, False, 128, 2, 1, False) == "separate"  # 64-key programs: a key tile is two programs
+    assert mode(64, 64, False, 256, 4, 1, False) == "atomic"  # fp32 at D = 256: 32-key programs

@@ -99,23 +99,23 @@ def test_attention_section_refuses_a_wrong_implementation(bug, tmp_path, monkeyp
 
 
 def test_attention_design_providers_run_with_their_design_then_restore_the_default(tmp_path, monkeypatch):
-    """A provider with ``dq="separate"`` is verified and timed with packdit.use_deterministic(True) on in its forward
-    and its backward (where the dQ design is chosen), one with ``dq="atomic"`` with atomic dQ forced, one with
-    ``one_block_heads=1`` with one head per program on temporal tiles; afterwards packdit is back to its defaults,
-    and the temporal rows say the heads per program each was timed with."""
+    """A provider with ``dq="separate"`` or ``dq="atomic"`` is verified and timed with that dQ design forced in its
+    forward and its backward (where the design is chosen), one with ``one_block_heads=1`` with one head per
+    program on temporal tiles; afterwards packdit is back to its defaults, and the temporal rows say the heads
+    per program each was timed with."""
     import attention
 
-    from packdit.determinism import deterministic_enabled
     from packdit.ops import attention as attention_op
 
     case = attention.Case("cpu-videos", 64, False, "temporal")
     monkeypatch.setattr(attention, "_cases", lambda ctx: [case])
     providers, seen = attention._providers, []
-    by_atomics = attention_op._dq_by_atomics(128, 128, 2, 1)  # packdit's own choice at D = 128
-    default = (False, by_atomics, attention_op._ONE_BLOCK_HEADS)
+    temporal_tiles = (64, 17, False, 72, 2, 1, False)  # _dq_mode's arguments on temporal tiles: dQ added once
+    default = (attention_op._dq_mode(*temporal_tiles), attention_op._ONE_BLOCK_HEADS)
+    assert default[0] == "single"
 
     def design():
-        return deterministic_enabled(), attention_op._dq_by_atomics(128, 128, 2, 1), attention_op._ONE_BLOCK_HEADS
+        return attention_op._dq_mode(*temporal_tiles), attention_op._ONE_BLOCK_HEADS
 
     def recorded(name):
         class Record(torch.autograd.Function):
@@ -149,16 +149,16 @@ def test_attention_design_providers_run_with_their_design_then_restore_the_defau
                            "--no-plots"]) == 0
     assert {name: {stage for seen_name, stage, _ in seen if seen_name == name} for name in designs} == {
         name: {"forward", "backward"} for name in designs}
-    expected = {"packdit-separate-dq": (True, by_atomics, default[2]), "packdit-atomic-dq": (False, True, default[2]),
-                "packdit-one-head": (False, by_atomics, 1)}
+    expected = {"packdit-separate-dq": ("separate", default[1]), "packdit-atomic-dq": ("atomic", default[1]),
+                "packdit-one-head": ("single", 1)}
     assert all(state == expected[name] for name, _, state in seen)
     assert design() == default
     rows = json.loads(next(tmp_path.glob("*/attention.json")).read_text())["rows"]
     for name in designs:
         timed = [r for r in rows if r["provider"] == name and "ms" in r]
         assert {r["pass"] for r in timed} == {"fwd", "fwd+bwd"}, name
-        assert all(r["dq"] == designs[name].get("dq", "atomic") for r in timed), name
-        assert all(r["one_block_heads"] == designs[name].get("one_block_heads", default[2]) for r in timed), name
+        assert all(r["dq"] == designs[name].get("dq", "single") for r in timed), name
+        assert all(r["one_block_heads"] == designs[name].get("one_block_heads", default[1]) for r in timed), name
 
 
 def test_attention_gqa_case_verifies_the_peers_against_a_grouped_oracle(tmp_path, monkeypatch):
@@ -177,9 +177,10 @@ def test_attention_gqa_case_verifies_the_peers_against_a_grouped_oracle(tmp_path
 
 
 def test_attention_rows_name_the_dq_design_and_time_the_other_one():
-    """packdit's dQ design per case follows its schedule's key tile on the GPU layouts: the dQ kernel at hd 128
-    and with GQA at hd 72 on 128-row key tiles, atomics at hd 64/72 and on temporal tiles (64 keys either way);
-    the alternate provider is the other design."""
+    """packdit's dQ design per case follows its schedule on the GPU layouts: the dQ kernel at hd 128 and with GQA
+    at hd 72 on 128-row key tiles, atomics at hd 64/72, one add per element from the dK/dV programs on temporal
+    tiles (each holds whole segments); the alternate provider is atomics beside the other two, the dQ kernel
+    beside atomics."""
     import attention
 
     from packdit.layout import PackedSeqs
@@ -191,8 +192,9 @@ def test_attention_rows_name_the_dq_design_and_time_the_other_one():
 
     assert [default(d) for d in (128, 72, 64)] == ["separate", "atomic", "atomic"]
     assert default(72, group=2) == "separate" and default(128, group=3) == "atomic"
-    assert default(128, mode="temporal") == "atomic"
-    assert attention._other_dq("atomic") == "separate" and attention._other_dq("separate") == "atomic"
+    assert default(128, mode="temporal") == default(72, mode="temporal", group=2) == "single"
+    assert default(72, mode="spatial") == "atomic"
+    assert [attention._other_dq(dq) for dq in ("atomic", "separate", "single")] == ["separate", "atomic", "atomic"]
 
 
 @pytest.mark.parametrize("section", ["norm", "mlp"])

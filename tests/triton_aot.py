@@ -460,8 +460,10 @@ def case_label(case: CompileCase) -> str:
                         ("CHUNK", "c"), ("BLOCK", "b"), ("GROUP", "g"), ("EPILOGUE", "epi")):
         if name in values and not (name == "BLOCK_D" and "HEAD_DIM" in values):
             parts.append(f"{label}{values[name]}")
-    for flag in ("W_KN", "NORM", "ROPE", "ONE_BLOCK", "ATOMIC_DQ", "HAS_GRAD_LSE", "IS_RMS", "HAS_WEIGHT", "HAS_BIAS"):
-        if values.get(flag):
+    for flag in ("W_KN", "NORM", "ROPE", "ONE_BLOCK", "DQ_MODE", "HAS_GRAD_LSE", "IS_RMS", "HAS_WEIGHT", "HAS_BIAS"):
+        if flag == "DQ_MODE":  # the dK/dV kernel's dQ: "atomic_dq", "single_dq" (none: the dQ kernel's)
+            parts += [f"{values[flag]}_dq"] if values.get(flag, "separate") != "separate" else []
+        elif values.get(flag):
             parts.append(flag.lower().removeprefix("has_").removeprefix("is_"))
     parts += [f"w{case.num_warps}s{case.num_stages}", f"sm{case.arch}"]
     return "-".join(parts)

@@ -142,13 +142,22 @@ def _store_head(row_ptrs, row_valid, x0, x1, HEAD_DIM: tl.constexpr, BLOCK_D0: t
 
 
 @triton.jit
-def _atomic_add_chunk(row_ptrs, row_valid, x, COL0: tl.constexpr, WIDTH: tl.constexpr, HEAD_DIM: tl.constexpr,
-                      MASK_ROWS: tl.constexpr):
+def _write_dq_chunk(row_ptrs, row_valid, x, COL0: tl.constexpr, WIDTH: tl.constexpr, HEAD_DIM: tl.constexpr,
+                    MASK_ROWS: tl.constexpr, DQ_MODE: tl.constexpr):
+    """Adds dQ columns ``COL0..COL0 + WIDTH`` of a dK/dV program to dQ: in fp32 (DQ_MODE "atomic", one add per key
+    tile), or in dQ's dtype (DQ_MODE "single": this program holds every key of these query rows, so its add to the
+    zeroed dQ is the only one, an exact store). Atomic reductions rather than a store: compiled for sm_90 (bf16,
+    D = 128) they run as REDG.ADD.BF16x8 without spilling, where the store's layout conversion spilled 24 B inside
+    the loop; on sm_80 bf16 adds are compare-and-swap loops."""
     cols = COL0 + tl.arange(0, WIDTH)
     mask = (cols < HEAD_DIM)[None, :]
     if MASK_ROWS:
         mask = mask & row_valid[:, None]
-    tl.atomic_add(row_ptrs[:, None] + cols[None, :], x, mask=mask, sem="relaxed")
+    ptrs = row_ptrs[:, None] + cols[None, :]
+    if DQ_MODE == "atomic":
+        tl.atomic_add(ptrs, x, mask=mask, sem="relaxed")
+    else:
+        tl.atomic_add(ptrs, x.to(row_ptrs.dtype.element_ty), mask=mask, sem="relaxed")
 
 
 @triton.jit
@@ -366,12 +375,12 @@ def _pair_heads(kv_head, pair, GROUP: tl.constexpr):
 def _dkdv_block(Q, DO, DQ, Lse, Delta, q_rows, heads, stride_qn, stride_qh, stride_don, stride_doh, stride_dqn,
                 stride_dqh, stride_lh, query_valid, same_seg, k0, k1, v0, v1, dk0, dk1, dv0, dv1, scale,
                 HEAD_DIM: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr, ALIGN: tl.constexpr,
-                MASKED: tl.constexpr, ATOMIC_DQ: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                MASKED: tl.constexpr, DQ_MODE: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """One query block of the key-major backward (keys are the MMA rows: every product is a wgmma with
     M = key rows)::
 
         sT = k q^T   pT = exp2(sT * scale log2 e - lse log2 e)   dv += pT dO   dpT = v dO^T
-        dsT = pT * (dpT - delta)   dk += dsT q   (ATOMIC_DQ) dQ += scale dsT^T k
+        dsT = pT * (dpT - delta)   dk += dsT q   (DQ_MODE "atomic" / "single") dQ += scale dsT^T k
 
     Padded query rows read lse = +inf (pT = 0), so unpacked blocks need no mask; MASKED (packed tiles) zeroes
     the scores between different segments (``same_seg``) and masks the loads. Block row r is query row
@@ -393,7 +402,7 @@ def _dkdv_block(Q, DO, DQ, Lse, Delta, q_rows, heads, stride_qn, stride_qh, stri
         p_t = tl.where(same_seg, p_t, 0.0)
     # The order of dpT and dv's update only moves registers. At D = 72 (128 keys, 8 warps, sm_90, 255 registers
     # either way) the other order spills 40 B with atomic dQ and this one spills 16 B without.
-    if ATOMIC_DQ:
+    if DQ_MODE != "separate":
         dp_t = _dot_nt(v0, v1, do0, do1, BLOCK_D1, DOT_PRECISION)
         dv0, dv1 = _dot_nn(p_t.to(do0.dtype), do0, do1, dv0, dv1, BLOCK_D1, DOT_PRECISION)
     else:
@@ -401,14 +410,14 @@ def _dkdv_block(Q, DO, DQ, Lse, Delta, q_rows, heads, stride_qn, stride_qh, stri
         dp_t = _dot_nt(v0, v1, do0, do1, BLOCK_D1, DOT_PRECISION)
     ds_t = (p_t * (dp_t - delta[None, :])).to(q0.dtype)
     dk0, dk1 = _dot_nn(ds_t, q0, q1, dk0, dk1, BLOCK_D1, DOT_PRECISION)
-    if ATOMIC_DQ:
+    if DQ_MODE != "separate":
         dq_ptrs = _row_ptrs(DQ, q_rows, stride_dqn, heads * stride_dqh, ALIGN)
         ds = tl.trans(ds_t)
-        _atomic_add_chunk(dq_ptrs, query_valid, tl.dot(ds, k0, input_precision=DOT_PRECISION) * scale, 0, BLOCK_D0,
-                          HEAD_DIM, MASKED)
+        _write_dq_chunk(dq_ptrs, query_valid, tl.dot(ds, k0, input_precision=DOT_PRECISION) * scale, 0, BLOCK_D0,
+                        HEAD_DIM, MASKED, DQ_MODE)
         if BLOCK_D1 > 0:
-            _atomic_add_chunk(dq_ptrs, query_valid, tl.dot(ds, k1, input_precision=DOT_PRECISION) * scale,
-                              BLOCK_D0, BLOCK_D1, HEAD_DIM, MASKED)
+            _write_dq_chunk(dq_ptrs, query_valid, tl.dot(ds, k1, input_precision=DOT_PRECISION) * scale,
+                            BLOCK_D0, BLOCK_D1, HEAD_DIM, MASKED, DQ_MODE)
     return dk0, dk1, dv0, dv1
 
 
@@ -417,7 +426,7 @@ def _dkdv_single_rows(Q, K, V, DO, Delta, DQ, DK, DV, q_start, seg_stride, k_row
                       stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_don, stride_doh, stride_dqn,
                       stride_dqh, stride_dkn, stride_dkh, stride_dvn, stride_dvh, stride_lh, scale,
                       HEAD_DIM: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr, BLOCK_N: tl.constexpr,
-                      GROUP: tl.constexpr, ALIGN: tl.constexpr, ATOMIC_DQ: tl.constexpr):
+                      GROUP: tl.constexpr, ALIGN: tl.constexpr, DQ_MODE: tl.constexpr):
     """Single-row segments of one kv head: p = 1, ds = dO.v - delta, dv = sum of dO, dk = sum of ds q over the
     GROUP query heads."""
     k0, k1 = _load_head(_row_ptrs(K, k_rows, stride_kn, kv_head * stride_kh, ALIGN), n_valid, HEAD_DIM, BLOCK_D0,
@@ -439,7 +448,7 @@ def _dkdv_single_rows(Q, K, V, DO, Delta, DQ, DK, DV, q_start, seg_stride, k_row
         if BLOCK_D1 > 0:
             dv1 += do1.to(tl.float32)
             dk1 += ds[:, None] * q1.to(tl.float32)
-        if ATOMIC_DQ:  # the only contribution to these dQ rows: a plain store
+        if DQ_MODE != "separate":  # the only contribution to these dQ rows: a plain store
             _store_head(_row_ptrs(DQ, q_rows, stride_dqn, head * stride_dqh, ALIGN), n_valid,
                         (scale * ds)[:, None] * k0.to(tl.float32), (scale * ds)[:, None] * k1.to(tl.float32),
                         HEAD_DIM, BLOCK_D0, BLOCK_D1)
@@ -462,7 +471,7 @@ def _dkdv_masked_block(Q, DO, DQ, Lse, Delta, m0, q_start, q_len, seg0, num_segs
                        pairs, kv_head, k_seg, stride_qn, stride_qh, stride_don, stride_doh, stride_dqn, stride_dqh,
                        stride_lh, k0, k1, v0, v1, dk0, dk1, dv0, dv1, scale, HEAD_DIM: tl.constexpr,
                        BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr, BLOCK_M: tl.constexpr, GROUP: tl.constexpr,
-                       ALIGN: tl.constexpr, ATOMIC_DQ: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                       ALIGN: tl.constexpr, DQ_MODE: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """The query-head pairs ``m0..m0 + BLOCK_M`` (those < ``pairs``), masked: a segment's tail, or a packed tile
     (pack * q_len <= BLOCK_M rows per head), where a key sees the queries of its own segment only."""
     pair = m0 + tl.arange(0, BLOCK_M)
@@ -470,7 +479,7 @@ def _dkdv_masked_block(Q, DO, DQ, Lse, Delta, m0, q_start, q_len, seg0, num_segs
     return _dkdv_block(Q, DO, DQ, Lse, Delta, q_rows, _pair_heads(kv_head, pair, GROUP), stride_qn, stride_qh,
                        stride_don, stride_doh, stride_dqn, stride_dqh, stride_lh, query_valid & (pair < pairs),
                        k_seg[:, None] == q_seg[None, :], k0, k1, v0, v1, dk0, dk1, dv0, dv1, scale, HEAD_DIM,
-                       BLOCK_D0, BLOCK_D1, ALIGN, True, ATOMIC_DQ, DOT_PRECISION)
+                       BLOCK_D0, BLOCK_D1, ALIGN, True, DQ_MODE, DOT_PRECISION)
 
 
 @triton.jit
@@ -481,7 +490,7 @@ def attention_bwd_dkdv_kernel(
     scale,
     HEAD_DIM: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr, TILE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr, ONE_BLOCK: tl.constexpr, ALIGN: tl.constexpr,
-    ATOMIC_DQ: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DQ_MODE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """One program = BLOCK_N key rows (part ``program_id(2)`` of a TILE-row key tile) x ``heads_per_program`` kv
     heads from ``program_id(1) * heads_per_program``, looping over BLOCK_M-row query blocks (see _dkdv_block) whose
@@ -489,8 +498,10 @@ def attention_bwd_dkdv_kernel(
     the blocks, not a loop around them (a loop over heads around the pipelined block loop spilled 400 B at D = 72).
     ONE_BLOCK: every key tile's queries fit the masked blocks (temporal tiles); the program then loops over its kv
     heads, the pipeliner keeping the next heads' loads in flight, as the forward does; else one kv head per
-    program. No two programs write the same dK/dV rows, so dK/dV are deterministic; dQ is, only without
-    ATOMIC_DQ."""
+    program. dQ (DQ_MODE): "separate" (the dQ kernel computes it), "atomic" (fp32 atomic adds from every key tile)
+    or "single" (every key segment lies within one program, which then holds the only contribution to its query
+    rows' dQ, added in dQ's dtype). No two programs write the same dK/dV rows, so dK/dV are deterministic; dQ is,
+    except by fp32 atomics."""
     kv_head0 = tl.program_id(1) * heads_per_program
     kv_heads_end = tl.minimum(kv_head0 + heads_per_program, num_kv_heads)
     live, q_start, k_start, q_len, k_len, num_segs, seg_stride, row_stride, pack, seg0, first = _tile_of(
@@ -504,7 +515,7 @@ def attention_bwd_dkdv_kernel(
             _dkdv_single_rows(Q, K, V, DO, Delta, DQ, DK, DV, q_start, seg_stride, k_rows, n_valid, k_seg, kv_head,
                               stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_don,
                               stride_doh, stride_dqn, stride_dqh, stride_dkn, stride_dkh, stride_dvn, stride_dvh,
-                              stride_lh, scale, HEAD_DIM, BLOCK_D0, BLOCK_D1, BLOCK_N, GROUP, ALIGN, ATOMIC_DQ)
+                              stride_lh, scale, HEAD_DIM, BLOCK_D0, BLOCK_D1, BLOCK_N, GROUP, ALIGN, DQ_MODE)
         return
 
     # Block row r of the block at m0 is the query-head pair m0 + r: query row q = (m0 + r) // GROUP (row
@@ -525,7 +536,7 @@ def attention_bwd_dkdv_kernel(
                     Q, DO, DQ, Lse, Delta, block * BLOCK_M, q_start, q_len, seg0, num_segs, seg_stride, row_stride,
                     pack, pairs, kv_head, k_seg, stride_qn, stride_qh, stride_don, stride_doh, stride_dqn, stride_dqh,
                     stride_lh, k0, k1, v0, v1, dk0, dk1, dv0, dv1, scale, HEAD_DIM, BLOCK_D0, BLOCK_D1, BLOCK_M,
-                    GROUP, ALIGN, ATOMIC_DQ, DOT_PRECISION)
+                    GROUP, ALIGN, DQ_MODE, DOT_PRECISION)
             _dkdv_store(DK, DV, k_rows, n_valid, kv_head, stride_dkn, stride_dkh, stride_dvn, stride_dvh, dk0, dk1,
                         dv0, dv1, scale, HEAD_DIM, BLOCK_D0, BLOCK_D1, ALIGN)
     else:
@@ -544,7 +555,7 @@ def attention_bwd_dkdv_kernel(
             dk0, dk1, dv0, dv1 = _dkdv_block(
                 Q, DO, DQ, Lse, Delta, q_base + (pair // GROUP) * row_stride, _pair_heads(kv_head, pair, GROUP),
                 stride_qn, stride_qh, stride_don, stride_doh, stride_dqn, stride_dqh, stride_lh, n_valid, n_valid, k0,
-                k1, v0, v1, dk0, dk1, dv0, dv1, scale, HEAD_DIM, BLOCK_D0, BLOCK_D1, ALIGN, False, ATOMIC_DQ,
+                k1, v0, v1, dk0, dk1, dv0, dv1, scale, HEAD_DIM, BLOCK_D0, BLOCK_D1, ALIGN, False, DQ_MODE,
                 DOT_PRECISION)
         # Then the rest, masked: a segment's tail (< BLOCK_M pairs), or a packed tile; unrolled, not a loop.
         for block in tl.static_range(GROUP):
@@ -554,7 +565,7 @@ def attention_bwd_dkdv_kernel(
                     Q, DO, DQ, Lse, Delta, m0, q_start, q_len, seg0, num_segs, seg_stride, row_stride, pack, pairs,
                     kv_head, k_seg, stride_qn, stride_qh, stride_don, stride_doh, stride_dqn, stride_dqh, stride_lh,
                     k0, k1, v0, v1, dk0, dk1, dv0, dv1, scale, HEAD_DIM, BLOCK_D0, BLOCK_D1, BLOCK_M, GROUP, ALIGN,
-                    ATOMIC_DQ, DOT_PRECISION)
+                    DQ_MODE, DOT_PRECISION)
         _dkdv_store(DK, DV, k_rows, n_valid, kv_head, stride_dkn, stride_dkh, stride_dvn, stride_dvh, dk0, dk1, dv0,
                     dv1, scale, HEAD_DIM, BLOCK_D0, BLOCK_D1, ALIGN)
 

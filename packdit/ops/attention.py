@@ -117,8 +117,9 @@ def _bwd_rows(block: int, head_dim: int, itemsize: int) -> int:
 
 
 def _dkdv_rows(block: int, head_dim: int, itemsize: int, group: int, atomic_dq: bool) -> int:
-    """Key rows of one dK/dV program: 128 where dK, dV (fp32 registers) and the (keys x 64 query rows) scores fit,
-    else 64 up to 128 head columns, else 32. Compiled for sm_90 (bf16, 8 warps, 3 stages), 128 keys fit
+    """Key rows of one dK/dV program (``atomic_dq``: it computes dQ too, atomic or stored): 128 where dK, dV (fp32
+    registers) and the (keys x 64 query rows) scores fit, else 64 up to 128 head columns, else 32. Compiled for
+    sm_90 (bf16, 8 warps, 3 stages), 128 keys fit
 
     * with atomic dQ (its ds^T k product and fp32 atomics take registers too): up to 96 columns without GQA
       (255 registers at D = 72); they spill 232 B at D = 128 and 32 B at D = 72 with 2 query heads per kv head;
@@ -143,6 +144,25 @@ def _dq_by_atomics(block: int, head_dim: int, itemsize: int, group: int) -> bool
     FlexAttention, which computes dQ in separate programs, took 22.5 ms at D = 128. Compiled for sm_90 at D = 128,
     the 128-key dK/dV loop issues 0.55 instructions per MMA clock (64 keys with atomics: 0.80), the dQ loop 0.37."""
     return _dkdv_rows(block, head_dim, itemsize, group, True) == _dkdv_rows(block, head_dim, itemsize, group, False)
+
+
+def _dq_mode(block_kt: int, max_k_len: int, keys_uncovered: bool, head_dim: int, itemsize: int, group: int,
+             deterministic: bool) -> str:
+    """How the backward computes dQ (the dK/dV kernel's DQ_MODE):
+
+    * "single" where every key segment lies within one dK/dV program (``max_k_len`` <= the key tile, which one
+      program takes whole; only on host-built schedules, whose lengths are exact: ``keys_uncovered`` False): that
+      program holds every contribution to its query rows' dQ and adds it, once, to a zeroed dQ in q's dtype. Per
+      bf16 dQ element that is 2 bytes zeroed and a 4-byte reduction instead of 4 zeroed, an 8-byte fp32
+      reduction and a 6-byte conversion pass; deterministic (one add to zero). Temporal tiles, short images,
+      text keys of at most a key tile.
+    * "atomic" where deterministic mode is off and fp32 atomic adds keep the dK/dV key tile (_dq_by_atomics).
+    * "separate": the dQ kernel."""
+    if not keys_uncovered and max_k_len <= block_kt == _dkdv_rows(block_kt, head_dim, itemsize, group, True):
+        return "single"
+    if not deterministic and _dq_by_atomics(block_kt, head_dim, itemsize, group):
+        return "atomic"
+    return "separate"
 
 
 def _head_split(num_heads: int, max_inner_len: int, head_stages: int = 1) -> tuple[bool, int]:
@@ -390,25 +410,32 @@ def varlen_attention_bwd(
         dk.zero_()
         dv.zero_()
     group = num_heads // kv_heads
-    atomic_dq = not deterministic and _dq_by_atomics(block_kt, head_dim, itemsize, group)
-    dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if atomic_dq else torch.empty_like(q)
+    dq_mode = _dq_mode(block_kt, max_k_len, bool(keys_uncovered), head_dim, itemsize, group, deterministic)
+    if dq_mode == "atomic":
+        dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    elif dq_mode == "single":  # the dK/dV programs add to it, once per element (rows without keys: none)
+        dq = torch.zeros_like(q, memory_format=torch.contiguous_format)
+    else:
+        dq = torch.empty_like(q, memory_format=torch.contiguous_format)
     inputs = (q, k, v, grad_out)
     align = tu.stride_alignment(itemsize, *inputs, dq, dk, dv)
     shared = dict(HEAD_DIM=head_dim, BLOCK_D0=block_d0, BLOCK_D1=block_d1, GROUP=group, ALIGN=align,
                   DOT_PRECISION=_DOT_PRECISION)
     if k_tiles.shape[0]:
-        key_rows = _dkdv_rows(block_kt, head_dim, itemsize, group, atomic_dq)
+        key_rows = _dkdv_rows(block_kt, head_dim, itemsize, group, dq_mode != "separate")
         head_stages = _head_loop_stages(key_rows, group * _BWD_INNER, head_dim, itemsize)
         one_block, heads = _head_split(kv_heads, max_q_len, head_stages)
         kernels.attention_bwd_dkdv_kernel[(k_tiles.shape[0], triton.cdiv(kv_heads, heads), block_kt // key_rows)](
             *inputs, lse, delta, dq, dk, dv, k_groups, k_tiles, k_groups.shape[1], kv_heads, heads,
             *tu.unit_strides(align, *inputs, dq, dk, dv), lse.stride(0), scale, TILE=block_kt, BLOCK_M=_BWD_INNER,
-            BLOCK_N=key_rows, ONE_BLOCK=one_block, ATOMIC_DQ=atomic_dq, **shared,
+            BLOCK_N=key_rows, ONE_BLOCK=one_block, DQ_MODE=dq_mode, **shared,
             **_bwd_options(_dkdv_num_warps(key_rows),
                            head_stages if one_block else _bwd_num_stages(head_dim, itemsize)),
         )
-    if atomic_dq:
+    if dq_mode == "atomic":
         return dq.to(q.dtype), dk, dv
+    if dq_mode == "single":
+        return dq, dk, dv
     if q_tiles.shape[0]:
         query_rows = _bwd_rows(block_m, head_dim, itemsize)
         head_stages = _head_loop_stages(query_rows, _BWD_INNER, head_dim, itemsize)
