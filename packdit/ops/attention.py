@@ -411,6 +411,8 @@ def varlen_attention_bwd(
         dv.zero_()
     group = num_heads // kv_heads
     dq_mode = _dq_mode(block_kt, max_k_len, bool(keys_uncovered), head_dim, itemsize, group, deterministic)
+    if dq_mode == "single" and itemsize < 4 and tu.interpreting():
+        dq_mode = "atomic"  # the Triton interpreter (numpy) has no bf16 / fp16 atomic adds
     if dq_mode == "atomic":
         dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     elif dq_mode == "single":  # the dK/dV programs add to it, once per element (rows without keys: none)
