@@ -23,14 +23,17 @@ Pipeline, per layout and mode:
    ``packdit::attention_schedule`` (data-dependent sizes), which AOTAutograd's CSE builds once per step.
 2. RoPE, if any: q and k are rotated once by :func:`packdit.ops.qk_norm_rope.qk_norm_rope` (the attention
    loops never see it; ``PackedAttention`` fuses the rotation into its QK-norm).
-3. ``packdit::varlen_attention_fwd``: the forward kernel, grid ``(query tiles, Hq, parts)``.
+3. ``packdit::varlen_attention_fwd``: the forward kernel, grid ``(query tiles, Hq / heads per program, parts)``.
 4. ``packdit::varlen_attention_bwd``: delta kernel, then the key-major dK/dV kernel, grid
-   ``(key tiles, Hk, parts)``, with dQ either accumulated in fp32 atomics inside it or computed by the dQ
-   kernel, grid ``(query tiles, Hq, parts)`` (bitwise reproducible). The dQ kernel runs when
-   ``packdit.use_deterministic(True)`` or ``torch.use_deterministic_algorithms(True)`` is on, and where atomics
-   would halve the dK/dV program's key tile (_dq_by_atomics, bf16/fp16: head dims 97-128 without GQA, up to
-   96 with it). ``parts`` is 1 unless a tile's rows would take more shared memory than fits (wide fp32 heads, see
-   _FWD_TILE_BYTES and _BWD_TILE_BYTES).
+   ``(key tiles, Hk / heads per program, parts)``, with dQ (_dq_mode) added once in q's dtype inside it where
+   each key segment lies within one of its programs (temporal tiles), else accumulated in fp32 atomics inside
+   it, else computed by the dQ kernel, grid ``(query tiles, Hq / heads per program, parts)`` (bitwise
+   reproducible, as the single adds are). The dQ kernel runs there when ``packdit.use_deterministic(True)`` or
+   ``torch.use_deterministic_algorithms(True)`` is on, and where atomics would halve the dK/dV program's key
+   tile (_dq_by_atomics, bf16/fp16: head dims 97-128 without GQA, up to 96 with it). A program takes one head,
+   or up to _ONE_BLOCK_HEADS in a loop where every tile is one block (_head_split). ``parts`` is 1 unless a
+   tile's rows would take more shared memory than fits (wide fp32 heads, see _FWD_TILE_BYTES and
+   _BWD_TILE_BYTES).
 """
 
 from __future__ import annotations
