@@ -142,22 +142,18 @@ def _store_head(row_ptrs, row_valid, x0, x1, HEAD_DIM: tl.constexpr, BLOCK_D0: t
 
 
 @triton.jit
-def _write_dq_chunk(row_ptrs, row_valid, x, COL0: tl.constexpr, WIDTH: tl.constexpr, HEAD_DIM: tl.constexpr,
-                    MASK_ROWS: tl.constexpr, DQ_MODE: tl.constexpr):
-    """Adds dQ columns ``COL0..COL0 + WIDTH`` of a dK/dV program to dQ: in fp32 (DQ_MODE "atomic", one add per key
-    tile), or in dQ's dtype (DQ_MODE "single": this program holds every key of these query rows, so its add to the
-    zeroed dQ is the only one, an exact store). Atomic reductions rather than a store: compiled for sm_90 (bf16,
-    D = 128) they run as REDG.ADD.BF16x8 without spilling, where the store's layout conversion spilled 24 B inside
-    the loop; on sm_80 bf16 adds are compare-and-swap loops."""
+def _add_dq_chunk(row_ptrs, row_valid, x, COL0: tl.constexpr, WIDTH: tl.constexpr, HEAD_DIM: tl.constexpr,
+                  MASK_ROWS: tl.constexpr):
+    """Adds dQ columns ``COL0..COL0 + WIDTH`` of a dK/dV program to dQ by atomic reductions in dQ's dtype: fp32 for
+    DQ_MODE "atomic" (one add per key tile), q's for "single" (this program holds every key of these query rows,
+    so its add to the zeroed dQ is the only one, an exact store). Reductions rather than a store for "single":
+    compiled for sm_90 (bf16, D = 128) they run as REDG.ADD.BF16x8 without spilling, where the store's layout
+    conversion spilled 24 B inside the loop; on sm_80 bf16 adds are compare-and-swap loops."""
     cols = COL0 + tl.arange(0, WIDTH)
     mask = (cols < HEAD_DIM)[None, :]
     if MASK_ROWS:
         mask = mask & row_valid[:, None]
-    ptrs = row_ptrs[:, None] + cols[None, :]
-    if DQ_MODE == "atomic":
-        tl.atomic_add(ptrs, x, mask=mask, sem="relaxed")
-    else:
-        tl.atomic_add(ptrs, x.to(row_ptrs.dtype.element_ty), mask=mask, sem="relaxed")
+    tl.atomic_add(row_ptrs[:, None] + cols[None, :], x.to(row_ptrs.dtype.element_ty), mask=mask, sem="relaxed")
 
 
 @triton.jit
@@ -413,11 +409,11 @@ def _dkdv_block(Q, DO, DQ, Lse, Delta, q_rows, heads, stride_qn, stride_qh, stri
     if DQ_MODE != "separate":
         dq_ptrs = _row_ptrs(DQ, q_rows, stride_dqn, heads * stride_dqh, ALIGN)
         ds = tl.trans(ds_t)
-        _write_dq_chunk(dq_ptrs, query_valid, tl.dot(ds, k0, input_precision=DOT_PRECISION) * scale, 0, BLOCK_D0,
-                        HEAD_DIM, MASKED, DQ_MODE)
+        _add_dq_chunk(dq_ptrs, query_valid, tl.dot(ds, k0, input_precision=DOT_PRECISION) * scale, 0, BLOCK_D0,
+                      HEAD_DIM, MASKED)
         if BLOCK_D1 > 0:
-            _write_dq_chunk(dq_ptrs, query_valid, tl.dot(ds, k1, input_precision=DOT_PRECISION) * scale,
-                            BLOCK_D0, BLOCK_D1, HEAD_DIM, MASKED, DQ_MODE)
+            _add_dq_chunk(dq_ptrs, query_valid, tl.dot(ds, k1, input_precision=DOT_PRECISION) * scale, BLOCK_D0,
+                          BLOCK_D1, HEAD_DIM, MASKED)
     return dk0, dk1, dv0, dv1
 
 

@@ -207,6 +207,16 @@ def _head_loop_stages(rows: int, inner_rows: int, head_dim: int, itemsize: int) 
     return min(3, _ONE_BLOCK_STAGED_BYTES // stage_bytes)
 
 
+def _bwd_heads(num_heads: int, max_inner_len: int, rows: int, inner_rows: int, head_dim: int,
+               itemsize: int) -> tuple[bool, int, int]:
+    """``(ONE_BLOCK, heads per program, stages)`` of a backward launch whose programs take ``rows`` tile rows and
+    stream blocks of ``inner_rows``: a head loop (_head_split) staged by _head_loop_stages, or one head per
+    program with the block loop's _bwd_num_stages."""
+    head_stages = _head_loop_stages(rows, inner_rows, head_dim, itemsize)
+    one_block, heads = _head_split(num_heads, max_inner_len, head_stages)
+    return one_block, heads, head_stages if one_block else _bwd_num_stages(head_dim, itemsize)
+
+
 def _bwd_options(warps: int, stages: int) -> dict:
     if tu.interpreting():
         return {}
@@ -428,14 +438,12 @@ def varlen_attention_bwd(
                   DOT_PRECISION=_DOT_PRECISION)
     if k_tiles.shape[0]:
         key_rows = _dkdv_rows(block_kt, head_dim, itemsize, group, dq_mode != "separate")
-        head_stages = _head_loop_stages(key_rows, group * _BWD_INNER, head_dim, itemsize)
-        one_block, heads = _head_split(kv_heads, max_q_len, head_stages)
+        one_block, heads, stages = _bwd_heads(kv_heads, max_q_len, key_rows, group * _BWD_INNER, head_dim, itemsize)
         kernels.attention_bwd_dkdv_kernel[(k_tiles.shape[0], triton.cdiv(kv_heads, heads), block_kt // key_rows)](
             *inputs, lse, delta, dq, dk, dv, k_groups, k_tiles, k_groups.shape[1], kv_heads, heads,
             *tu.unit_strides(align, *inputs, dq, dk, dv), lse.stride(0), scale, TILE=block_kt, BLOCK_M=_BWD_INNER,
             BLOCK_N=key_rows, ONE_BLOCK=one_block, DQ_MODE=dq_mode, **shared,
-            **_bwd_options(_dkdv_num_warps(key_rows),
-                           head_stages if one_block else _bwd_num_stages(head_dim, itemsize)),
+            **_bwd_options(_dkdv_num_warps(key_rows), stages),
         )
     if dq_mode == "atomic":
         return dq.to(q.dtype), dk, dv
@@ -443,14 +451,12 @@ def varlen_attention_bwd(
         return dq, dk, dv
     if q_tiles.shape[0]:
         query_rows = _bwd_rows(block_m, head_dim, itemsize)
-        head_stages = _head_loop_stages(query_rows, _BWD_INNER, head_dim, itemsize)
-        one_block, heads = _head_split(num_heads, max_k_len, head_stages)
+        one_block, heads, stages = _bwd_heads(num_heads, max_k_len, query_rows, _BWD_INNER, head_dim, itemsize)
         kernels.attention_bwd_dq_kernel[(q_tiles.shape[0], triton.cdiv(num_heads, heads), block_m // query_rows)](
             *inputs, lse, delta, dq, q_groups, q_tiles, q_groups.shape[1], num_heads, heads,
             *tu.unit_strides(align, *inputs, dq), lse.stride(0), scale, TILE=block_m, BLOCK_M=query_rows,
             BLOCK_N=_BWD_INNER, ONE_BLOCK=one_block, **shared,
-            **_bwd_options(_bwd_num_warps(query_rows, head_dim),
-                           head_stages if one_block else _bwd_num_stages(head_dim, itemsize)),
+            **_bwd_options(_bwd_num_warps(query_rows, head_dim), stages),
         )
     else:
         dq.zero_()
