@@ -110,6 +110,9 @@ PRODUCTION = (
     *(_attention(width, heads, layout, rope, mode=mode) for width, heads in ((768, 12), (1152, 16), (3072, 24))
       for layout, mode in [*((layout, "full") for layout in ATTENTION_LAYOUTS), ("video", "temporal")]
       for rope in (False, True)),
+    # Head dims 80 and 96 (64 + 16 and 64 + 32 column chunks): 128-row and temporal tiles.
+    *(_attention(width, 16, layout, False, mode=mode) for width in (1280, 1536)
+      for layout, mode in (("long", "full"), ("video", "temporal"))),
     _attention(3072, 24, "long", True, kv_heads=8, qk_norm=True),
     _attention(1152, 16, "long", False, kv_heads=8),
     _mlp(1152, 300), _mlp(3072, 300),

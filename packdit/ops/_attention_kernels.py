@@ -37,19 +37,22 @@ from packdit.ops._triton_utils import LN2, LOG2E
 @triton.jit
 def _tile_of(Groups, Tiles, num_groups, TILE: tl.constexpr):
     """The work of program ``program_id(0)``: ``(live, q_start, k_start, q_len, k_len, num_segs, seg_stride,
-    row_stride, pack, seg0, first)``; ``live`` is False for surplus programs of an upper-bound tile table."""
+    row_stride, pack, seg0, first)``; ``live`` is False for surplus programs of an upper-bound tile table. Each
+    field's offset is one index (``k * num_groups + group``): as two pointer additions, the fields' base pointers
+    were shared by dK/dV's two reads of the table (see attention_bwd_dkdv_kernel) and held across its block loop
+    (32 B spilled at D = 72)."""
     tile = tl.program_id(0)
     group = tl.load(Tiles + tile)
     tile_start = tl.load(Groups + group)
-    q_start = tl.load(Groups + num_groups + group)
-    k_start = tl.load(Groups + 2 * num_groups + group)
-    q_len = tl.load(Groups + 3 * num_groups + group)
-    k_len = tl.load(Groups + 4 * num_groups + group)
-    num_segs = tl.load(Groups + 5 * num_groups + group)
-    seg_stride = tl.load(Groups + 6 * num_groups + group)
-    row_stride = tl.load(Groups + 7 * num_groups + group)
-    pack = tl.load(Groups + 8 * num_groups + group)
-    split = tl.load(Groups + 9 * num_groups + group)
+    q_start = tl.load(Groups + (num_groups + group))
+    k_start = tl.load(Groups + (2 * num_groups + group))
+    q_len = tl.load(Groups + (3 * num_groups + group))
+    k_len = tl.load(Groups + (4 * num_groups + group))
+    num_segs = tl.load(Groups + (5 * num_groups + group))
+    seg_stride = tl.load(Groups + (6 * num_groups + group))
+    row_stride = tl.load(Groups + (7 * num_groups + group))
+    pack = tl.load(Groups + (8 * num_groups + group))
+    split = tl.load(Groups + (9 * num_groups + group))
     local = tile - tile_start
     seg_block = local // tl.maximum(split, 1)
     first = (local - seg_block * split) * TILE
@@ -396,14 +399,8 @@ def _dkdv_block(Q, DO, DQ, Lse, Delta, q_rows, heads, stride_qn, stride_qh, stri
     p_t = tl.exp2(s_t * (scale * LOG2E) - (lse * LOG2E)[None, :])
     if MASKED:
         p_t = tl.where(same_seg, p_t, 0.0)
-    # The order of dpT and dv's update only moves registers. At D = 72 (128 keys, 8 warps, sm_90, 255 registers
-    # either way) the other order spills 40 B with atomic dQ and this one spills 16 B without.
-    if DQ_MODE != "separate":
-        dp_t = _dot_nt(v0, v1, do0, do1, BLOCK_D1, DOT_PRECISION)
-        dv0, dv1 = _dot_nn(p_t.to(do0.dtype), do0, do1, dv0, dv1, BLOCK_D1, DOT_PRECISION)
-    else:
-        dv0, dv1 = _dot_nn(p_t.to(do0.dtype), do0, do1, dv0, dv1, BLOCK_D1, DOT_PRECISION)
-        dp_t = _dot_nt(v0, v1, do0, do1, BLOCK_D1, DOT_PRECISION)
+    dv0, dv1 = _dot_nn(p_t.to(do0.dtype), do0, do1, dv0, dv1, BLOCK_D1, DOT_PRECISION)
+    dp_t = _dot_nt(v0, v1, do0, do1, BLOCK_D1, DOT_PRECISION)
     ds_t = (p_t * (dp_t - delta[None, :])).to(q0.dtype)
     dk0, dk1 = _dot_nn(ds_t, q0, q1, dk0, dk1, BLOCK_D1, DOT_PRECISION)
     if DQ_MODE != "separate":
@@ -432,7 +429,7 @@ def _dkdv_single_rows(Q, K, V, DO, Delta, DQ, DK, DV, q_start, seg_stride, k_row
     dk0, dk1 = _zeros_head(BLOCK_N, BLOCK_D0, BLOCK_D1)
     dv0, dv1 = _zeros_head(BLOCK_N, BLOCK_D0, BLOCK_D1)
     q_rows = q_start + k_seg * seg_stride
-    for g in tl.static_range(GROUP):
+    for g in range(GROUP):  # a loop: unrolled for GQA 3 at D = 128 (64 keys, atomic dQ) it spilled 16 B
         head = kv_head * GROUP + g
         q0, q1 = _load_head(_row_ptrs(Q, q_rows, stride_qn, head * stride_qh, ALIGN), n_valid, HEAD_DIM, BLOCK_D0,
                             BLOCK_D1, True)
@@ -562,6 +559,14 @@ def attention_bwd_dkdv_kernel(
                     kv_head, k_seg, stride_qn, stride_qh, stride_don, stride_doh, stride_dqn, stride_dqh, stride_lh,
                     k0, k1, v0, v1, dk0, dk1, dv0, dv1, scale, HEAD_DIM, BLOCK_D0, BLOCK_D1, BLOCK_M, GROUP, ALIGN,
                     DQ_MODE, DOT_PRECISION)
+        # The store's row indices again, from a second read of the tile table (L1 hits; the compiler does not merge
+        # loads, so everything derived from it is computed here): those of the prologue, held across the block loop,
+        # spilled 40 B at D = 128 (128 keys, 255 registers), and the loop takes 504 instead of 561 instructions
+        # per warp without them (sm_90).
+        _, _, k_start, _, k_len, num_segs, seg_stride, row_stride, pack, seg0, first = _tile_of(
+            KGroups, KTiles, num_groups, TILE)
+        k_rows, n_valid, _ = _rows(tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N), first, k_start, k_len, seg0,
+                                   num_segs, seg_stride, row_stride, pack)
         _dkdv_store(DK, DV, k_rows, n_valid, kv_head, stride_dkn, stride_dkh, stride_dvn, stride_dvh, dk0, dk1, dv0,
                     dv1, scale, HEAD_DIM, BLOCK_D0, BLOCK_D1, ALIGN)
 

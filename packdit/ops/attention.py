@@ -125,9 +125,11 @@ def _dkdv_rows(block: int, head_dim: int, itemsize: int, group: int, atomic_dq: 
     sm_90 (bf16, 8 warps, 3 stages), 128 keys fit
 
     * with atomic dQ (its ds^T k product and fp32 atomics take registers too): up to 96 columns without GQA
-      (255 registers at D = 72); they spill 232 B at D = 128 and 32 B at D = 72 with 2 query heads per kv head;
-    * without: up to 96 columns (D = 72 with 2 heads per kv head: 254 registers) and at 128 columns without GQA
-      (40 B spilled once outside the loop, none in it; with 3 heads per kv head 112 B, some inside the loop)."""
+      (251 registers at D = 72). At D = 128 they spill 16 B and take 177 KiB of shared memory, more than an A100
+      has. With 2 query heads per kv head at D = 72 they compile without spill (255 registers), but GQA keeps the
+      dQ kernel: no GPU has timed GQA with atomics;
+    * without: up to 96 columns (D = 72 with 2 heads per kv head: 242 registers) and at 128 columns without GQA
+      (255 registers, no spill; with 3 heads per kv head 16 B)."""
     if atomic_dq:
         widest = 96 if group == 1 else 0
     else:
