@@ -125,9 +125,9 @@ def _dkdv_rows(block: int, head_dim: int, itemsize: int, group: int, atomic_dq: 
     sm_90 (bf16, 8 warps, 3 stages), 128 keys fit
 
     * with atomic dQ (its ds^T k product and fp32 atomics take registers too): up to 96 columns without GQA
-      (251 registers at D = 72). At D = 128 they spill 16 B and take 177 KiB of shared memory, more than an A100
-      has. With 2 query heads per kv head at D = 72 they compile without spill (255 registers), but GQA keeps the
-      dQ kernel: no GPU has timed GQA with atomics;
+      (251 registers at D = 72). At D = 128 they spill 16 B, reloaded inside the loop, in 193 KiB of shared
+      memory; with 2 query heads per kv head 56 B at D = 72 and 64 B at D = 80, reloaded inside the loop (at
+      D = 64 they do not spill, issue/MMA 0.93 with GQA 2 against 0.81 without);
     * without: up to 96 columns (D = 72 with 2 heads per kv head: 242 registers) and at 128 columns without GQA
       (255 registers, no spill; with 3 heads per kv head 16 B)."""
     if atomic_dq:
