@@ -12,6 +12,9 @@ Providers, on the same q, k, v:
                    or beside dQ added once by the dK/dV programs on temporal tiles), or dQ by its own kernel
     packdit-one-head   the same with one head per program on temporal tiles (temporal mode, RoPE off), where
                    packdit's programs loop over up to ``attention._ONE_BLOCK_HEADS`` heads
+    packdit-64-row-fwd   the same with forward programs of at most 64 query rows (spatial mode, RoPE off): a
+                   128-row tile runs as two 4-warp programs, two per SM at hd 72 / 128 where a 128-row program
+                   (8 warps) has the SM to itself (sm_90 registers and shared memory, static section)
     fa3            FlashAttention-3 varlen (``flash_attn_interface.flash_attn_varlen_func``), when installed
     torch-varlen   torch.nn.attention.varlen.varlen_attn (FlashAttention-2 inside PyTorch)
     flash-attn     FlashAttention-2 varlen (``flash_attn.flash_attn_varlen_func``), when installed
@@ -34,7 +37,8 @@ is refused and not timed. Useful FLOPs: ``4 * D * H * pairs`` forward, x3.5 forw
 ``vs_best_peer`` is packdit's TFLOP/s over the best peer's on the same case and pass; ``dq`` (packdit's rows) the
 backward's dQ design: "single" (one add per element by the dK/dV kernel), "atomic" (fp32 atomics in it) or
 "separate" (the dQ kernel);
-``one_block_heads`` (packdit's temporal rows) the most heads a program takes on temporal tiles. ``kernel_ms`` /
+``one_block_heads`` (packdit's temporal rows) the most heads a program takes on temporal tiles; ``fwd_rows``
+(packdit's spatial rows) the query rows of a forward program. ``kernel_ms`` /
 ``kernel_sum_ms`` (fwd+bwd rows; on a GPU packdit's only): the kernels of one call under ``torch.profiler``; the
 gap between ``kernel_sum_ms`` and ``ms`` is the time a lone call waits on the host.
 ``packdit_useful_area``: the share of the scores packdit's tiles compute that attention needs, per case and,
@@ -121,7 +125,8 @@ class Case:
 class Provider:
     """``fn(q, k, v) -> out``; ``fused_rope``: it applies RoPE itself (else it gets rotated q and k);
     ``dq``: packdit's backward design it is verified and timed with (see _dq_design); ``one_block_heads``: the
-    most heads per program of packdit's one-block launches (None: packdit's default)."""
+    most heads per program of packdit's one-block launches, ``fwd_rows``: the most query rows per forward program
+    (None: packdit's defaults)."""
 
     name: str
     fn: Callable
@@ -129,6 +134,7 @@ class Provider:
     timed: bool = True
     dq: str = "default"
     one_block_heads: int | None = None
+    fwd_rows: int | None = None
 
 
 @contextlib.contextmanager
@@ -147,18 +153,28 @@ def _dq_design(dq: str):
 
 @contextlib.contextmanager
 def _design(provider: Provider):
-    """packdit as ``provider`` runs it: its dQ design (_dq_design) and heads per one-block program."""
+    """packdit as ``provider`` runs it: its dQ design (_dq_design), heads per one-block program and rows per
+    forward program."""
     with _dq_design(provider.dq), contextlib.ExitStack() as stack:
         if provider.one_block_heads is not None:
             stack.enter_context(mock.patch.object(attention_op, "_ONE_BLOCK_HEADS", provider.one_block_heads))
+        if provider.fwd_rows is not None:
+            rows = attention_op._fwd_rows
+            stack.enter_context(mock.patch.object(attention_op, "_fwd_rows", lambda *args: min(
+                rows(*args), provider.fwd_rows)))
         yield
+
+
+def _schedule(seqs: PackedSeqs, case: Case):
+    """The attention schedule packdit builds for ``case`` (on the host)."""
+    grids = seqs.grids if case.mode != "full" else None
+    return host_schedule(case.mode, seqs.seqlens, None, grids, seqs.num_tokens, torch.device("cpu"))
 
 
 def _default_dq(seqs: PackedSeqs, case: Case, dtype: torch.dtype) -> str:
     """The dQ design packdit's default backward uses on ``case``: "single", "atomic" or "separate", from the case's
     schedule (``attention._dq_mode``)."""
-    grids = seqs.grids if case.mode != "full" else None
-    schedule = host_schedule(case.mode, seqs.seqlens, None, grids, seqs.num_tokens, torch.device("cpu"))
+    schedule = _schedule(seqs, case)
     return attention_op._dq_mode(schedule.block_kt, schedule.max_k_len, schedule.keys_uncovered, case.head_dim,
                                  dtype.itemsize, case.group, False)
 
@@ -378,6 +394,8 @@ def _providers(ctx: Context, seqs: PackedSeqs, case: Case, default_dq: str) -> t
             providers.append(Provider(f"packdit-{other}-dq", _packdit(seqs, case), fused_rope=True, dq=other))
         if case.mode == "temporal" and not case.rope:
             providers.append(Provider("packdit-one-head", _packdit(seqs, case), fused_rope=True, one_block_heads=1))
+        if case.mode == "spatial" and not case.rope:
+            providers.append(Provider("packdit-64-row-fwd", _packdit(seqs, case), fused_rope=True, fwd_rows=64))
         for name, attend in (("fa3", _fa3), ("torch-varlen", _torch_varlen), ("flash-attn", _fa2)):
             try:
                 attend(*(torch.zeros(1, 1, 64, device=ctx.device, dtype=torch.bfloat16),) * 3,
@@ -485,6 +503,8 @@ def _run_case(ctx: Context, case: Case, seqs: PackedSeqs, label: str) -> list[di
             rows.append({**row, "pass": "-", "note": "skipped: time budget spent"})
             continue
         with _design(provider):
+            if provider.name.startswith("packdit") and case.mode == "spatial":
+                row["fwd_rows"] = attention_op._fwd_rows(_schedule(seqs, case).block_m, case.head_dim, dtype.itemsize)
             rows += _verify_and_time(ctx, provider, expected, grad, row, flops, case)
     return rows
 

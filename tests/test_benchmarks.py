@@ -101,21 +101,27 @@ def test_attention_section_refuses_a_wrong_implementation(bug, tmp_path, monkeyp
 def test_attention_design_providers_run_with_their_design_then_restore_the_default(tmp_path, monkeypatch):
     """A provider with ``dq="separate"`` or ``dq="atomic"`` is verified and timed with that dQ design forced in its
     forward and its backward (where the design is chosen), one with ``one_block_heads=1`` with one head per
-    program on temporal tiles; afterwards packdit is back to its defaults, and the temporal rows say the heads
-    per program each was timed with."""
+    program on temporal tiles, one with ``fwd_rows=32`` with forward programs of at most 32 rows; afterwards
+    packdit is back to its defaults, the temporal rows say the heads per program and the spatial rows the rows
+    per forward program each was timed with."""
     import attention
 
+    from packdit.layout import PackedSeqs
     from packdit.ops import attention as attention_op
 
-    case = attention.Case("cpu-videos", 64, False, "temporal")
-    monkeypatch.setattr(attention, "_cases", lambda ctx: [case])
+    cases = [attention.Case("cpu-videos", 64, False, "temporal"), attention.Case("cpu-videos", 64, False, "spatial")]
+    monkeypatch.setattr(attention, "_cases", lambda ctx: cases)
     providers, seen = attention._providers, []
     temporal_tiles = (64, 17, False, 72, 2, 1, False)  # _dq_mode's arguments on temporal tiles: dQ added once
-    default = (attention_op._dq_mode(*temporal_tiles), attention_op._ONE_BLOCK_HEADS)
-    assert default[0] == "single"
 
     def design():
-        return attention_op._dq_mode(*temporal_tiles), attention_op._ONE_BLOCK_HEADS
+        return attention_op._dq_mode(*temporal_tiles), attention_op._ONE_BLOCK_HEADS, attention_op._fwd_rows(128, 64, 2)
+
+    default = design()
+    assert default[0] == "single" and default[2] == 128
+    spatial_tile = attention._schedule(PackedSeqs.from_grids(attention.CPU_LAYOUTS["cpu-videos"]), cases[1]).block_m
+    spatial_rows = attention_op._fwd_rows(spatial_tile, 64, 4)
+    assert spatial_rows > 32  # so that the 32-row design shows in the rows
 
     def recorded(name):
         class Record(torch.autograd.Function):
@@ -132,7 +138,7 @@ def test_attention_design_providers_run_with_their_design_then_restore_the_defau
         return Record.apply
 
     designs = {"packdit-separate-dq": dict(dq="separate"), "packdit-atomic-dq": dict(dq="atomic"),
-               "packdit-one-head": dict(one_block_heads=1)}
+               "packdit-one-head": dict(one_block_heads=1), "packdit-32-row-fwd": dict(fwd_rows=32)}
 
     def with_every_design(ctx, seqs, case, default_dq):
         found, skipped = providers(ctx, seqs, case, default_dq)
@@ -149,16 +155,20 @@ def test_attention_design_providers_run_with_their_design_then_restore_the_defau
                            "--no-plots"]) == 0
     assert {name: {stage for seen_name, stage, _ in seen if seen_name == name} for name in designs} == {
         name: {"forward", "backward"} for name in designs}
-    expected = {"packdit-separate-dq": ("separate", default[1]), "packdit-atomic-dq": ("atomic", default[1]),
-                "packdit-one-head": ("single", 1)}
+    expected = {"packdit-separate-dq": ("separate", default[1], 128), "packdit-atomic-dq": ("atomic", default[1], 128),
+                "packdit-one-head": ("single", 1, 128), "packdit-32-row-fwd": ("single", default[1], 32)}
     assert all(state == expected[name] for name, _, state in seen)
     assert design() == default
     rows = json.loads(next(tmp_path.glob("*/attention.json")).read_text())["rows"]
     for name in designs:
-        timed = [r for r in rows if r["provider"] == name and "ms" in r]
-        assert {r["pass"] for r in timed} == {"fwd", "fwd+bwd"}, name
-        assert all(r["dq"] == designs[name].get("dq", "single") for r in timed), name
-        assert all(r["one_block_heads"] == designs[name].get("one_block_heads", default[1]) for r in timed), name
+        timed = {mode: [r for r in rows if r["provider"] == name and r["mode"] == mode and "ms" in r]
+                 for mode in ("temporal", "spatial")}
+        assert all({r["pass"] for r in timed[mode]} == {"fwd", "fwd+bwd"} for mode in timed), name
+        assert all(r["dq"] == designs[name].get("dq", "single") for r in timed["temporal"]), name
+        assert all(r["one_block_heads"] == designs[name].get("one_block_heads", default[1])
+                   for r in timed["temporal"]), name
+        assert all(r["fwd_rows"] == min(spatial_rows, designs[name].get("fwd_rows", spatial_rows))
+                   for r in timed["spatial"]), name
 
 
 def test_attention_gqa_case_verifies_the_peers_against_a_grouped_oracle(tmp_path, monkeypatch):
