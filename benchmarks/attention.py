@@ -1,7 +1,8 @@
 """Section ``attention``: packed varlen attention, packdit's Triton kernel vs the strongest peers.
 
 Cases: mix x head dim (64, 72, 128) x RoPE (off / on) x mode (full / spatial / temporal), most valuable
-first (video-mix, full attention; then GQA, temporal, RoPE, the other factorized cases, long videos, images).
+first (video-mix, full attention; then GQA, temporal, spatial, RoPE, the other factorized cases, long videos,
+images).
 Model width 1152 (heads = 1152 / head dim, as DiT-XL/STDiT; GQA: 2 query heads per kv head at hd 72, 3 at
 hd 128), bf16, a 49k-token pack per mix from ``workloads.take_tokens``.
 
@@ -194,6 +195,7 @@ def _cases(ctx: Context) -> list[Case]:
     ordered += [Case("long-videos", 128, False, "full")]
     ordered += [Case("video-mix", d, False, "full", group=g) for d, g in GQA_CASES]
     ordered += [Case("video-mix", d, False, "temporal") for d in HEAD_DIMS]  # head loops vs packdit-one-head
+    ordered += [Case("video-mix", d, False, "spatial") for d in HEAD_DIMS]  # 128- vs 64-row forward programs
     ordered += [Case("video-mix", d, True, "full") for d in HEAD_DIMS]
     ordered += [Case("video-mix", d, rope, mode) for mode in MODES[1:] for rope in (False, True) for d in HEAD_DIMS]
     ordered += [Case("images", d, rope, "full") for rope in (False, True) for d in HEAD_DIMS]
