@@ -364,17 +364,18 @@ def test_frame_and_segment_of_tile_positions_is_integer_divmod():
 # ---------------------------------------------------------------------------------------------- determinism
 def test_dq_by_atomics_only_where_they_keep_the_key_tile():
     """Atomic dQ by default where the dK/dV program keeps its key tile with it; the dQ kernel where atomics would
-    halve it (bf16: head dims 97-128 without GQA, up to 96 with it) and always in deterministic mode."""
+    halve it (bf16: head dims 97-128 without GQA, up to 128 with it) and always in deterministic mode."""
     by_atomics = attention_op._dq_by_atomics
     assert by_atomics(128, 64, 2, 1) and by_atomics(128, 72, 2, 1) and by_atomics(128, 96, 2, 1)
     assert not by_atomics(128, 128, 2, 1) and not by_atomics(128, 72, 2, 2) and not by_atomics(128, 64, 2, 4)
-    assert by_atomics(128, 128, 2, 3)  # 64 keys either way: 128 keys with 3 query heads spill inside the loop
+    assert not by_atomics(128, 128, 2, 3) and not by_atomics(128, 96, 2, 2)
     assert by_atomics(64, 128, 2, 1) and by_atomics(64, 72, 2, 2)  # 64-row tiles: 64 keys either way
     assert by_atomics(128, 128, 4, 1)  # fp32 at D = 128: 64-row programs (_BWD_TILE_BYTES) either way
     assert by_atomics(128, 256, 2, 1)  # 32 keys either way
     for group in (1, 2):
         assert attention_op._dkdv_rows(128, 128, 2, group, True) == 64
-    assert attention_op._dkdv_rows(128, 128, 2, 1, False) == attention_op._dkdv_rows(128, 72, 2, 2, False) == 128
+        assert attention_op._dkdv_rows(128, 128, 2, group, False) == attention_op._dkdv_rows(128, 72, 2, group,
+                                                                                             False) == 128
 
 
 @contextlib.contextmanager

@@ -188,9 +188,9 @@ def test_attention_gqa_case_verifies_the_peers_against_a_grouped_oracle(tmp_path
 
 def test_attention_rows_name_the_dq_design_and_time_the_other_one():
     """packdit's dQ design per case follows its schedule on the GPU layouts: the dQ kernel at hd 128 and with GQA
-    at hd 72 on 128-row key tiles, atomics at hd 64/72, one add per element from the dK/dV programs on temporal
-    tiles (each holds whole segments); the alternate provider is atomics beside the other two, the dQ kernel
-    beside atomics."""
+    (hd 72 and 128) on 128-row key tiles, atomics at hd 64/72 without GQA, one add per element from the dK/dV
+    programs on temporal tiles (each holds whole segments); the alternate provider is atomics beside the other
+    two, the dQ kernel beside atomics."""
     import attention
 
     from packdit.layout import PackedSeqs
@@ -201,7 +201,7 @@ def test_attention_rows_name_the_dq_design_and_time_the_other_one():
         return attention._default_dq(seqs, attention.Case("video-mix", head_dim, False, mode, group), torch.bfloat16)
 
     assert [default(d) for d in (128, 72, 64)] == ["separate", "atomic", "atomic"]
-    assert default(72, group=2) == "separate" and default(128, group=3) == "atomic"
+    assert default(72, group=2) == default(128, group=3) == "separate"
     assert default(128, mode="temporal") == default(72, mode="temporal", group=2) == "single"
     assert default(72, mode="spatial") == "atomic"
     assert [attention._other_dq(dq) for dq in ("atomic", "separate", "single")] == ["separate", "atomic", "atomic"]

@@ -30,7 +30,7 @@ Pipeline, per layout and mode:
    it, else computed by the dQ kernel, grid ``(query tiles, Hq / heads per program, parts)`` (bitwise
    reproducible, as the single adds are). The dQ kernel runs there when ``packdit.use_deterministic(True)`` or
    ``torch.use_deterministic_algorithms(True)`` is on, and where atomics would halve the dK/dV program's key
-   tile (_dq_by_atomics, bf16/fp16: head dims 97-128 without GQA, up to 96 with it). A program takes one head,
+   tile (_dq_by_atomics, bf16/fp16: head dims 97-128 without GQA, up to 128 with it). A program takes one head,
    or up to _ONE_BLOCK_HEADS in a loop where every tile is one block (_head_split). ``parts`` is 1 unless a
    tile's rows would take more shared memory than fits (wide fp32 heads, see _FWD_TILE_BYTES and
    _BWD_TILE_BYTES).
@@ -128,12 +128,12 @@ def _dkdv_rows(block: int, head_dim: int, itemsize: int, group: int, atomic_dq: 
       (251 registers at D = 72). At D = 128 they spill 16 B, reloaded inside the loop, in 193 KiB of shared
       memory; with 2 query heads per kv head 56 B at D = 72 and 64 B at D = 80, reloaded inside the loop (at
       D = 64 they do not spill, issue/MMA 0.93 with GQA 2 against 0.81 without);
-    * without: up to 96 columns (D = 72 with 2 heads per kv head: 242 registers) and at 128 columns without GQA
-      (255 registers, no spill; with 3 heads per kv head 16 B)."""
+    * without: up to 128 columns (255 registers at D = 128; with 2-4 query heads per kv head 16 B spilled once
+      outside the loop, issue/MMA 0.54-0.61 against 1.01 for 64 keys with atomic dQ and GQA 3)."""
     if atomic_dq:
         widest = 96 if group == 1 else 0
     else:
-        widest = 128 if group == 1 else 96
+        widest = 128
     columns = _head_columns(head_dim)
     rows = 128 if columns <= widest else 64 if columns <= 128 else 32
     return min(_bwd_rows(block, head_dim, itemsize), rows)
@@ -147,7 +147,7 @@ def _dq_by_atomics(block: int, head_dim: int, itemsize: int, group: int) -> bool
     Measured on an H200 (bf16, 49k-token video packs, benchmarks/results/nvidia-h200), with atomics: the backward
     took 35.5 ms at D = 128 (64-key tiles), 23.7 and 30.6 ms at D = 64 and 72 (128-key tiles) for the same FLOPs;
     FlexAttention, which computes dQ in separate programs, took 22.5 ms at D = 128. Compiled for sm_90 at D = 128,
-    the 128-key dK/dV loop issues 0.55 instructions per MMA clock (64 keys with atomics: 0.80), the dQ loop 0.37."""
+    the 128-key dK/dV loop issues 0.49 instructions per MMA clock (64 keys with atomics: 0.80), the dQ loop 0.37."""
     return _dkdv_rows(block, head_dim, itemsize, group, True) == _dkdv_rows(block, head_dim, itemsize, group, False)
 
 
