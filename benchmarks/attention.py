@@ -172,10 +172,9 @@ def _schedule(seqs: PackedSeqs, case: Case):
     return host_schedule(case.mode, seqs.seqlens, None, grids, seqs.num_tokens, torch.device("cpu"))
 
 
-def _default_dq(seqs: PackedSeqs, case: Case, dtype: torch.dtype) -> str:
+def _default_dq(schedule, case: Case, dtype: torch.dtype) -> str:
     """The dQ design packdit's default backward uses on ``case``: "single", "atomic" or "separate", from the case's
-    schedule (``attention._dq_mode``)."""
-    schedule = _schedule(seqs, case)
+    schedule (_schedule, ``attention._dq_mode``)."""
     return attention_op._dq_mode(schedule.block_kt, schedule.max_k_len, schedule.keys_uncovered, case.head_dim,
                                  dtype.itemsize, case.group, False)
 
@@ -490,7 +489,8 @@ def _run_case(ctx: Context, case: Case, seqs: PackedSeqs, label: str) -> list[di
             "dtype": str(dtype).removeprefix("torch.")}
     # the scores packdit's tiles compute that attention needs (the rest is padding and block-diagonal masking)
     base["packdit_useful_area"] = round(score_area(seqs.grids, case.mode)["fraction"], 3)
-    default_dq = _default_dq(seqs, case, dtype)
+    schedule = _schedule(seqs, case)
+    default_dq = _default_dq(schedule, case, dtype)
     providers, skipped = _providers(ctx, seqs, case, default_dq)
     rows = []
     rows += [{**base, "provider": name, "pass": "-", "note": f"skipped: {why}"} for name, why in skipped.items()]
@@ -506,7 +506,7 @@ def _run_case(ctx: Context, case: Case, seqs: PackedSeqs, label: str) -> list[di
             continue
         with _design(provider):
             if provider.name.startswith("packdit") and case.mode == "spatial":
-                row["fwd_rows"] = attention_op._fwd_rows(_schedule(seqs, case).block_m, case.head_dim, dtype.itemsize)
+                row["fwd_rows"] = attention_op._fwd_rows(schedule.block_m, case.head_dim, dtype.itemsize)
             rows += _verify_and_time(ctx, provider, expected, grad, row, flops, case)
     return rows
 

@@ -198,7 +198,8 @@ def test_attention_rows_name_the_dq_design_and_time_the_other_one():
     seqs = PackedSeqs.from_grids(attention._mix_grids("video-mix"))
 
     def default(head_dim, mode="full", group=1):
-        return attention._default_dq(seqs, attention.Case("video-mix", head_dim, False, mode, group), torch.bfloat16)
+        case = attention.Case("video-mix", head_dim, False, mode, group)
+        return attention._default_dq(attention._schedule(seqs, case), case, torch.bfloat16)
 
     assert [default(d) for d in (128, 72, 64)] == ["separate", "atomic", "atomic"]
     assert default(72, group=2) == default(128, group=3) == "separate"
