@@ -114,6 +114,7 @@ PRODUCTION = (
     *(_attention(width, 16, layout, False, mode=mode) for width in (1280, 1536)
       for layout, mode in (("long", "full"), ("video", "temporal"))),
     _attention(3072, 24, "long", True, kv_heads=8, qk_norm=True),
+    _attention(2048, 16, "long", False, kv_heads=8),
     _attention(1152, 16, "long", False, kv_heads=8),
     _mlp(1152, 300), _mlp(3072, 300),
     _mlp(1152, 300, tma=False), _mlp(3072, 300, tma=False),

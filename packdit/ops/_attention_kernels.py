@@ -421,32 +421,40 @@ def _dkdv_single_rows(Q, K, V, DO, Delta, DQ, DK, DV, q_start, seg_stride, k_row
                       HEAD_DIM: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr, BLOCK_N: tl.constexpr,
                       GROUP: tl.constexpr, ALIGN: tl.constexpr, DQ_MODE: tl.constexpr):
     """Single-row segments of one kv head: p = 1, ds = dO.v - delta, dv = sum of dO, dk = sum of ds q over the
-    GROUP query heads."""
+    GROUP query heads. Two passes over the heads (dv, then dk), each a loop: dv and dk accumulated together
+    (BLOCK_N x D fp32 each) beside k, v, q and dO held the key rows in local memory, 16 B with GQA 3 at D = 128
+    (128 keys, sm_90); unrolled, the heads spilled 16 B at 64 keys."""
     k0, k1 = _load_head(_row_ptrs(K, k_rows, stride_kn, kv_head * stride_kh, ALIGN), n_valid, HEAD_DIM, BLOCK_D0,
                         BLOCK_D1, True)
     v0, v1 = _load_head(_row_ptrs(V, k_rows, stride_vn, kv_head * stride_vh, ALIGN), n_valid, HEAD_DIM, BLOCK_D0,
                         BLOCK_D1, True)
-    dk0, dk1 = _zeros_head(BLOCK_N, BLOCK_D0, BLOCK_D1)
-    dv0, dv1 = _zeros_head(BLOCK_N, BLOCK_D0, BLOCK_D1)
     q_rows = q_start + k_seg * seg_stride
-    for g in range(GROUP):  # a loop: unrolled for GQA 3 at D = 128 (64 keys, atomic dQ) it spilled 16 B
+    dv0, dv1 = _zeros_head(BLOCK_N, BLOCK_D0, BLOCK_D1)
+    for g in range(GROUP):
+        do0, do1 = _load_head(_row_ptrs(DO, q_rows, stride_don, (kv_head * GROUP + g) * stride_doh, ALIGN), n_valid,
+                              HEAD_DIM, BLOCK_D0, BLOCK_D1, True)
+        dv0 += do0.to(tl.float32)
+        if BLOCK_D1 > 0:
+            dv1 += do1.to(tl.float32)
+    _store_head(_row_ptrs(DV, k_rows, stride_dvn, kv_head * stride_dvh, ALIGN), n_valid, dv0, dv1, HEAD_DIM, BLOCK_D0,
+                BLOCK_D1)
+    dk0, dk1 = _zeros_head(BLOCK_N, BLOCK_D0, BLOCK_D1)
+    for g in range(GROUP):
         head = kv_head * GROUP + g
         q0, q1 = _load_head(_row_ptrs(Q, q_rows, stride_qn, head * stride_qh, ALIGN), n_valid, HEAD_DIM, BLOCK_D0,
                             BLOCK_D1, True)
         do0, do1 = _load_head(_row_ptrs(DO, q_rows, stride_don, head * stride_doh, ALIGN), n_valid, HEAD_DIM,
                               BLOCK_D0, BLOCK_D1, True)
         ds = _rowdot(do0, do1, v0, v1, BLOCK_D1) - tl.load(Delta + head * stride_lh + q_rows, mask=n_valid, other=0.0)
-        dv0 += do0.to(tl.float32)
         dk0 += ds[:, None] * q0.to(tl.float32)
         if BLOCK_D1 > 0:
-            dv1 += do1.to(tl.float32)
             dk1 += ds[:, None] * q1.to(tl.float32)
         if DQ_MODE != "separate":  # the only contribution to these dQ rows: a plain store
             _store_head(_row_ptrs(DQ, q_rows, stride_dqn, head * stride_dqh, ALIGN), n_valid,
                         (scale * ds)[:, None] * k0.to(tl.float32), (scale * ds)[:, None] * k1.to(tl.float32),
                         HEAD_DIM, BLOCK_D0, BLOCK_D1)
-    _dkdv_store(DK, DV, k_rows, n_valid, kv_head, stride_dkn, stride_dkh, stride_dvn, stride_dvh, dk0, dk1, dv0, dv1,
-                scale, HEAD_DIM, BLOCK_D0, BLOCK_D1, ALIGN)
+    _store_head(_row_ptrs(DK, k_rows, stride_dkn, kv_head * stride_dkh, ALIGN), n_valid, dk0 * scale, dk1 * scale,
+                HEAD_DIM, BLOCK_D0, BLOCK_D1)
 
 
 @triton.jit

@@ -128,8 +128,9 @@ def _dkdv_rows(block: int, head_dim: int, itemsize: int, group: int, atomic_dq: 
       (251 registers at D = 72). At D = 128 they spill 16 B, reloaded inside the loop, in 193 KiB of shared
       memory; with 2 query heads per kv head 56 B at D = 72 and 64 B at D = 80, reloaded inside the loop (at
       D = 64 they do not spill, issue/MMA 0.93 with GQA 2 against 0.81 without);
-    * without: up to 128 columns (255 registers at D = 128; with 2-4 query heads per kv head 16 B spilled once
-      outside the loop, issue/MMA 0.54-0.61 against 1.01 for 64 keys with atomic dQ and GQA 3)."""
+    * without: up to 128 columns (255 registers at D = 128, no spill; with 2-4 query heads per kv head issue/MMA
+      0.53-0.62 against 1.01 for 64 keys with atomic dQ and GQA 3, and no spill but 8 B with 2, in the masked
+      tail block, outside the loop)."""
     if atomic_dq:
         widest = 96 if group == 1 else 0
     else:
