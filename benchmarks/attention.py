@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import os
 from collections.abc import Callable
@@ -190,6 +191,11 @@ def _cases(ctx: Context) -> list[Case]:
         interpreted = [Case("interpreter", 64, True, "full")] if _interpreter() else []
         return ([Case("cpu-videos", 64, True, mode) for mode in MODES] + [Case("cpu-images", 64, False, "full")]
                 + [Case("cpu-images", 64, False, "full", group=CPU_HEADS)] + interpreted)
+    return _gpu_cases()
+
+
+def _gpu_cases() -> list[Case]:
+    """The GPU cases, the most informative first (a spent time budget skips the rest)."""
     ordered = [Case("video-mix", d, False, "full") for d in HEAD_DIMS]
     ordered += [Case("long-videos", 128, False, "full")]
     ordered += [Case("video-mix", d, False, "full", group=g) for d, g in GQA_CASES]
@@ -354,14 +360,57 @@ def _flex(seqs: PackedSeqs, mode: str) -> Callable:
     return fn
 
 
-def _packdit(seqs: PackedSeqs, case: Case) -> Callable:
+def _packdit(seqs: PackedSeqs, case: Case, backend: str | None = None) -> Callable:
     rope = default_rope(case.head_dim) if case.rope else None
 
     def fn(q, k, v):
         return packdit.varlen_attention(q, k, v, seqs.cu_seqlens, seqs.max_seqlen, mode=case.mode, seqs=seqs,
-                                        rope=rope)
+                                        rope=rope, backend=backend)
 
     return fn
+
+
+def _packdit_providers(seqs: PackedSeqs, case: Case, default_dq: str, backend: str | None = None) -> list[Provider]:
+    """packdit as a GPU case times it: its defaults, and beside them the other dQ design (full and temporal), one
+    head per one-block program (temporal) and forward programs of at most 64 rows (spatial), RoPE off."""
+    providers = [Provider("packdit", _packdit(seqs, case, backend), fused_rope=True)]
+    if case.rope:
+        return providers
+    if case.mode in ("full", "temporal"):
+        other = _other_dq(default_dq)
+        providers.append(Provider(f"packdit-{other}-dq", _packdit(seqs, case, backend), fused_rope=True, dq=other))
+    if case.mode == "temporal":
+        providers.append(Provider("packdit-one-head", _packdit(seqs, case, backend), fused_rope=True,
+                                  one_block_heads=1))
+    if case.mode == "spatial":
+        providers.append(Provider("packdit-64-row-fwd", _packdit(seqs, case, backend), fused_rope=True, fwd_rows=64))
+    return providers
+
+
+def packdit_calls() -> list[tuple[str, Callable[[], None]]]:
+    """``(label, call)``: each call runs one packdit design of one GPU case on CPU bf16 tensors of the case's
+    shapes, forward (no grad, as timed) and forward + backward, with ``backend="triton"``: every Triton launch the
+    GPU run makes, for ``precompile.py`` to record (its values are never read)."""
+    calls, layouts = [], {}
+    for case in _gpu_cases():
+        if case.mix not in layouts:
+            layouts[case.mix] = PackedSeqs.from_grids(_mix_grids(case.mix), device="cpu")
+        seqs = layouts[case.mix]
+        default_dq = _default_dq(_schedule(seqs, case), case, torch.bfloat16)
+        for provider in _packdit_providers(seqs, case, default_dq, backend="triton"):
+            label = f"attention {case.mix} {case.mode} d{case.head_dim} g{case.group} rope={case.rope} {provider.name}"
+            calls.append((label, functools.partial(_run_design, provider, seqs, case)))
+    return calls
+
+
+def _run_design(provider: Provider, seqs: PackedSeqs, case: Case) -> None:
+    q, k, v, grad = (torch.empty(seqs.num_tokens, heads, case.head_dim, dtype=torch.bfloat16)
+                     for heads in (case.heads, case.kv_heads, case.kv_heads, case.heads))
+    with _design(provider):
+        with torch.no_grad():
+            provider.fn(q, k, v)
+        leaves = [t.requires_grad_(True) for t in (q, k, v)]
+        torch.autograd.grad(provider.fn(*leaves), leaves, grad)
 
 
 def _reference(seqs: PackedSeqs, case: Case, fused_rope: bool) -> Callable:
@@ -389,14 +438,7 @@ def _providers(ctx: Context, seqs: PackedSeqs, case: Case, default_dq: str) -> t
     segments = _segments(seqs, case.mode)
     providers, skipped = [], {}
     if ctx.is_gpu:
-        providers.append(Provider("packdit", _packdit(seqs, case), fused_rope=True))
-        if case.mode in ("full", "temporal") and not case.rope:
-            other = _other_dq(default_dq)
-            providers.append(Provider(f"packdit-{other}-dq", _packdit(seqs, case), fused_rope=True, dq=other))
-        if case.mode == "temporal" and not case.rope:
-            providers.append(Provider("packdit-one-head", _packdit(seqs, case), fused_rope=True, one_block_heads=1))
-        if case.mode == "spatial" and not case.rope:
-            providers.append(Provider("packdit-64-row-fwd", _packdit(seqs, case), fused_rope=True, fwd_rows=64))
+        providers += _packdit_providers(seqs, case, default_dq)
         for name, attend in (("fa3", _fa3), ("torch-varlen", _torch_varlen), ("flash-attn", _fa2)):
             try:
                 attend(*(torch.zeros(1, 1, 64, device=ctx.device, dtype=torch.bfloat16),) * 3,

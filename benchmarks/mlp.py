@@ -14,6 +14,9 @@ test suite) packdit's kernels are verified on one tiny case and not timed.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import torch
 from common import Context, measure, print_table
 from norm import Provider, interpreting, kernel_and_torch, segment_index, verified
@@ -29,20 +32,38 @@ def _providers(ctx: Context) -> list[Provider]:
     return kernel_and_torch(ctx, fused_mlp, mlp_reference)
 
 
-def _cases(ctx: Context) -> list[tuple[int, int, int, bool]]:
+def _cases(gpu: bool) -> list[tuple[int, int, int, bool]]:
     """``(tokens, D, segments, interpreter)``: the interpreter case verifies packdit's kernels only."""
-    if ctx.is_gpu:
+    if gpu:
         return [(n, d, SEGMENTS, False) for d in (1152, 3072) for n in (16_384, 65_536)]
     return [(256, 64, 8, False)] + ([(40, 32, 3, True)] if interpreting() else [])
 
 
-def _inputs(ctx: Context, n: int, d: int, segments: int, dtype: torch.dtype) -> list[torch.Tensor]:
+def packdit_calls() -> list[tuple[str, Callable[[], None]]]:
+    """``(label, call)``: each call runs ``fused_mlp`` forward + backward on CPU bf16 tensors of one GPU case's
+    width, for ``precompile.py`` to record its Triton launches. Tokens are cut to ``CAPTURE_TOKENS``: the
+    backward's weight gradients (cuBLAS on a GPU) run for real on the CPU, and a launch specialises on the token
+    count only by its divisibility by 16, which the GPU cases' counts share."""
+    return [(f"mlp N{n} D{d}", functools.partial(_run_packdit, d, segments)) for n, d, segments, _ in _cases(gpu=True)]
+
+
+CAPTURE_TOKENS = 256
+
+
+def _run_packdit(d: int, segments: int) -> None:
+    cpu = torch.device("cpu")
+    leaves = [x.requires_grad_(True) for x in _inputs(cpu, CAPTURE_TOKENS, d, segments, torch.bfloat16)]
+    index = segment_index(CAPTURE_TOKENS, segments, cpu)
+    torch.autograd.grad(fused_mlp(*leaves, index), leaves, torch.empty_like(leaves[0]))
+
+
+def _inputs(device: torch.device, n: int, d: int, segments: int, dtype: torch.dtype) -> list[torch.Tensor]:
     """h, fc1 weight and bias, fc2 weight and bias, x, gate (nn.Linear-like scales)."""
-    gen = torch.Generator(device=ctx.device).manual_seed(0)
+    gen = torch.Generator(device=device).manual_seed(0)
     hidden = 4 * d
 
     def randn(*shape, scale=1.0):
-        return torch.randn(*shape, device=ctx.device, dtype=dtype, generator=gen) * scale
+        return torch.randn(*shape, device=device, dtype=dtype, generator=gen) * scale
 
     return [randn(n, d), randn(hidden, d, scale=d**-0.5), randn(hidden, scale=0.1),
             randn(d, hidden, scale=hidden**-0.5), randn(d, scale=0.1), randn(n, d), randn(segments, d, scale=0.5)]
@@ -52,8 +73,8 @@ def run(ctx: Context) -> list[dict]:
     dtype = torch.bfloat16 if ctx.is_gpu else torch.float32
     repeats = 10 if ctx.is_gpu else 3
     rows = []
-    for n, d, segments, interpreter in _cases(ctx):
-        inputs = _inputs(ctx, n, d, segments, dtype)
+    for n, d, segments, interpreter in _cases(ctx.is_gpu):
+        inputs = _inputs(ctx.device, n, d, segments, dtype)
         index = segment_index(n, segments, ctx.device)
         grad = torch.randn(n, d, device=ctx.device, dtype=dtype)
         base = {"tokens": n, "D": d, "hidden": 4 * d, "segments": segments, "dtype": str(dtype).removeprefix("torch.")}

@@ -19,6 +19,7 @@ test suite) packdit's kernels are verified on one tiny case and not timed.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from collections.abc import Callable
 
@@ -118,11 +119,33 @@ def _providers(ctx: Context) -> list[Provider]:
     return kernel_and_torch(ctx, _packdit, _reference)
 
 
-def _cases(ctx: Context) -> list[tuple[int, int, int, bool]]:
+def _cases(gpu: bool) -> list[tuple[int, int, int, bool]]:
     """``(tokens, D, segments, interpreter)``: the interpreter case verifies packdit's kernels only."""
-    if ctx.is_gpu:
+    if gpu:
         return [(n, d, s, False) for d in (1152, 3072) for n in (16_384, 65_536) for s in (1, 64)]
     return [(512, 64, 1, False), (512, 64, 8, False)] + ([(40, 48, 3, True)] if interpreting() else [])
+
+
+def _inputs(device: torch.device, n: int, d: int, segments: int, dtype: torch.dtype) -> list[torch.Tensor]:
+    """x, modulation (one adaLN output: shift | scale), segment index, output gradient."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(n, d, device=device, dtype=dtype, generator=gen) * 2 + 0.5
+    modulation = torch.randn(segments, 2 * d, device=device, dtype=dtype, generator=gen) * 0.5
+    index = segment_index(n, segments, device)
+    return [x, modulation, index, torch.randn(n, d, device=device, dtype=dtype, generator=gen)]
+
+
+def packdit_calls() -> list[tuple[str, Callable[[], None]]]:
+    """``(label, call)``: each call runs packdit's norm + modulate forward and backward on CPU bf16 tensors of one
+    GPU case's shapes: the Triton launches of the GPU run, for ``precompile.py`` to record."""
+    return [(f"norm N{n} D{d} S{segments}", functools.partial(_run_packdit, n, d, segments))
+            for n, d, segments, _ in _cases(gpu=True)]
+
+
+def _run_packdit(n: int, d: int, segments: int) -> None:
+    x, modulation, index, grad = _inputs(torch.device("cpu"), n, d, segments, torch.bfloat16)
+    leaves = [x.requires_grad_(True), modulation.requires_grad_(True)]
+    torch.autograd.grad(_packdit(*leaves, index), leaves, grad)
 
 
 def run(ctx: Context) -> list[dict]:
@@ -130,12 +153,8 @@ def run(ctx: Context) -> list[dict]:
     repeats = 20 if ctx.is_gpu else 3
     peak = hbm_peak_gbps(ctx.env)
     rows = []
-    for n, d, segments, interpreter in _cases(ctx):
-        gen = torch.Generator(device=ctx.device).manual_seed(0)
-        x = torch.randn(n, d, device=ctx.device, dtype=dtype, generator=gen) * 2 + 0.5
-        modulation = torch.randn(segments, 2 * d, device=ctx.device, dtype=dtype, generator=gen) * 0.5
-        index = segment_index(n, segments, ctx.device)
-        grad = torch.randn(n, d, device=ctx.device, dtype=dtype, generator=gen)
+    for n, d, segments, interpreter in _cases(ctx.is_gpu):
+        x, modulation, index, grad = _inputs(ctx.device, n, d, segments, dtype)
         base = {"tokens": n, "D": d, "segments": segments, "dtype": str(dtype).removeprefix("torch.")}
         providers = [Provider("packdit", _packdit, timed=False)] if interpreter else _providers(ctx)
         accepted, refused = verified(f"norm/N{n}/D{d}/S{segments}", providers, _reference, [x, modulation], grad,

@@ -273,6 +273,27 @@ def capture(scenarios, archs=(90, 80), extra_tokens: int = 0) -> list[Launch]:
     return recorder.launches
 
 
+def jit_misses(scenarios, arch: int = 90, precompile: bool = True) -> list[str]:
+    """The kernels Triton's JIT compiles, i.e. does not find in this process's Triton cache, when ``scenarios``
+    launch as on a GPU of compute capability ``arch`` (``triton_aot.jit_lookups``), after (``precompile``) the
+    compiles their recording names (``triton_aot.ExactCompile``: what benchmarks/precompile.py compiles) went into
+    that cache (run in a worker process, see ``triton_aot.init_worker``)."""
+    import triton_aot
+
+    def launch_all():
+        for scenario in scenarios:
+            _RUNNERS[scenario.kind](extra_tokens=0, **dict(scenario.params))
+
+    if precompile:
+        with triton_aot.capturing((arch,)) as recorder:
+            launch_all()
+        for job in recorder.exact.values():
+            triton_aot.compile_exact(job)
+    with triton_aot.jit_lookups(arch) as compiled:
+        launch_all()
+    return compiled
+
+
 def token_count_dependence(scenario: Scenario, archs=(90,)) -> dict[tuple[str, str], list[str]]:
     """``{(kernel, argument): [specialisation with 0, 1, 2 extra one-token samples]}`` for the integer
     arguments of ``scenario``'s launches whose specialisation ("1", "16" for divisible by 16, "" for neither)

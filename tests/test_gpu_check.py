@@ -28,6 +28,10 @@ def test_gpu_check_dry_run(tmp_path):
     steps = re.findall(r"^=== \S+ \+\d+s (.*?) ===$", log, flags=re.M)
     benchmarks = [s.split()[1] for s in steps if s.startswith("benchmark ")]
     assert benchmarks == ["attention", "e2e", "mlp,norm", "patchify,layout"]
+    # the kernels of attention, mlp and norm are recorded (compiled on a GPU machine) before attention runs
+    precompiles = [k for k, s in enumerate(steps) if s.startswith("precompile attention,mlp,norm ")]
+    assert precompiles and precompiles[0] < steps.index(next(s for s in steps if s.startswith("benchmark attention")))
+    assert re.search(r"^precompile: [1-9]\d* kernel specialisations of attention, mlp, norm for sm_90", log, flags=re.M)
     last_benchmark = max(k for k, s in enumerate(steps) if s.startswith("benchmark "))
     assert steps.index("GPU tests (gpu and cuda_ext markers)") > last_benchmark
     assert "done (status 0, 6 files in $OUT)" in steps[-1]

@@ -14,13 +14,19 @@ Two halves, both without a GPU:
   backend (MLIR passes and the bundled ptxas, down to a cubin); the result carries shared memory,
   registers, stack frame, the ptxas log and the SASS (``cuobjdump -sass``).
 
+The capture also keeps each launch's compile exactly as Triton's JIT would run it (:class:`ExactCompile`, in the
+JIT's own types, under its cache key): :func:`compile_exact` fills the Triton cache entry a GPU launch looks up
+(``benchmarks/precompile.py``), and :func:`jit_lookups` sends launches through the JIT with a stand-in driver to
+check that it finds them there.
+
 Both run in worker processes started with :func:`init_worker`, which turns the interpreter off before
 packdit is imported there: the test session imports packdit's kernels under ``TRITON_INTERPRET=1`` (as
 interpreter functions, which can neither be compiled nor recorded). This module imports neither triton nor
 packdit at import time for that reason.
 
 The capture relies on Triton 3.6 internals (``create_function_from_signature``, ``JITFunction._pack_args``,
-the ``Autotuner`` key); :func:`capturing` fails loudly if they change.
+the ``Autotuner`` key), :func:`jit_lookups` on ``CUDABackend.add_stages`` running only on a cache miss;
+:func:`capturing` fails loudly if they change, and the precompile test if the lookups stop matching.
 """
 
 from __future__ import annotations
@@ -165,6 +171,53 @@ def _compile(case: CompileCase) -> CompileResult:
                          _cpu_seconds() - cpu_started)
 
 
+@dataclasses.dataclass
+class ExactCompile:
+    """One kernel specialisation with exactly the inputs Triton's JIT passes to ``triton.compile`` for its launch
+    (``JITFunction._pack_args``: signature, constexprs, attrs and parsed options, in the JIT's own types and order),
+    so that compiling it writes the Triton cache entry that launch looks up. ``key``: that entry's cache key."""
+
+    kernel: str
+    arch: int
+    signature: dict
+    constexprs: dict
+    attrs: dict
+    options: dict
+    key: str
+
+
+def _cache_key(source, target, options: dict) -> str:
+    from triton._C.libtriton import get_cache_invalidating_env_vars
+    from triton.compiler import make_backend
+    from triton.runtime.cache import get_cache_key
+
+    backend = make_backend(target)
+    return get_cache_key(source, backend, backend.parse_options(options), get_cache_invalidating_env_vars())
+
+
+def compile_exact(job: ExactCompile) -> float:
+    """Compile ``job`` into this process's Triton cache (a hit if it is there); returns the wall seconds. Raises
+    ``RuntimeError`` if this process would file it under another key than the recording one (another Triton, other
+    kernel sources or cache-invalidating environment variables)."""
+    import time
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    started = time.perf_counter()
+    target = GPUTarget("cuda", job.arch, 32)
+    source = ASTSource(_jit_function(job.kernel), job.signature, job.constexprs, job.attrs)
+    key = _cache_key(source, target, job.options)
+    if key != job.key:
+        raise RuntimeError(f"{job.kernel}: cache key {key} here, {job.key} where it was recorded")
+    try:
+        triton.compile(source, target=target, options=job.options)
+    except Exception:
+        raise RuntimeError(traceback.format_exc()) from None
+    return time.perf_counter() - started
+
+
 class _LogCapture:
     """The ptxas ``-v`` log of one compilation (info, spills and diagnostics such as C7515). Triton prints it
     (``knobs.nvidia.dump_ptxas_log``) only when it runs ptxas; it is saved beside the Triton cache entry for
@@ -273,6 +326,7 @@ class _Recorder:
         self.backends = {arch: make_backend(GPUTarget("cuda", arch, 32)) for arch in archs}
         self.binders = {}
         self.launches: list[Launch] = []
+        self.exact: dict[str, ExactCompile] = {}  # cache key -> the compile a GPU launch would run
         self.tags: tuple = ()
         self.autotune = None
 
@@ -294,6 +348,7 @@ class _Recorder:
         for arch, backend in self.backends.items():
             bound, specialization, options = self._binder(fn, arch)(*args, **kwargs)
             options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
+            self._record_exact(fn, kernel, arch, signature, constexprs, attrs, options)
             cases.append((arch, _case_from_specialization(kernel, fn.arg_names, signature, constexprs, attrs,
                                                           options, kwargs, arch)))
         int_args = tuple((param.name, bound[param.name]) for param in fn.params if not param.is_constexpr
@@ -304,23 +359,27 @@ class _Recorder:
             programs *= int(size)
         self.launches.append(Launch(tuple(cases), int_args, self.autotune, programs, self.tags))
 
+    def _record_exact(self, fn, kernel: str, arch: int, signature, constexprs, attrs, options) -> None:
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+
+        options = dict(options.__dict__)  # what JITFunction._do_compile passes to triton.compile
+        key = _cache_key(ASTSource(fn, signature, constexprs, attrs), GPUTarget("cuda", arch, 32), options)
+        self.exact.setdefault(key, ExactCompile(kernel, arch, signature, constexprs, attrs, options, key))
+
     def record_autotuned(self, tuner, args, kwargs) -> None:
         """The configurations ``tuner`` (a ``triton.autotune`` object) would benchmark for this launch."""
-        tuner.nargs = dict(zip(tuner.arg_names, args))
-        named = {**tuner.nargs, **kwargs}
+        named = {**dict(zip(tuner.arg_names, args)), **kwargs}
         named = {name: value for name, value in named.items() if name in tuner.arg_names}
         key = [named[name] for name in tuner.keys if name in named]  # Autotuner.run's cache key
         key += [str(value.dtype) for value in named.values() if hasattr(value, "dtype")]
-        configs = tuner.prune_configs(kwargs)
-        tuner.nargs = None
         base = tuner.base_fn
         group = (f"{base.__module__}:{base.__name__}", *key)
+        configs = _tried_configs(tuner, args, kwargs)
         for index, config in enumerate(configs):
             self.autotune = (group, index, len(configs))
-            if config.pre_hook is not None:  # e.g. the block shapes of tensor descriptors, as Autotuner.run does
-                config.pre_hook({**dict(zip(tuner.arg_names, args)), **kwargs, **config.all_kwargs()})
             try:
-                tuner.fn.run(*args, **kwargs, **config.all_kwargs())
+                _run_config(tuner, config, args, kwargs)
             finally:
                 self.autotune = None
 
@@ -345,11 +404,6 @@ def _case_from_specialization(kernel, arg_names, signature, constexprs, attrs, o
 def capturing(archs=(90, 80)):
     """Within the block, Triton launches are recorded (for each target in ``archs``), not run; yields the
     recorder, whose ``launches`` list grows and whose ``tags`` label the launches that follow."""
-    from triton.runtime.autotuner import Autotuner
-    from triton.runtime.jit import JITFunction
-
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        raise RuntimeError("capturing needs a process without TRITON_INTERPRET (see init_worker)")
     recorder = _Recorder(archs)
 
     def jit_run(fn, *args, grid, warmup, **kwargs):
@@ -358,6 +412,83 @@ def capturing(archs=(90, 80)):
     def autotune_run(tuner, *args, **kwargs):
         recorder.record_autotuned(tuner, args, kwargs)
 
+    with _launches_replaced(jit_run, autotune_run):
+        yield recorder
+
+
+@contextlib.contextmanager
+def jit_lookups(arch: int):
+    """Within the block, every Triton launch (every configuration of an autotuned one) goes through Triton's JIT
+    as on a GPU of compute capability ``arch`` (a stand-in driver: CPU tensors stand in for the GPU's), which
+    loads the kernel from Triton's cache or compiles it, and is then not launched. Yields the list of the kernels
+    the JIT compiled, i.e. did not find in the cache."""
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import CUDABackend
+    from triton.runtime.driver import driver
+    from triton.runtime.jit import JITFunction
+
+    class StandIn:
+        def get_current_device(self):
+            return 0
+
+        def get_current_stream(self, device):
+            return 0
+
+        def get_current_target(self):
+            return GPUTarget("cuda", arch, 32)
+
+    compiled = []
+    add_stages, jit = CUDABackend.add_stages, JITFunction.run
+
+    def compiling(backend, stages, options, language):  # only a cache miss gets this far in triton.compile
+        compiled.append(f"{options.num_warps} warps, {options.num_stages} stages")
+        return add_stages(backend, stages, options, language)
+
+    def jit_run(fn, *args, grid, warmup, **kwargs):
+        count = len(compiled)
+        jit(fn, *args, grid=grid, warmup=True, **kwargs)
+        compiled[count:] = [f"{fn.fn.__name__} ({what})" for what in compiled[count:]]
+
+    def autotune_run(tuner, *args, **kwargs):
+        for config in _tried_configs(tuner, args, kwargs):
+            _run_config(tuner, config, args, kwargs)
+
+    previous = driver.active if driver._active is not None else None  # the default driver needs a GPU
+    driver.set_active(StandIn())
+    CUDABackend.add_stages = compiling
+    try:
+        with _launches_replaced(jit_run, autotune_run):
+            yield compiled
+    finally:
+        CUDABackend.add_stages = add_stages
+        driver.set_active(previous)
+
+
+def _tried_configs(tuner, args, kwargs) -> list:
+    """The configurations autotuner ``tuner`` tries for a launch, after its pruning."""
+    tuner.nargs = dict(zip(tuner.arg_names, args))
+    configs = tuner.prune_configs(kwargs)
+    tuner.nargs = None
+    return configs
+
+
+def _run_config(tuner, config, args, kwargs) -> None:
+    """``tuner``'s kernel launched with ``config``, its ``pre_hook`` first as ``Autotuner.run`` does (e.g. the block
+    shapes of tensor descriptors)."""
+    if config.pre_hook is not None:
+        config.pre_hook({**dict(zip(tuner.arg_names, args)), **kwargs, **config.all_kwargs()})
+    tuner.fn.run(*args, **kwargs, **config.all_kwargs())
+
+
+@contextlib.contextmanager
+def _launches_replaced(jit_run, autotune_run):
+    """Within the block, ``JITFunction.run`` is ``jit_run``, ``Autotuner.run`` is ``autotune_run`` and the launchers'
+    device checks let CPU tensors through (_RUNNABLE_CHECKS)."""
+    from triton.runtime.autotuner import Autotuner
+    from triton.runtime.jit import JITFunction
+
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise RuntimeError("capturing needs a process without TRITON_INTERPRET (see init_worker)")
     saved = [(JITFunction, "run", JITFunction.run), (Autotuner, "run", Autotuner.run)]
     for module_name, attribute, _ in _RUNNABLE_CHECKS:
         module = importlib.import_module(module_name)
@@ -369,7 +500,7 @@ def capturing(archs=(90, 80)):
         JITFunction.run, Autotuner.run = jit_run, autotune_run
         for module_name, attribute, replacement in _RUNNABLE_CHECKS:
             setattr(importlib.import_module(module_name), attribute, replacement)
-        yield recorder
+        yield
     finally:
         for owner, attribute, value in saved:
             setattr(owner, attribute, value)

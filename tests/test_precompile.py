@@ -1,0 +1,64 @@
+"""``benchmarks/precompile.py`` compiles exactly what a GPU run's launches look up in Triton's cache.
+
+The tool records a section's launches on CPU tensors and compiles each with the inputs Triton's JIT computes for
+it (``triton_aot.ExactCompile``). Whether the JIT then finds them is checked here without a GPU: the same
+launches go through Triton's own JIT path with a stand-in driver for an sm_90 device (``triton_aot.jit_lookups``),
+which loads each kernel from the cache or compiles it, and reports what it compiled. The scenarios cover an
+autotuned forward (every configuration), the QK-norm / RoPE kernel, the attention backward, the GEMM's tensor
+descriptors (whose block shapes the autotuner's pre-hook sets per configuration) and the norm kernels. Compiles
+run in a worker process with a fresh Triton cache (the test session runs the interpreter).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from kernel_launches import COVERAGE, PRODUCTION, jit_misses
+from triton_aot import ExactCompile, Workers, compile_exact
+
+from packdit.ops.mlp import _TMA_TILE_CONFIGS
+
+ROOT = Path(__file__).resolve().parent.parent
+SCENARIOS = [s for s in (*PRODUCTION, *COVERAGE)
+             if s.name in ("attention 1152/16 rope full tiny bf16", "mlp 1152 bf16", "norm 64 layer affine bf16")]
+
+
+@pytest.fixture
+def fresh_cache_worker(tmp_path):
+    with Workers(1, str(tmp_path / "triton-cache"), archs=(90,)) as workers:
+        yield workers.pool
+
+
+def test_scenarios_exist():
+    assert len(SCENARIOS) == 3
+
+
+def test_the_jit_finds_every_precompiled_kernel(fresh_cache_worker):
+    assert fresh_cache_worker.submit(jit_misses, SCENARIOS).result() == []
+
+
+def test_the_jit_reports_what_it_compiles(fresh_cache_worker):
+    """Without the precompile the same lookups compile: the check above can fail."""
+    misses = fresh_cache_worker.submit(jit_misses, SCENARIOS[2:], precompile=False).result()
+    assert any(name.startswith("_modulated_norm_fwd") for name in misses), misses
+
+
+def test_a_compile_under_another_key_is_refused(fresh_cache_worker):
+    job = ExactCompile("packdit.ops.modulate:_modulated_norm_fwd", 90, {}, {}, {}, {}, key="recorded elsewhere")
+    with pytest.raises(RuntimeError, match="recorded elsewhere"):
+        fresh_cache_worker.submit(compile_exact, job).result()
+
+
+def test_precompile_records_the_sections_launches():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "benchmarks/precompile.py", "--capture-only", "--arch", "90", "--only",
+                           "mlp"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    recorded = re.search(r"^precompile: (\d+) kernel specialisations of mlp for sm_90", done.stdout, flags=re.M)
+    assert recorded, done.stdout[-2000:]
+    assert int(recorded.group(1)) >= len(_TMA_TILE_CONFIGS)  # at least every configuration of one GEMM launch
