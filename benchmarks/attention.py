@@ -39,7 +39,8 @@ is refused and not timed. Useful FLOPs: ``4 * D * H * pairs`` forward, x3.5 forw
 backward's dQ design: "single" (one add per element by the dK/dV kernel), "atomic" (fp32 atomics in it) or
 "separate" (the dQ kernel);
 ``one_block_heads`` (packdit's temporal rows) the most heads a program takes on temporal tiles; ``fwd_rows``
-(packdit's spatial rows) the query rows of a forward program. ``kernel_ms`` /
+(packdit's spatial rows) the most query rows a forward program may take, ``fwd_rows_tuned`` (GPU) the rows its
+autotuner picked (128-row tiles: 128, or two programs of 64). ``kernel_ms`` /
 ``kernel_sum_ms`` (fwd+bwd rows; on a GPU packdit's only): the kernels of one call under ``torch.profiler``; the
 gap between ``kernel_sum_ms`` and ``ms`` is the time a lone call waits on the host.
 ``packdit_useful_area``: the share of the scores packdit's tiles compute that attention needs, per case and,
@@ -547,10 +548,21 @@ def _run_case(ctx: Context, case: Case, seqs: PackedSeqs, label: str) -> list[di
             rows.append({**row, "pass": "-", "note": "skipped: time budget spent"})
             continue
         with _design(provider):
-            if provider.name.startswith("packdit") and case.mode == "spatial":
+            spatial_packdit = provider.name.startswith("packdit") and case.mode == "spatial"
+            if spatial_packdit:
                 row["fwd_rows"] = attention_op._fwd_rows(schedule.block_m, case.head_dim, dtype.itemsize)
-            rows += _verify_and_time(ctx, provider, expected, grad, row, flops, case)
+            provider_rows = _verify_and_time(ctx, provider, expected, grad, row, flops, case)
+            if spatial_packdit and ctx.is_gpu:
+                for timed in (r for r in provider_rows if "ms" in r):
+                    timed["fwd_rows_tuned"] = _tuned_forward_rows(row["fwd_rows"])
+        rows += provider_rows
     return rows
+
+
+def _tuned_forward_rows(rows: int) -> int:
+    """Query rows per program of packdit's last forward whose programs could take ``rows``: its autotuner's pick (a
+    128-row tile runs as one program or as two of 64 rows, ``attention.fwd_configs``)."""
+    return attention_op._fwd_kernel(rows).best_config.kwargs["BLOCK_M"]
 
 
 def _verify_and_time(ctx: Context, provider: Provider, expected: _Expected, grad, row: dict, flops: float,

@@ -380,18 +380,19 @@ def test_dq_by_atomics_only_where_they_keep_the_key_tile():
 
 @contextlib.contextmanager
 def _spied_launches():
-    """Yields ``{kernel name: (grid, keyword arguments)}`` of the attention kernels' launches, which still run."""
+    """Yields ``{kernel name: (grid, keyword arguments)}`` of the attention kernels' launches, which still run (a
+    grid function gets the configuration the interpreter runs: the forward's programs take ``rows`` rows)."""
     kernels = attention_op._kernels()
     fwd_kernel = attention_op._fwd_kernel
     launched = {}
 
     class Spy:
-        def __init__(self, name, kernel):
-            self.name, self.kernel = name, kernel
+        def __init__(self, name, kernel, meta=None):
+            self.name, self.kernel, self.meta = name, kernel, meta
 
         def __getitem__(self, grid):
             def launch(*args, **kwargs):
-                launched[self.name] = (grid, kwargs)
+                launched[self.name] = (grid(self.meta) if callable(grid) else grid, kwargs)
                 return self.kernel[grid](*args, **kwargs)
             return launch
 
@@ -400,7 +401,8 @@ def _spied_launches():
         for name in names:
             stack.enter_context(mock.patch.object(kernels, name, Spy(name, getattr(kernels, name))))
         stack.enter_context(mock.patch.object(attention_op, "_fwd_kernel",
-                                              lambda: Spy("attention_fwd_kernel", fwd_kernel())))
+                                              lambda rows: Spy("attention_fwd_kernel", fwd_kernel(rows),
+                                                                {"BLOCK_M": rows})))
         yield launched
 
 
@@ -719,9 +721,9 @@ def test_forward_configs_of_one_block_launches():
     blocks only. Elsewhere the pipelined configurations alone, 128-key blocks where they fit the registers."""
 
     def kept(one_block, rows=64, columns=128):
-        pruned = attention_op._prune_fwd_configs(attention_op.fwd_configs(), {}, BLOCK_M=rows, BLOCK_D0=columns,
-                                                 BLOCK_D1=0, ONE_BLOCK=one_block)
-        return {(c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in pruned}
+        pruned = attention_op._prune_fwd_configs(attention_op.fwd_configs(rows), {}, BLOCK_D0=columns, BLOCK_D1=0,
+                                                 ONE_BLOCK=one_block)
+        return {(c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in pruned if c.kwargs["BLOCK_M"] == rows}
 
     assert kept(True) == kept(True, columns=64) == {(64, 4, 3), (64, 4, 2), (64, 4, 1)}
     assert kept(True, columns=256) == {(64, 4, 2), (64, 4, 1)}
@@ -729,6 +731,40 @@ def test_forward_configs_of_one_block_launches():
     assert kept(True, rows=32) == {(64, 4, 3), (64, 4, 2)}  # mma.sync tiles: 1 stage spills at D = 72
     assert kept(False) == {(64, 4, 3)} and kept(False, rows=128) == {(64, 8, 3)}
     assert kept(False, columns=64) == {(64, 4, 3), (128, 4, 2)}
+
+
+@pytest.mark.parametrize("columns", [64, 80, 128])
+def test_forward_configs_offer_half_tile_programs_on_128_row_tiles(columns):
+    """On 128-row tiles the autotuner weighs 128-row programs (8 warps) against two 64-row programs (4 warps), each
+    with its own pipelined configurations; on smaller tiles a program takes the whole tile."""
+
+    def kept(rows):
+        pruned = attention_op._prune_fwd_configs(attention_op.fwd_configs(rows), {}, BLOCK_D0=columns, BLOCK_D1=0,
+                                                 ONE_BLOCK=False)
+        return {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in pruned}
+
+    assert kept(128) == {(128, *c) for c in {(64, 8, 3)} | ({(128, 8, 2)} if columns <= 96 else set())} | {
+        (64, *c) for c in {(64, 4, 3)} | ({(128, 4, 2)} if columns <= 64 else set())}
+    assert {c[0] for c in kept(64)} == {64} and {c[0] for c in kept(32)} == {32}
+
+
+def test_forward_programs_of_half_a_tile_match_the_reference(monkeypatch):
+    """The autotuner's 64-row programs on 128-row tiles (two per tile through grid axis 2), forced as the one
+    configuration the interpreter runs: forward and backward match the reference in full and spatial mode."""
+    configs = attention_op.fwd_configs
+    split = [c for c in configs(128) if c.kwargs["BLOCK_M"] == 64]
+    monkeypatch.setattr(attention_op, "fwd_configs", lambda rows: split if rows == 128 else configs(rows))
+    attention_op._fwd_kernel.cache_clear()
+    try:
+        seqs = PackedSeqs.from_grids([(2, 16, 16), (1, 12, 32), (1, 1, 1)])
+        for mode in ("full", "spatial"):
+            grids = seqs.grids if mode != "full" else None
+            schedule = attention_schedule.host_schedule(mode, seqs.seqlens, None, grids, seqs.num_tokens, DEVICE)
+            assert schedule.block_m == 128
+            check_against_reference(seqs, 4, 2, 32, mode=mode)
+            assert attention_op._fwd_kernel(128).best_config.kwargs["BLOCK_M"] == 64
+    finally:
+        attention_op._fwd_kernel.cache_clear()
 
 
 @pytest.mark.parametrize("query_grids, key_lengths, one_block, dq_mode", [

@@ -62,7 +62,8 @@ _MAX_HEAD_DIM = 256
 _DOT_PRECISION = "ieee"
 # The forward program's query rows (rows x head columns x element size) are capped at 64 KB: an fp32 query tile
 # of 128 x 256 (D = 256) leaves no autotuning configuration within an A100's 163 KiB. A schedule tile with more
-# rows runs as several programs (grid axis 2); bf16 / fp16 tiles are never split.
+# rows runs as several programs (grid axis 2); bf16 / fp16 tiles are split only where the autotuner picks 64-row
+# programs for a 128-row tile (fwd_configs).
 _FWD_TILE_BYTES = 64 * 1024
 # The dK/dV program keeps its key tile's K and V rows, the dQ program its query tile's Q and dO rows, next to the
 # pipelined inner blocks. Capping each at 32 KB (rows x head columns x element size) and pipelining wider rows
@@ -226,10 +227,19 @@ def _bwd_options(warps: int, stages: int) -> dict:
     return {"num_warps": warps, "num_stages": stages}
 
 
-def fwd_configs() -> list:
-    """The forward kernel's autotuning configurations (inner key block BLOCK_N, warps, stages), first the one the
-    interpreter runs; BLOCK_N >= 64 so a packed tile's keys fit one block (attention_schedule.PACK_ROWS)."""
-    return [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s)
+def fwd_configs(rows: int) -> list:
+    """The forward kernel's autotuning configurations for programs of a tile's ``rows`` query rows (_fwd_rows):
+    inner key block BLOCK_N, program rows BLOCK_M, warps, stages; the first is the one the interpreter runs.
+    BLOCK_N >= 64 so a packed tile's keys fit one block (attention_schedule.PACK_ROWS).
+
+    A 128-row tile also gets 64-row programs (two per tile, 4 warps each; grid axis 2): a 128-row program
+    (8 warps, 182-255 registers at D = 72-128, sm_90 bf16) has the SM to itself, where two 64-row programs fit
+    one SM (212 / 255 registers x 128 threads), so one's table reads, Q load and pipeline fill overlap the other's
+    loop. That matters where segments are a few key blocks long (spatial frames of 405 and 880 tokens, which
+    the H200 ran at 0.67-0.82x torch's varlen_attn in the forward); on long segments 128-row programs read K
+    and V half as often. The autotuner measures which."""
+    program_rows = (rows, rows // 2) if rows == 128 else (rows,)
+    return [triton.Config({"BLOCK_N": n, "BLOCK_M": m}, num_warps=w, num_stages=s) for m in program_rows
             for n, w, s in ((64, 4, 3), (64, 4, 2), (128, 4, 2), (64, 8, 3), (64, 8, 2), (128, 8, 2), (64, 4, 1),
                             (64, 8, 1))]
 
@@ -247,29 +257,32 @@ def _prune_fwd_configs(configs, named_args, **kwargs) -> list:
     (two), 1 stage 48 KiB without prefetch. All three compete there (1 stage on tiles of >= 64 rows: a 32-row tile
     at D = 72 spills 16 B), with 64-key blocks only (a packed tile's keys are at most PACK_ROWS = 64: a 128-key
     block would compute twice the masked scores)."""
-    rows, columns = kwargs["BLOCK_M"], kwargs["BLOCK_D0"] + kwargs["BLOCK_D1"]
-    warps = 8 if rows >= 128 else 4
-    widest = 96 if warps == 8 else 64
+    columns = kwargs["BLOCK_D0"] + kwargs["BLOCK_D1"]
 
     def keep(config):
+        rows = config.kwargs["BLOCK_M"]
+        warps = 8 if rows >= 128 else 4
+        if config.num_warps != warps:
+            return False
         if kwargs["ONE_BLOCK"]:
             return (config.kwargs["BLOCK_N"] == 64 and (config.num_stages < 3 or columns <= 128)
                     and (config.num_stages > 1 or rows >= 64))
         if config.num_stages == 1:
             return False
         if config.kwargs["BLOCK_N"] == 128:
-            return columns <= widest
+            return columns <= (96 if warps == 8 else 64)
         return config.num_stages == (3 if columns <= 128 else 2)
 
-    return [c for c in configs if c.num_warps == warps and keep(c)]
+    return [c for c in configs if keep(c)]
 
 
 @functools.cache
-def _fwd_kernel():
-    """The forward kernel, autotuned on a GPU (one configuration under the interpreter)."""
+def _fwd_kernel(rows: int):
+    """The forward kernel for tiles whose programs take at most ``rows`` query rows (_fwd_rows), autotuned on a GPU
+    (one configuration under the interpreter)."""
     from packdit.ops import _attention_kernels
 
-    return triton.autotune(tu.autotune_configs(fwd_configs()), key=["HEAD_DIM", "BLOCK_M", "max_len_bucket"],
+    return triton.autotune(tu.autotune_configs(fwd_configs(rows)), key=["HEAD_DIM", "TILE", "max_len_bucket"],
                            prune_configs_by={"early_config_prune": _prune_fwd_configs})(
         _attention_kernels.attention_fwd_kernel)
 
@@ -376,12 +389,15 @@ def varlen_attention_fwd(
         return out.zero_(), lse
     block_d0, block_d1 = _head_blocks(head_dim)
     align = tu.stride_alignment(q.element_size(), q, k, v, out)
-    rows = _fwd_rows(block_m, head_dim, q.element_size())
     one_block, heads = _head_split(num_heads, max_k_len)
-    _fwd_kernel()[(q_tiles.shape[0], triton.cdiv(num_heads, heads), block_m // rows)](
+
+    def grid(meta):
+        return q_tiles.shape[0], triton.cdiv(num_heads, heads), block_m // meta["BLOCK_M"]
+
+    _fwd_kernel(_fwd_rows(block_m, head_dim, q.element_size()))[grid](
         q, k, v, out, lse, q_groups, q_tiles, q_groups.shape[1], num_heads, heads,
         *tu.unit_strides(align, q, k, v, out), lse.stride(0), scale, triton.next_power_of_2(max_k_len),
-        HEAD_DIM=head_dim, BLOCK_D0=block_d0, BLOCK_D1=block_d1, TILE=block_m, BLOCK_M=rows,
+        HEAD_DIM=head_dim, BLOCK_D0=block_d0, BLOCK_D1=block_d1, TILE=block_m,
         GROUP=num_heads // k.shape[1], ONE_BLOCK=one_block, ALIGN=align, DOT_PRECISION=_DOT_PRECISION,
     )
     return out, lse
