@@ -9,7 +9,9 @@ specialisation is compiled through Triton's CUDA backend and read back from the 
 and its SASS (``tests/sass_parser.py``, which defines the hot loop and issue/MMA).
 
 Columns per kernel x config: registers, ``spill_bytes`` (stack frame per thread; nonzero = local memory) and
-ptxas's spill stores, shared memory, MMA instructions in the hot loop (``wgmma`` HGMMA, ``mma_sync`` HMMA),
+ptxas's spill stores, shared memory, ``programs_per_sm`` (how many of its thread blocks fit one SM by registers,
+shared memory and warps: the occupancy calculator's rules), ``tile`` / ``block_m`` (attention: a schedule tile's
+query rows / a program's), MMA instructions in the hot loop (``wgmma`` HGMMA, ``mma_sync`` HMMA),
 ``cp_async`` (16-byte LDGSTS: cp.async tile copies) / ``tma`` (UTMALDG, UBLKCP) anywhere in the kernel and
 ``loop_pipelined`` (either in the hot loop), MUFU in the loop, ``loop_instructions_per_warp``,
 ``issue_per_mma`` (<= 1: the tensor cores bound the loop), ``c7515`` (ptxas: wgmma serialised), global load /
@@ -40,9 +42,9 @@ RESULTS_SLUG = "static-sm90"
 ARCHS = (90, 80)
 PROCESSES = 2
 GEMM_KERNELS = ("_linear_kernel", "_linear_tma_kernel")
-COLUMNS = ["kernel", "config", "head_dim", "rope", "width", "registers", "spill_bytes", "shared_bytes", "wgmma",
-           "mma_sync", "cp_async", "tma", "loop_pipelined", "mufu", "loop_instructions_per_warp", "issue_per_mma",
-           "c7515"]
+COLUMNS = ["kernel", "config", "head_dim", "rope", "width", "registers", "spill_bytes", "shared_bytes",
+           "programs_per_sm", "wgmma", "mma_sync", "cp_async", "tma", "loop_pipelined", "mufu",
+           "loop_instructions_per_warp", "issue_per_mma", "c7515"]
 
 
 def _scenarios_rope(launches: list[triton_aot.Launch]):
@@ -50,6 +52,23 @@ def _scenarios_rope(launches: list[triton_aot.Launch]):
     for a kernel that RoPE-on and RoPE-off scenarios share (the attention kernels: RoPE runs in the QK-norm pass)."""
     ropes = {dict(launch.tags).get("rope") for launch in launches} - {None}
     return "on+off" if len(ropes) > 1 else next(iter(ropes), None)
+
+
+# Per SM (CUDA occupancy calculator, compute capability 9.0 / 8.0): registers, allocated per warp in units of
+# 256; shared memory (228 / 164 KiB, of which 1 KiB reserved per block); resident warps and blocks.
+_SM_LIMITS = {90: dict(registers=65536, shared=233472, warps=64, blocks=32),
+              80: dict(registers=65536, shared=167936, warps=64, blocks=32)}
+
+
+def programs_per_sm(arch: int, registers: int, warps: int, shared: int) -> int:
+    """How many programs (thread blocks) of a kernel fit one SM at once, by its registers per thread, warps and
+    shared memory per block: a static occupancy limit (one means nothing overlaps a program's prologue and
+    epilogue on that SM)."""
+    limits = _SM_LIMITS[arch]
+    per_warp = -(-registers * 32 // 256) * 256
+    by_registers = limits["registers"] // (per_warp * warps) if registers else limits["blocks"]
+    by_shared = limits["shared"] // (shared + 1024)
+    return min(by_registers, by_shared, limits["warps"] // warps, limits["blocks"])
 
 
 def _widths(counts: dict) -> str:
@@ -72,6 +91,7 @@ def row(case: triton_aot.CompileCase, launches: list[triton_aot.Launch], result:
         "rope": values.get("ROPE", _scenarios_rope(launches)),
         "width": tags.get("width"),
         "gemm_nk": f"{int_args['N']}x{int_args['K']}" if case.name in GEMM_KERNELS else None,
+        "tile": values.get("TILE"),
         "block_m": values.get("BLOCK_M"),
         "block_n": values.get("BLOCK_N"),
         "epilogue": values.get("EPILOGUE"),
@@ -83,6 +103,7 @@ def row(case: triton_aot.CompileCase, launches: list[triton_aot.Launch], result:
         "spill_bytes": result.stack,
         "spill_stores": stats.spill_stores,
         "shared_bytes": result.shared,
+        "programs_per_sm": programs_per_sm(case.arch, result.registers, case.num_warps, result.shared),
         "wgmma": loop.wgmma if loop else 0,
         "mma_sync": loop.mma_sync if loop else 0,
         "wgmma_kernel": stats.wgmma,

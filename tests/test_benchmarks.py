@@ -376,3 +376,18 @@ def test_attention_rows_carry_a_kernel_breakdown(profiler_works, tmp_path, monke
             assert r["kernel_sum_ms"] > 0 and r["kernel_ms"].count(";") >= 1
         else:
             assert r["kernel_ms"] == "profile failed: RuntimeError: CUPTI unavailable" and "kernel_sum_ms" not in r
+
+
+@pytest.mark.parametrize("arch, registers, warps, shared, expected", [
+    (90, 182, 8, 81920, 1),    # the 128-row forward at hd 72: 8 x 5,888 registers of 65,536
+    (90, 255, 4, 114688, 2),   # the 64-row forward at hd 128: 4 x 8,192 registers, 113 KiB of shared memory
+    (90, 168, 4, 57344, 3),    # 168 x 32 = 21 register units of 256 per warp
+    (90, 170, 4, 0, 2),        # 170 x 32 rounds up to 22 units: 2 blocks, not 3
+    (90, 32, 4, 120000, 1),    # shared memory binds (228 KiB per SM, 1 KiB per block reserved)
+    (80, 32, 4, 80000, 2),     # an A100 SM has 164 KiB
+    (90, 16, 32, 0, 2),        # resident warps bind (64 per SM)
+])
+def test_sass_programs_per_sm_follow_the_occupancy_rules(arch, registers, warps, shared, expected):
+    from sass import programs_per_sm
+
+    assert programs_per_sm(arch, registers, warps, shared) == expected
