@@ -82,6 +82,7 @@ from workloads import MIXES, patch_grid, take_tokens
 
 import packdit
 from packdit import reference
+from packdit.determinism import deterministic_enabled
 from packdit.layout import PackedSeqs
 from packdit.models.config import default_rope
 from packdit.ops import attention as attention_op
@@ -562,7 +563,7 @@ def _run_case(ctx: Context, case: Case, seqs: PackedSeqs, label: str) -> list[di
 def _tuned_forward_rows(rows: int) -> int:
     """Query rows per program of packdit's last forward whose programs could take ``rows``: its autotuner's pick (a
     128-row tile runs as one program or as two of 64 rows, ``attention.fwd_configs``)."""
-    return attention_op._fwd_kernel(rows).best_config.kwargs["BLOCK_M"]
+    return attention_op._fwd_kernel(rows, deterministic_enabled()).best_config.kwargs["BLOCK_M"]
 
 
 def _verify_and_time(ctx: Context, provider: Provider, expected: _Expected, grad, row: dict, flops: float,

@@ -400,9 +400,11 @@ def _spied_launches():
     with contextlib.ExitStack() as stack:
         for name in names:
             stack.enter_context(mock.patch.object(kernels, name, Spy(name, getattr(kernels, name))))
-        stack.enter_context(mock.patch.object(attention_op, "_fwd_kernel",
-                                              lambda rows: Spy("attention_fwd_kernel", fwd_kernel(rows),
-                                                                {"BLOCK_M": rows})))
+
+        def spied_forward(rows, deterministic):
+            return Spy("attention_fwd_kernel", fwd_kernel(rows, deterministic), {"BLOCK_M": rows})
+
+        stack.enter_context(mock.patch.object(attention_op, "_fwd_kernel", spied_forward))
         yield launched
 
 
@@ -748,12 +750,42 @@ def test_forward_configs_offer_half_tile_programs_on_128_row_tiles(columns):
     assert {c[0] for c in kept(64)} == {64} and {c[0] for c in kept(32)} == {32}
 
 
+@pytest.mark.parametrize("rows", [128, 64, 32])
+@pytest.mark.parametrize("columns", [64, 80, 128, 256])
+@pytest.mark.parametrize("one_block", [False, True])
+def test_deterministic_forward_configs_compute_the_same_bits(rows, columns, one_block):
+    """In deterministic mode the forward's autotuner only chooses the pipeline depth: one key block and program
+    size, whose results do not depend on which configuration a run's timings pick."""
+    pruned = attention_op._prune_fwd_configs(attention_op.fwd_configs(rows, deterministic=True), {},
+                                             BLOCK_D0=columns, BLOCK_D1=0, ONE_BLOCK=one_block)
+    assert pruned and {(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_M"], c.num_warps) for c in pruned} == {
+        (64, rows, 8 if rows == 128 else 4)}
+
+
+def test_forward_launch_follows_deterministic_mode():
+    seqs = PackedSeqs.from_grids([(1, 12, 16), (1, 1, 3)], device=DEVICE)
+    q = torch.randn(seqs.num_tokens, 2, 32, device=DEVICE)
+    seen = []
+    kernel = attention_op._fwd_kernel
+
+    def spied(rows, deterministic):
+        seen.append(deterministic)
+        return kernel(rows, deterministic)
+
+    with mock.patch.object(attention_op, "_fwd_kernel", spied):
+        for enabled in (False, True):
+            with _deterministic(enabled):
+                attention_op.varlen_attention(q, q, q, seqs.cu_seqlens, seqs.max_seqlen, seqs=seqs)
+    assert seen == [False, True]
+
+
 def test_forward_programs_of_half_a_tile_match_the_reference(monkeypatch):
     """The autotuner's 64-row programs on 128-row tiles (two per tile through grid axis 2), forced as the one
     configuration the interpreter runs: forward and backward match the reference in full and spatial mode."""
     configs = attention_op.fwd_configs
     split = [c for c in configs(128) if c.kwargs["BLOCK_M"] == 64]
-    monkeypatch.setattr(attention_op, "fwd_configs", lambda rows: split if rows == 128 else configs(rows))
+    monkeypatch.setattr(attention_op, "fwd_configs",
+                        lambda rows, deterministic: split if rows == 128 else configs(rows, deterministic))
     attention_op._fwd_kernel.cache_clear()
     try:
         seqs = PackedSeqs.from_grids([(2, 16, 16), (1, 12, 32), (1, 1, 1)])
@@ -762,7 +794,7 @@ def test_forward_programs_of_half_a_tile_match_the_reference(monkeypatch):
             schedule = attention_schedule.host_schedule(mode, seqs.seqlens, None, grids, seqs.num_tokens, DEVICE)
             assert schedule.block_m == 128
             check_against_reference(seqs, 4, 2, 32, mode=mode)
-            assert attention_op._fwd_kernel(128).best_config.kwargs["BLOCK_M"] == 64
+            assert attention_op._fwd_kernel(128, False).best_config.kwargs["BLOCK_M"] == 64
     finally:
         attention_op._fwd_kernel.cache_clear()
 

@@ -227,10 +227,14 @@ def _bwd_options(warps: int, stages: int) -> dict:
     return {"num_warps": warps, "num_stages": stages}
 
 
-def fwd_configs(rows: int) -> list:
+def fwd_configs(rows: int, deterministic: bool = False) -> list:
     """The forward kernel's autotuning configurations for programs of a tile's ``rows`` query rows (_fwd_rows):
     inner key block BLOCK_N, program rows BLOCK_M, warps, stages; the first is the one the interpreter runs.
     BLOCK_N >= 64 so a packed tile's keys fit one block (attention_schedule.PACK_ROWS).
+
+    ``deterministic``: only configurations that compute the same bits (64-key blocks, ``rows``-row programs: they
+    differ in pipeline depth alone), so that runs whose autotuners time differently agree bitwise. 128-key blocks
+    update each row's running max half as often, which rounds the output and lse differently.
 
     A 128-row tile also gets 64-row programs (two per tile, 4 warps each; grid axis 2): a 128-row program
     (8 warps, 182-255 registers at D = 72-128, sm_90 bf16) has the SM to itself, where two 64-row programs fit
@@ -238,10 +242,10 @@ def fwd_configs(rows: int) -> list:
     loop. That matters where segments are a few key blocks long (spatial frames of 405 and 880 tokens, which
     the H200 ran at 0.67-0.82x torch's varlen_attn in the forward); on long segments 128-row programs read K
     and V half as often. The autotuner measures which."""
-    program_rows = (rows, rows // 2) if rows == 128 else (rows,)
+    program_rows = (rows, rows // 2) if rows == 128 and not deterministic else (rows,)
     return [triton.Config({"BLOCK_N": n, "BLOCK_M": m}, num_warps=w, num_stages=s) for m in program_rows
             for n, w, s in ((64, 4, 3), (64, 4, 2), (128, 4, 2), (64, 8, 3), (64, 8, 2), (128, 8, 2), (64, 4, 1),
-                            (64, 8, 1))]
+                            (64, 8, 1)) if n == 64 or not deterministic]
 
 
 def _prune_fwd_configs(configs, named_args, **kwargs) -> list:
@@ -277,12 +281,13 @@ def _prune_fwd_configs(configs, named_args, **kwargs) -> list:
 
 
 @functools.cache
-def _fwd_kernel(rows: int):
+def _fwd_kernel(rows: int, deterministic: bool):
     """The forward kernel for tiles whose programs take at most ``rows`` query rows (_fwd_rows), autotuned on a GPU
-    (one configuration under the interpreter)."""
+    among ``fwd_configs(rows, deterministic)`` (one configuration under the interpreter)."""
     from packdit.ops import _attention_kernels
 
-    return triton.autotune(tu.autotune_configs(fwd_configs(rows)), key=["HEAD_DIM", "TILE", "max_len_bucket"],
+    return triton.autotune(tu.autotune_configs(fwd_configs(rows, deterministic)),
+                           key=["HEAD_DIM", "TILE", "max_len_bucket"],
                            prune_configs_by={"early_config_prune": _prune_fwd_configs})(
         _attention_kernels.attention_fwd_kernel)
 
@@ -375,10 +380,11 @@ def _schedule(q: Tensor, k: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, 
 @torch.library.custom_op("packdit::varlen_attention_fwd", mutates_args=())
 def varlen_attention_fwd(
     q: Tensor, k: Tensor, v: Tensor, q_groups: Tensor, q_tiles: Tensor, k_groups: Tensor, k_tiles: Tensor,
-    sizes: list[int], scale: float,
+    sizes: list[int], scale: float, deterministic: bool,
 ) -> tuple[Tensor, Tensor]:
     """``(out (Nq, Hq, D) q.dtype, lse (Hq, Nq) fp32)``; the key-side tables are carried for the backward.
-    ``sizes``: ``[block_m, block_kt, max_q_len, max_k_len, keys_uncovered]`` of the schedule."""
+    ``sizes``: ``[block_m, block_kt, max_q_len, max_k_len, keys_uncovered]`` of the schedule; ``deterministic``:
+    autotune among configurations that compute the same bits only (fwd_configs)."""
     tu.require_triton("varlen_attention", q)
     num_q, num_heads, head_dim = q.shape
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -394,7 +400,7 @@ def varlen_attention_fwd(
     def grid(meta):
         return q_tiles.shape[0], triton.cdiv(num_heads, heads), block_m // meta["BLOCK_M"]
 
-    _fwd_kernel(_fwd_rows(block_m, head_dim, q.element_size()))[grid](
+    _fwd_kernel(_fwd_rows(block_m, head_dim, q.element_size()), deterministic)[grid](
         q, k, v, out, lse, q_groups, q_tiles, q_groups.shape[1], num_heads, heads,
         *tu.unit_strides(align, q, k, v, out), lse.stride(0), scale, triton.next_power_of_2(max_k_len),
         HEAD_DIM=head_dim, BLOCK_D0=block_d0, BLOCK_D1=block_d1, TILE=block_m,
@@ -404,7 +410,7 @@ def varlen_attention_fwd(
 
 
 @varlen_attention_fwd.register_fake
-def _(q, k, v, q_groups, q_tiles, k_groups, k_tiles, sizes, scale):
+def _(q, k, v, q_groups, q_tiles, k_groups, k_tiles, sizes, scale, deterministic):
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(
         (q.shape[1], q.shape[0]), dtype=torch.float32)
 
@@ -490,7 +496,7 @@ def _(grad_out, grad_lse, q, k, v, out, lse, q_groups, q_tiles, k_groups, k_tile
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, q_groups, q_tiles, k_groups, k_tiles, sizes, scale = inputs
+    q, k, v, q_groups, q_tiles, k_groups, k_tiles, sizes, scale, _ = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, q_groups, q_tiles, k_groups, k_tiles)
     ctx.sizes, ctx.scale = sizes, scale
@@ -505,7 +511,7 @@ def _backward(ctx, grad_out, grad_lse):
         grad_out = torch.zeros_like(out)
     dq, dk, dv = varlen_attention_bwd(grad_out, grad_lse, q, k, v, out, lse, q_groups, q_tiles, k_groups, k_tiles,
                                       ctx.sizes, ctx.scale, deterministic_enabled())
-    return dq, dk, dv, None, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None, None
 
 
 varlen_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -628,5 +634,5 @@ def varlen_attention(
     if rope is not None:
         q = qk_norm_rope(q, None, seqs.positions, rope)
         k = qk_norm_rope(k, None, seqs.positions, rope)
-    out, lse = varlen_attention_fwd(q, k, v, *tables, sizes, scale)
+    out, lse = varlen_attention_fwd(q, k, v, *tables, sizes, scale, deterministic_enabled())
     return (out, lse) if return_lse else out
