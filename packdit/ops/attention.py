@@ -33,7 +33,7 @@ Pipeline, per layout and mode:
    tile (_dq_by_atomics, bf16/fp16: head dims 97-128 without GQA, up to 128 with it). A program takes one head,
    or up to _ONE_BLOCK_HEADS in a loop where every tile is one block (_head_split). ``parts`` is 1 unless a
    tile's rows would take more shared memory than fits (wide fp32 heads, see _FWD_TILE_BYTES and
-   _BWD_TILE_BYTES).
+   _BWD_TILE_BYTES), or the forward's autotuner runs a 128-row tile as two 64-row programs (fwd_configs).
 """
 
 from __future__ import annotations
