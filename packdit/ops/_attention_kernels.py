@@ -453,6 +453,14 @@ def _dkdv_single_rows(Q, K, V, DO, Delta, DQ, DK, DV, q_start, seg_stride, k_row
             _store_head(_row_ptrs(DQ, q_rows, stride_dqn, head * stride_dqh, ALIGN), n_valid,
                         (scale * ds)[:, None] * k0.to(tl.float32), (scale * ds)[:, None] * k1.to(tl.float32),
                         HEAD_DIM, BLOCK_D0, BLOCK_D1)
+    _store_dk(DK, k_rows, n_valid, kv_head, stride_dkn, stride_dkh, dk0, dk1, scale, HEAD_DIM, BLOCK_D0, BLOCK_D1,
+              ALIGN)
+
+
+@triton.jit
+def _store_dk(DK, k_rows, n_valid, kv_head, stride_dkn, stride_dkh, dk0, dk1, scale, HEAD_DIM: tl.constexpr,
+              BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr, ALIGN: tl.constexpr):
+    """dK = scale dk (the kernels accumulate ds q unscaled) of one kv head's key rows."""
     _store_head(_row_ptrs(DK, k_rows, stride_dkn, kv_head * stride_dkh, ALIGN), n_valid, dk0 * scale, dk1 * scale,
                 HEAD_DIM, BLOCK_D0, BLOCK_D1)
 
@@ -460,9 +468,9 @@ def _dkdv_single_rows(Q, K, V, DO, Delta, DQ, DK, DV, q_start, seg_stride, k_row
 @triton.jit
 def _dkdv_store(DK, DV, k_rows, n_valid, kv_head, stride_dkn, stride_dkh, stride_dvn, stride_dvh, dk0, dk1, dv0, dv1,
                 scale, HEAD_DIM: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr, ALIGN: tl.constexpr):
-    """dK = scale dk (the kernels accumulate ds q unscaled) and dV of one kv head's key rows."""
-    _store_head(_row_ptrs(DK, k_rows, stride_dkn, kv_head * stride_dkh, ALIGN), n_valid, dk0 * scale, dk1 * scale,
-                HEAD_DIM, BLOCK_D0, BLOCK_D1)
+    """dK (_store_dk) and dV of one kv head's key rows."""
+    _store_dk(DK, k_rows, n_valid, kv_head, stride_dkn, stride_dkh, dk0, dk1, scale, HEAD_DIM, BLOCK_D0, BLOCK_D1,
+              ALIGN)
     _store_head(_row_ptrs(DV, k_rows, stride_dvn, kv_head * stride_dvh, ALIGN), n_valid, dv0, dv1, HEAD_DIM, BLOCK_D0,
                 BLOCK_D1)
 
