@@ -375,17 +375,17 @@ def _packdit(seqs: PackedSeqs, case: Case, backend: str | None = None) -> Callab
 def _packdit_providers(seqs: PackedSeqs, case: Case, default_dq: str, backend: str | None = None) -> list[Provider]:
     """packdit as a GPU case times it: its defaults, and beside them the other dQ design (full and temporal), one
     head per one-block program (temporal) and forward programs of at most 64 rows (spatial), RoPE off."""
-    providers = [Provider("packdit", _packdit(seqs, case, backend), fused_rope=True)]
+    fn = _packdit(seqs, case, backend)
+    providers = [Provider("packdit", fn, fused_rope=True)]
     if case.rope:
         return providers
     if case.mode in ("full", "temporal"):
         other = _other_dq(default_dq)
-        providers.append(Provider(f"packdit-{other}-dq", _packdit(seqs, case, backend), fused_rope=True, dq=other))
+        providers.append(Provider(f"packdit-{other}-dq", fn, fused_rope=True, dq=other))
     if case.mode == "temporal":
-        providers.append(Provider("packdit-one-head", _packdit(seqs, case, backend), fused_rope=True,
-                                  one_block_heads=1))
+        providers.append(Provider("packdit-one-head", fn, fused_rope=True, one_block_heads=1))
     if case.mode == "spatial":
-        providers.append(Provider("packdit-64-row-fwd", _packdit(seqs, case, backend), fused_rope=True, fwd_rows=64))
+        providers.append(Provider("packdit-64-row-fwd", fn, fused_rope=True, fwd_rows=64))
     return providers
 
 

@@ -39,15 +39,15 @@ def _cases(gpu: bool) -> list[tuple[int, int, int, bool]]:
     return [(256, 64, 8, False)] + ([(40, 32, 3, True)] if interpreting() else [])
 
 
+CAPTURE_TOKENS = 256  # divisible by 16, as the GPU cases' token counts are (see packdit_calls)
+
+
 def packdit_calls() -> list[tuple[str, Callable[[], None]]]:
     """``(label, call)``: each call runs ``fused_mlp`` forward + backward on CPU bf16 tensors of one GPU case's
     width, for ``precompile.py`` to record its Triton launches. Tokens are cut to ``CAPTURE_TOKENS``: the
     backward's weight gradients (cuBLAS on a GPU) run for real on the CPU, and a launch specialises on the token
     count only by its divisibility by 16, which the GPU cases' counts share."""
     return [(f"mlp N{n} D{d}", functools.partial(_run_packdit, d, segments)) for n, d, segments, _ in _cases(gpu=True)]
-
-
-CAPTURE_TOKENS = 256
 
 
 def _run_packdit(d: int, segments: int) -> None:

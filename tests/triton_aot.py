@@ -186,12 +186,11 @@ class ExactCompile:
     key: str
 
 
-def _cache_key(source, target, options: dict) -> str:
+def _cache_key(source, backend, options: dict) -> str:
+    """The key ``triton.compile`` files ``source`` under for ``backend`` (a target's) with ``options``."""
     from triton._C.libtriton import get_cache_invalidating_env_vars
-    from triton.compiler import make_backend
     from triton.runtime.cache import get_cache_key
 
-    backend = make_backend(target)
     return get_cache_key(source, backend, backend.parse_options(options), get_cache_invalidating_env_vars())
 
 
@@ -203,12 +202,12 @@ def compile_exact(job: ExactCompile) -> float:
 
     import triton
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    from triton.compiler import ASTSource, make_backend
 
     started = time.perf_counter()
     target = GPUTarget("cuda", job.arch, 32)
     source = ASTSource(_jit_function(job.kernel), job.signature, job.constexprs, job.attrs)
-    key = _cache_key(source, target, job.options)
+    key = _cache_key(source, make_backend(target), job.options)
     if key != job.key:
         raise RuntimeError(f"{job.kernel}: cache key {key} here, {job.key} where it was recorded")
     try:
@@ -348,7 +347,7 @@ class _Recorder:
         for arch, backend in self.backends.items():
             bound, specialization, options = self._binder(fn, arch)(*args, **kwargs)
             options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
-            self._record_exact(fn, kernel, arch, signature, constexprs, attrs, options)
+            self._record_exact(fn, kernel, arch, backend, signature, constexprs, attrs, options)
             cases.append((arch, _case_from_specialization(kernel, fn.arg_names, signature, constexprs, attrs,
                                                           options, kwargs, arch)))
         int_args = tuple((param.name, bound[param.name]) for param in fn.params if not param.is_constexpr
@@ -359,12 +358,11 @@ class _Recorder:
             programs *= int(size)
         self.launches.append(Launch(tuple(cases), int_args, self.autotune, programs, self.tags))
 
-    def _record_exact(self, fn, kernel: str, arch: int, signature, constexprs, attrs, options) -> None:
-        from triton.backends.compiler import GPUTarget
+    def _record_exact(self, fn, kernel: str, arch: int, backend, signature, constexprs, attrs, options) -> None:
         from triton.compiler import ASTSource
 
         options = dict(options.__dict__)  # what JITFunction._do_compile passes to triton.compile
-        key = _cache_key(ASTSource(fn, signature, constexprs, attrs), GPUTarget("cuda", arch, 32), options)
+        key = _cache_key(ASTSource(fn, signature, constexprs, attrs), backend, options)
         self.exact.setdefault(key, ExactCompile(kernel, arch, signature, constexprs, attrs, options, key))
 
     def record_autotuned(self, tuner, args, kwargs) -> None:
