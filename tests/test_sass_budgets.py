@@ -245,6 +245,9 @@ def _budgets() -> list[Budget]:
         budgets.append(Budget(f"qk-norm-rope-d{head_dim}-spill", _qk_norm_rope(head_dim), _worst(_spill, " B"), 0))
         budgets.append(Budget(f"qk-norm-rope-d{head_dim}-vectorized-loads", _qk_norm_rope(head_dim),
                               _worst(_narrow_loads, " loads of < 32 bits"), 0))
+        budgets.append(Budget(f"qk-norm-rope-d{head_dim}-pipelined", _qk_norm_rope(head_dim),
+                              _worst(_not_pipelined, " (1: the head loop prefetches no rows by 16-byte cp.async)"),
+                              0))
     for epilogue in (0, 1, 2, 3):
         budgets.append(Budget(f"gemm-epilogue{epilogue}-spill", _gemm(epilogue), _worst(_spill, " B"), 0))
         budgets.append(Budget(f"gemm-epilogue{epilogue}-c7515", _gemm(epilogue), _worst(_c7515, " (1: C7515)"), 0))

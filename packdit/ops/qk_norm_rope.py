@@ -22,8 +22,9 @@ Layouts: ``x`` may be a strided view (the q|k heads of a fused qkv projection, r
 contiguous; ``weight`` may be an expanded view (stride 0 over heads); ``y`` and ``dx`` are contiguous. Strides
 arrive in units of ``ALIGN`` elements (``_triton_utils.stride_alignment``), so at head dim 72 (a head stride of
 144 B) the rows still load in 16-byte vectors. Kernels compute in fp32. A program takes BLOCK_T tokens and
-loops over the heads, so the angles (BLOCK_T, D/2) are computed once per program; ``dweight`` is reduced as
-one fp32 partial sum per program and head, added in program order (bitwise deterministic).
+loops over the heads, so the angles (BLOCK_T, D/2) are computed once per program, and the pipeliner keeps the
+next heads' rows in flight (cp.async, _HEAD_STAGES) while it normalises and rotates this one; ``dweight`` is
+reduced as one fp32 partial sum per program and head, added in program order (bitwise deterministic).
 
 Oracle: ``apply_rope_3d(F.rms_norm(x, (D,), eps=eps) * weight, positions, rope)`` in float64
 (:mod:`packdit.reference.rope`); RoFormer (arXiv 2104.09864) for the rotation, ViT-22B (arXiv 2302.05442) for
@@ -49,6 +50,14 @@ __all__ = ["qk_norm_rope", "rope_rotate"]
 # many each). Compiled for sm_90 at D = 72 and 128 (bf16), 8,192 values per tile at 4 warps spill ~1 KB.
 _TILE_ELEMENTS = 4096
 _NUM_WARPS = 8
+# Heads in flight per program: the pass is memory-bound, and an un-pipelined head loop waits for each head's rows
+# before it computes, with only a few programs per SM to cover the wait. Compiled for sm_90 (bf16, D = 128,
+# QK-norm and RoPE, 32 tokens = 8 KB per tensor and head), one stage: 4 forward programs per SM (57 registers)
+# with 32 KB of loads in flight, 2 backward programs (101 registers, dy and x) with 32 KB, and only while they
+# wait, against the 22-36 KB per SM that 4.8 TB/s needs at 0.6-1 us of memory latency (H200, Little's law). Three
+# stages: 96 KB in flight for both (61 / 113 registers, 16.5 / 36.5 KiB of shared memory, the same programs
+# per SM). Estimates from the compiled code, not timed.
+_HEAD_STAGES = 3
 
 
 @triton.jit
@@ -119,11 +128,11 @@ def _token_tile(Pos, num_tokens, log2_theta, HEAD_DIM: tl.constexpr, BLOCK_D: tl
 def _qk_norm_rope_fwd_kernel(
     X, W, Pos, Y, num_tokens, num_heads, stride_xn, stride_xh, stride_wh, stride_yn, stride_yh, eps, log2_theta,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, NORM: tl.constexpr, ROPE: tl.constexpr,
-    AX_T: tl.constexpr, AX_H: tl.constexpr, AX_W: tl.constexpr, ALIGN: tl.constexpr,
+    AX_T: tl.constexpr, AX_H: tl.constexpr, AX_W: tl.constexpr, ALIGN: tl.constexpr, HEAD_STAGES: tl.constexpr,
 ):
     rows64, cols, mask, cos, sin = _token_tile(Pos, num_tokens, log2_theta, HEAD_DIM, BLOCK_D, BLOCK_T, ROPE, AX_T,
                                               AX_H, AX_W)
-    for head in range(num_heads):
+    for head in tl.range(num_heads, num_stages=HEAD_STAGES):
         x = tl.load(X + (rows64[:, None] * stride_xn + head * stride_xh) * ALIGN + cols[None, :], mask=mask,
                     other=0.0)
         z = x.to(tl.float32)
@@ -142,13 +151,13 @@ def _qk_norm_rope_bwd_kernel(
     DY, X, W, Pos, DX, DWPartial, num_tokens, num_heads, stride_dyn, stride_dyh, stride_xn, stride_xh, stride_wh,
     stride_dxn, stride_dxh, eps, log2_theta,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, NORM: tl.constexpr, ROPE: tl.constexpr,
-    AX_T: tl.constexpr, AX_H: tl.constexpr, AX_W: tl.constexpr, ALIGN: tl.constexpr,
+    AX_T: tl.constexpr, AX_H: tl.constexpr, AX_W: tl.constexpr, ALIGN: tl.constexpr, HEAD_STAGES: tl.constexpr,
 ):
     block = tl.program_id(0)
     rows64, cols, mask, cos, sin = _token_tile(Pos, num_tokens, log2_theta, HEAD_DIM, BLOCK_D, BLOCK_T, ROPE, AX_T,
                                               AX_H, AX_W)
     col_valid = cols < HEAD_DIM
-    for head in range(num_heads):
+    for head in tl.range(num_heads, num_stages=HEAD_STAGES):
         dz = tl.load(DY + (rows64[:, None] * stride_dyn + head * stride_dyh) * ALIGN + cols[None, :], mask=mask,
                      other=0.0)
         dz = dz.to(tl.float32)
@@ -196,6 +205,7 @@ def qk_norm_rope_fwd(x: Tensor, weight: Optional[Tensor], positions: Optional[Te
         x, w, positions if positions is not None else x, y, num_tokens, num_heads,
         *tu.unit_strides(align, x, w, y), eps, math.log2(rope_theta) if any(rope_axes) else 0.0,
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_T=block_t, NORM=weight is not None, ALIGN=align,
+        HEAD_STAGES=_HEAD_STAGES,
         **_rope_args(rope_axes), **_launch_options(),
     )
     return y
@@ -224,7 +234,7 @@ def qk_norm_rope_bwd(grad: Tensor, x: Tensor, weight: Optional[Tensor], position
         _qk_norm_rope_bwd_kernel[(blocks,)](
             grad, x, w, positions if positions is not None else x, dx, partials, num_tokens, num_heads,
             *tu.unit_strides(align, grad, x, w, dx), eps, math.log2(rope_theta) if any(rope_axes) else 0.0,
-            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_T=block_t, NORM=norm, ALIGN=align,
+            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_T=block_t, NORM=norm, ALIGN=align, HEAD_STAGES=_HEAD_STAGES,
             **_rope_args(rope_axes), **_launch_options(),
         )
     if not norm:
