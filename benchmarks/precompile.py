@@ -9,7 +9,7 @@ with exactly the inputs Triton's JIT passes to ``triton.compile`` (``triton_aot.
 launches then load them from the cache. A launch the recording missed compiles when it runs, as without this
 tool; a worker that would file a kernel under another cache key than the recording fails loudly.
 
-    python benchmarks/precompile.py                          # attention, mlp, norm for this machine's GPU
+    python benchmarks/precompile.py                          # attention, mlp, norm, rope for this machine's GPU
     python benchmarks/precompile.py --only attention --workers 8
     python benchmarks/precompile.py --capture-only --arch 90 # count them on a CPU-only machine
 """
@@ -30,7 +30,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 import triton_aot  # noqa: E402
 
-SECTIONS = ("attention", "mlp", "norm")  # the sections whose modules define packdit_calls()
+SECTIONS = ("attention", "mlp", "norm", "rope")  # the sections whose modules define packdit_calls()
 
 
 def _device_arch() -> int | None:

@@ -36,6 +36,7 @@ SECTIONS = (
     "packing",
     "attention",
     "norm",
+    "rope",
     "mlp",
     "patchify",
     "e2e",

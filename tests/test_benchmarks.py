@@ -3,6 +3,7 @@ implementations, the step-model fit guard, and a pytest-benchmark of pack."""
 
 import dataclasses
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
 import run as bench_run  # noqa: E402
+import summary  # noqa: E402
 import workloads  # noqa: E402
 from common import OutputMismatch, forward_and_grads, verify_outputs  # noqa: E402
 
@@ -41,6 +43,11 @@ def test_runner_writes_results(tmp_path, capsys):
         data = json.loads(next(f for f in files if f.suffix == ".json").read_text())
         assert data["rows"] and data["env"]["torch"] == torch.__version__
         assert str(next(f for f in files if f.suffix == ".json")) in printed
+    # the GPU check prints this summary last: every section with timed (or static) rows shows some; attention's
+    # quick rows time no packdit kernel
+    shown = dict(re.findall(r"^## [^/]+/(\w+): \d+ rows.*, (\d+) shown$", summary.summarize(tmp_path), flags=re.M))
+    assert set(shown) == set(bench_run.SECTIONS)
+    assert [s for s, n in shown.items() if n == "0"] == ["attention"], shown
 
 
 def test_runner_rejects_unknown_section():
@@ -208,7 +215,7 @@ def test_attention_rows_name_the_dq_design_and_time_the_other_one():
     assert [attention._other_dq(dq) for dq in ("atomic", "separate", "single")] == ["separate", "atomic", "atomic"]
 
 
-@pytest.mark.parametrize("section", ["norm", "mlp"])
+@pytest.mark.parametrize("section", ["norm", "mlp", "rope"])
 @pytest.mark.parametrize("bug", ["output", "gradient"])
 def test_fused_block_sections_refuse_a_wrong_implementation(section, bug, tmp_path, monkeypatch):
     """A provider whose output (or only the gradient of its first input) is off is refused and not timed; the
@@ -218,8 +225,8 @@ def test_fused_block_sections_refuse_a_wrong_implementation(section, bug, tmp_pa
     module = importlib.import_module(section)
     providers = module._providers
 
-    def with_a_wrong_one(ctx):
-        found = providers(ctx)
+    def with_a_wrong_one(ctx, *case):
+        found = providers(ctx, *case)
         right = found[0].fn
         if bug == "output":
             def wrong(*args):
@@ -235,7 +242,7 @@ def test_fused_block_sections_refuse_a_wrong_implementation(section, bug, tmp_pa
     rows = json.loads(next(tmp_path.glob(f"*/{section}.json")).read_text())["rows"]
     wrong = [r for r in rows if r["impl"] == "wrong"]
     assert wrong and all("refused" in r and not any(k.endswith("_ms") for k in r) for r in wrong)
-    first_grad = {"norm": "dx", "mlp": "dh"}[section]
+    first_grad = {"norm": "dx", "mlp": "dh", "rope": "dx"}[section]
     assert all(f"{'out' if section == 'mlp' else 'y'} differs" in r["refused"] if bug == "output"
                else f"{first_grad} differs" in r["refused"] for r in wrong)
     assert all(any(k.endswith("_ms") for k in r) for r in rows if r["impl"] == "eager")

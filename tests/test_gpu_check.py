@@ -11,7 +11,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / ".ci" / "gpu_check"
 OUT_FILES = {"gpu_check.log", "build.log", "benchmarks.log", "pytest_gpu.log", "sanitizer.log", "results.tar.gz"}
-SECTIONS = ("attention", "e2e", "mlp", "norm", "patchify", "layout")  # most valuable first
+SECTIONS = ("attention", "e2e", "mlp", "norm", "rope", "patchify", "layout")  # most valuable first
 
 
 def test_gpu_check_script_parses():
@@ -27,11 +27,12 @@ def test_gpu_check_dry_run(tmp_path):
     assert {p.name for p in tmp_path.iterdir()} == OUT_FILES  # the device tool returns at most 8 files
     steps = re.findall(r"^=== \S+ \+\d+s (.*?) ===$", log, flags=re.M)
     benchmarks = [s.split()[1] for s in steps if s.startswith("benchmark ")]
-    assert benchmarks == ["attention", "e2e", "mlp,norm", "patchify,layout"]
-    # the kernels of attention, mlp and norm are recorded (compiled on a GPU machine) before attention runs
-    precompiles = [k for k, s in enumerate(steps) if s.startswith("precompile attention,mlp,norm ")]
+    assert benchmarks == ["attention", "e2e", "mlp,norm,rope", "patchify,layout"]
+    # the kernels of attention, mlp, norm and rope are recorded (compiled on a GPU machine) before attention runs
+    precompiles = [k for k, s in enumerate(steps) if s.startswith("precompile attention,mlp,norm,rope ")]
     assert precompiles and precompiles[0] < steps.index(next(s for s in steps if s.startswith("benchmark attention")))
-    assert re.search(r"^precompile: [1-9]\d* kernel specialisations of attention, mlp, norm for sm_90", log, flags=re.M)
+    assert re.search(r"^precompile: [1-9]\d* kernel specialisations of attention, mlp, norm, rope for sm_90", log,
+                     flags=re.M)
     last_benchmark = max(k for k, s in enumerate(steps) if s.startswith("benchmark "))
     assert steps.index("GPU tests (gpu and cuda_ext markers)") > last_benchmark
     assert "done (status 0, 6 files in $OUT)" in steps[-1]
@@ -40,6 +41,7 @@ def test_gpu_check_dry_run(tmp_path):
     for section in SECTIONS:
         assert {f"{section}.{ext}" for ext in ("json", "csv", "png")} <= names, section
     assert "memcheck exit 0" in log and "racecheck exit 0" in log
+    assert "pytest workers: -n 2" in log  # the GPU machine's xdist path, on 2 workers here
 
 
 def test_gpu_check_runs_every_gpu_test_file():
