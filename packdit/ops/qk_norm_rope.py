@@ -23,7 +23,7 @@ contiguous; ``weight`` may be an expanded view (stride 0 over heads); ``y`` and 
 arrive in units of ``ALIGN`` elements (``_triton_utils.stride_alignment``), so at head dim 72 (a head stride of
 144 B) the rows still load in 16-byte vectors. Kernels compute in fp32. A program takes BLOCK_T tokens and
 loops over the heads, so the angles (BLOCK_T, D/2) are computed once per program, and the pipeliner keeps the
-next heads' rows in flight (cp.async, _HEAD_STAGES) while it normalises and rotates this one; ``dweight`` is
+next two heads' rows in flight (cp.async, _HEAD_STAGES) while it normalises and rotates this one; ``dweight`` is
 reduced as one fp32 partial sum per program and head, added in program order (bitwise deterministic).
 
 Oracle: ``apply_rope_3d(F.rms_norm(x, (D,), eps=eps) * weight, positions, rope)`` in float64
@@ -55,8 +55,8 @@ _NUM_WARPS = 8
 # QK-norm and RoPE, 32 tokens = 8 KB per tensor and head), one stage: 4 forward programs per SM (57 registers)
 # with 32 KB of loads in flight, 2 backward programs (101 registers, dy and x) with 32 KB, and only while they
 # wait, against the 22-36 KB per SM that 4.8 TB/s needs at 0.6-1 us of memory latency (H200, Little's law). Three
-# stages: 96 KB in flight for both (61 / 113 registers, 16.5 / 36.5 KiB of shared memory, the same programs
-# per SM). Estimates from the compiled code, not timed.
+# stages (two heads loading while one computes): 64 KB in flight for both (61 / 113 registers, 16.5 / 36.5 KiB
+# of shared memory, the same programs per SM). Estimates from the compiled code, not timed.
 _HEAD_STAGES = 3
 
 
