@@ -209,24 +209,35 @@ class Timing:
         return dataclasses.asdict(self)
 
 
-def measure(fn: Callable[[], object], *, device: torch.device, warmup: int = 3, repeats: int = 20) -> Timing:
-    """Median/p20/p80 of ``repeats`` calls after ``warmup``; CUDA events on a GPU, perf_counter on the CPU."""
+def measure(fn: Callable[..., object], *, device: torch.device, warmup: int = 3, repeats: int = 20,
+            setup: Callable[[], object] | None = None) -> Timing:
+    """Median/p20/p80 of ``repeats`` calls after ``warmup``; CUDA events on a GPU, perf_counter on the CPU.
+    ``setup``: run untimed before each call, its result passed to ``fn`` (a fresh autograd graph for a backward:
+    a graph retained across calls is refused by ``torch.compile``'s backward, which donates its buffers)."""
+    def prepared() -> Callable[[], object]:
+        if setup is None:
+            return fn
+        arg = setup()
+        return lambda: fn(arg)
+
     for _ in range(warmup):
-        fn()
-    times = []
-    if device.type == "cuda":
+        prepared()()
+    gpu = device.type == "cuda"
+    if gpu:
         torch.cuda.synchronize(device)
-        for _ in range(repeats):
+    times = []
+    for _ in range(repeats):
+        call = prepared()
+        if gpu:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            fn()
+            call()
             end.record()
             end.synchronize()
             times.append(start.elapsed_time(end))
-    else:
-        for _ in range(repeats):
+        else:
             t0 = time.perf_counter()
-            fn()
+            call()
             times.append((time.perf_counter() - t0) * 1e3)
     q = statistics.quantiles(times, n=5) if len(times) > 1 else times * 4
     return Timing(statistics.median(times), q[0], q[3], min(times), max(times), len(times))

@@ -398,3 +398,17 @@ def test_sass_programs_per_sm_follow_the_occupancy_rules(arch, registers, warps,
     from sass import programs_per_sm
 
     assert programs_per_sm(arch, registers, warps, shared) == expected
+
+
+def test_backward_timing_takes_torch_compile_peers():
+    """torch.compile's backward donates its buffers and refuses a graph retained across calls: the sections time
+    each backward on a fresh graph (its forward untimed), so their compiled peers get timed, not a crash."""
+    import norm
+    import rope
+
+    positions = torch.randint(0, 5, (12, 3), dtype=torch.int32)
+    angles = rope.rope_angles(positions, packdit.RoPE3D(axes_dims=(4, 2, 2)), 8, dtype=torch.float32)
+    compiled = torch.compile(lambda x, w: rope._eager(x, w, angles.cos(), angles.sin()))
+    x, w, grad = torch.randn(12, 2, 8), torch.ones(2, 8), torch.randn(12, 2, 8)
+    forward_ms, backward_ms = norm.time_passes(_cpu_context(), compiled, [x, w], grad, (), repeats=2)
+    assert forward_ms > 0 and backward_ms > 0
