@@ -560,10 +560,12 @@ def _run_case(ctx: Context, case: Case, seqs: PackedSeqs, label: str) -> list[di
     return rows
 
 
-def _tuned_forward_rows(rows: int) -> int:
+def _tuned_forward_rows(rows: int) -> int | None:
     """Query rows per program of packdit's last forward whose programs could take ``rows``: its autotuner's pick (a
-    128-row tile runs as one program or as two of 64 rows, ``attention.fwd_configs``)."""
-    return attention_op._fwd_kernel(rows, deterministic_enabled()).best_config.kwargs["BLOCK_M"]
+    128-row tile runs as one program or as two of 64 rows, ``attention.fwd_configs``); None if that kernel never
+    ran (the dispatcher chose PyTorch)."""
+    best = getattr(attention_op._fwd_kernel(rows, deterministic_enabled()), "best_config", None)
+    return None if best is None else best.kwargs["BLOCK_M"]
 
 
 def _verify_and_time(ctx: Context, provider: Provider, expected: _Expected, grad, row: dict, flops: float,
