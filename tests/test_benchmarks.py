@@ -400,15 +400,24 @@ def test_sass_programs_per_sm_follow_the_occupancy_rules(arch, registers, warps,
     assert programs_per_sm(arch, registers, warps, shared) == expected
 
 
-def test_backward_timing_takes_torch_compile_peers():
-    """torch.compile's backward donates its buffers and refuses a graph retained across calls: the sections time
-    each backward on a fresh graph (its forward untimed), so their compiled peers get timed, not a crash."""
-    import norm
-    import rope
+@pytest.mark.parametrize("section", ["norm", "rope"])
+def test_gpu_code_paths_of_the_bandwidth_sections_run(section, monkeypatch):
+    """A section's GPU branch (bf16, packdit beside eager and torch.compile peers, both passes timed) on a tiny
+    case on the CPU, packdit under the Triton interpreter: an error there would otherwise first show on a GPU
+    machine, and cost its time (the norm section's compiled peer failed its backward timing: torch.compile's
+    backward donates its buffers and refuses a graph retained across calls)."""
+    import importlib
 
-    positions = torch.randint(0, 5, (12, 3), dtype=torch.int32)
-    angles = rope.rope_angles(positions, packdit.RoPE3D(axes_dims=(4, 2, 2)), 8, dtype=torch.float32)
-    compiled = torch.compile(lambda x, w: rope._eager(x, w, angles.cos(), angles.sin()))
-    x, w, grad = torch.randn(12, 2, 8), torch.ones(2, 8), torch.randn(12, 2, 8)
-    forward_ms, backward_ms = norm.time_passes(_cpu_context(), compiled, [x, w], grad, (), repeats=2)
-    assert forward_ms > 0 and backward_ms > 0
+    from common import Context
+
+    module = importlib.import_module(section)
+    monkeypatch.setattr(Context, "is_gpu", property(lambda self: True))
+    if section == "norm":
+        monkeypatch.setattr(module, "_cases", lambda gpu: [(64, 48, 3, False)])
+    else:
+        positions = module._positions
+        monkeypatch.setattr(module, "_positions", lambda device, gpu: positions(device, False))
+        monkeypatch.setattr(module, "_cases", lambda gpu: [(2, 24, True, False)])
+    rows = module.run(dataclasses.replace(_cpu_context(), quick=False))
+    assert sorted(r["impl"] for r in rows) == ["compile", "eager", "packdit"]
+    assert all(r["dtype"] == "bfloat16" and r["fwd_ms"] > 0 and r["bwd_ms"] > 0 for r in rows), rows
