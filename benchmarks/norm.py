@@ -7,7 +7,7 @@ gradients (x, and shift and scale as one adaLN output) are checked against the r
 rule against the same reference in the precision under test (``common.verify_outputs``); one that disagrees
 is refused, not timed.
 
-Reported per pass (forward; backward alone, on a retained graph): time, the effective bandwidth of the
+Reported per pass (forward; backward alone, its forward untimed): time, the effective bandwidth of the
 minimal traffic and its % of the HBM peak. The minimum (``packdit.ops.modulate.modulated_norm_traffic``)
 reads x (and dy) once, writes y (dx) once and touches each modulation row once; ``moved_B_per_token`` is what
 packdit's kernels move by the same estimate (index, saved mean/rstd, the backward's segment schedule and

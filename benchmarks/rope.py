@@ -8,11 +8,11 @@ peers get per-token cos / sin tables (N, D/2, fp32) built outside the timed call
 shares them across layers: ``eager`` (fp32 math in PyTorch, result in the input dtype) and ``torch.compile`` of
 it. Inputs are contiguous ``(N, 2 H, D)``; in a model they are a strided view of the qkv projection, which the
 kernel reads row by row at the same traffic. Before anything is timed, every implementation's output and its
-gradients (x, and the norm weight) are checked against ``qk_norm_rope_reference`` (angles in fp64) on fp32
-inputs, with the 2x rule against the same reference on bf16 inputs (``common.verify_outputs``); one that
-disagrees is refused, not timed.
+gradients (x, and the norm weight) are checked against ``qk_norm_rope_reference`` (angles in fp64) on the
+inputs upcast to fp32 (fp64 for fp32 inputs), with the 2x rule against the same reference on the inputs as
+they are (``common.verify_outputs``); one that disagrees is refused, not timed.
 
-Reported per pass (forward; backward alone, on a retained graph): time and the bandwidth of the minimal traffic
+Reported per pass (forward; backward alone, its forward untimed): time and the bandwidth of the minimal traffic
 (forward: x read, y written; backward: dy read, dx written, and x read again for the norm's gradient), % of the
 HBM peak. Positions (12 B per token) and the peers' tables (4 D B per token) are left out of the minimum.
 CPU (quick): the eager path on a tiny fp32 shape, no performance claims; under ``TRITON_INTERPRET=1`` (the test
