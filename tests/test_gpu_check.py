@@ -33,8 +33,10 @@ def test_gpu_check_dry_run(tmp_path):
     assert precompiles and precompiles[0] < steps.index(next(s for s in steps if s.startswith("benchmark attention")))
     assert re.search(r"^precompile: [1-9]\d* kernel specialisations of attention, mlp, norm, rope for sm_90", log,
                      flags=re.M)
-    last_benchmark = max(k for k, s in enumerate(steps) if s.startswith("benchmark "))
-    assert steps.index("GPU tests (gpu and cuda_ext markers)") > last_benchmark
+    # the GPU tests after mlp, norm and rope (not yet measured on a GPU), before patchify and layout (measured once)
+    gpu_tests = steps.index("GPU tests (gpu and cuda_ext markers)")
+    assert steps.index(next(s for s in steps if s.startswith("benchmark mlp,norm,rope"))) < gpu_tests
+    assert gpu_tests < steps.index(next(s for s in steps if s.startswith("benchmark patchify,layout")))
     assert "done (status 0, 6 files in $OUT)" in steps[-1]
     with tarfile.open(tmp_path / "results.tar.gz") as tar:
         names = {name.partition("/")[2] for name in tar.getnames() if name.partition("/")[0].endswith("-quick")}
