@@ -30,8 +30,8 @@ run: install
 	$(PY) benchmarks/run.py
 
 # On a GPU machine (no network, system python with torch/triton/pybind11/cmake/ninja), within 8 minutes: the
-# benchmark sections most valuable first (attention, e2e, mlp, norm, rope, patchify, layout) while the extension
-# builds, then the GPU tests and compute-sanitizer; logs and results.tar.gz in $$OUT (default ./gpu-check-out).
+# benchmark sections most valuable first (attention, e2e, mlp, norm, rope) while the extension builds, then the
+# GPU tests, patchify and layout, and compute-sanitizer; logs and results.tar.gz in $$OUT (default ./gpu-check-out).
 # `bash .ci/gpu_check --dry-run` runs the same steps on the CPU (tests/test_gpu_check.py).
 gpu-check:
 	bash .ci/gpu_check
