@@ -209,11 +209,16 @@ class Timing:
         return dataclasses.asdict(self)
 
 
+MAX_REPEATS = 50  # measure(min_total_ms=...): the most calls it times
+
+
 def measure(fn: Callable[..., object], *, device: torch.device, warmup: int = 3, repeats: int = 20,
-            setup: Callable[[], object] | None = None) -> Timing:
+            setup: Callable[[], object] | None = None, min_total_ms: float = 0.0) -> Timing:
     """Median/p20/p80 of ``repeats`` calls after ``warmup``; CUDA events on a GPU, perf_counter on the CPU.
     ``setup``: run untimed before each call, its result passed to ``fn`` (a fresh autograd graph for a backward:
-    a graph retained across calls is refused by ``torch.compile``'s backward, which donates its buffers)."""
+    a graph retained across calls is refused by ``torch.compile``'s backward, which donates its buffers).
+    ``min_total_ms``: more calls, up to MAX_REPEATS, until the timed ones add up to it (short calls, whose
+    medians spread most, get more samples at little cost)."""
     def prepared() -> Callable[[], object]:
         if setup is None:
             return fn
@@ -226,7 +231,7 @@ def measure(fn: Callable[..., object], *, device: torch.device, warmup: int = 3,
     if gpu:
         torch.cuda.synchronize(device)
     times = []
-    for _ in range(repeats):
+    while len(times) < repeats or (sum(times) < min_total_ms and len(times) < MAX_REPEATS):
         call = prepared()
         if gpu:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

@@ -421,3 +421,16 @@ def test_gpu_code_paths_of_the_bandwidth_sections_run(section, monkeypatch):
     rows = module.run(dataclasses.replace(_cpu_context(), quick=False))
     assert sorted(r["impl"] for r in rows) == ["compile", "eager", "packdit"]
     assert all(r["dtype"] == "bfloat16" and r["fwd_ms"] > 0 and r["bwd_ms"] > 0 for r in rows), rows
+
+
+def test_measure_times_short_calls_more_often():
+    import time
+
+    import common
+
+    cpu = torch.device("cpu")
+    assert common.measure(lambda: None, device=cpu, warmup=0, repeats=2).repeats == 2
+    sleeps = common.measure(lambda: time.sleep(0.002), device=cpu, warmup=0, repeats=2, min_total_ms=10)
+    assert 3 <= sleeps.repeats <= 5 and sleeps.median_ms >= 2
+    assert common.measure(lambda: None, device=cpu, warmup=0, repeats=2, min_total_ms=1e9).repeats \
+        == common.MAX_REPEATS
