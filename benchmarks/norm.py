@@ -187,19 +187,26 @@ def run(ctx: Context) -> list[dict]:
 
 
 def plot(rows: list[dict], path) -> None:
+    bandwidth_plot(rows, path, lambda r: (r["tokens"], r["D"], r["segments"]),
+                   lambda case: "N={}\nD={}\nS={}".format(*case), width=12)
+
+
+def bandwidth_plot(rows: list[dict], path, case_of: Callable[[dict], tuple], label_of: Callable[[tuple], str],
+                   width: float) -> None:
+    """Bars of fwd and bwd GB/s of the minimal traffic per implementation and case (``case_of(row)``, labelled
+    ``label_of(case)``), for the sections that report bandwidth."""
     import matplotlib.pyplot as plt
 
     timed = [r for r in rows if "fwd_GBps" in r]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 3.5), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(width, 3.5), sharey=True)
     impls = list(dict.fromkeys(r["impl"] for r in timed))
-    cases = list(dict.fromkeys((r["tokens"], r["D"], r["segments"]) for r in timed))
-    width = 0.8 / max(len(impls), 1)
+    cases = list(dict.fromkeys(case_of(r) for r in timed))
+    bar = 0.8 / max(len(impls), 1)
     for ax, p in zip(axes, ("fwd", "bwd")):
         for i, impl in enumerate(impls):
-            by_case = {(r["tokens"], r["D"], r["segments"]): r[f"{p}_GBps"] for r in timed if r["impl"] == impl}
-            ax.bar([j + i * width for j in range(len(cases))], [by_case.get(c, 0) for c in cases], width, label=impl)
-        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cases))],
-                      [f"N={n}\nD={d}\nS={s}" for n, d, s in cases], fontsize=7)
+            by_case = {case_of(r): r[f"{p}_GBps"] for r in timed if r["impl"] == impl}
+            ax.bar([j + i * bar for j in range(len(cases))], [by_case.get(c, 0) for c in cases], bar, label=impl)
+        ax.set_xticks([j + 0.4 - bar / 2 for j in range(len(cases))], [label_of(c) for c in cases], fontsize=7)
         ax.set_title(f"{p}: GB/s of the minimal traffic")
     axes[0].legend()
     fig.tight_layout()

@@ -26,7 +26,7 @@ from collections.abc import Callable
 
 import torch
 from common import Context, print_table
-from norm import Provider, hbm_peak_gbps, interpreting, kernel_and_torch, time_passes, verified
+from norm import Provider, bandwidth_plot, hbm_peak_gbps, interpreting, kernel_and_torch, time_passes, verified
 from workloads import patch_grid, take_tokens
 
 from packdit.layout import PackedSeqs
@@ -165,21 +165,5 @@ def run(ctx: Context) -> list[dict]:
 
 
 def plot(rows: list[dict], path) -> None:
-    import matplotlib.pyplot as plt
-
-    timed = [r for r in rows if "fwd_GBps" in r]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5), sharey=True)
-    impls = list(dict.fromkeys(r["impl"] for r in timed))
-    cases = list(dict.fromkeys((r["H"], r["D"], r["norm"]) for r in timed))
-    width = 0.8 / max(len(impls), 1)
-    for ax, p in zip(axes, ("fwd", "bwd")):
-        for i, impl in enumerate(impls):
-            by_case = {(r["H"], r["D"], r["norm"]): r[f"{p}_GBps"] for r in timed if r["impl"] == impl}
-            ax.bar([j + i * width for j in range(len(cases))], [by_case.get(c, 0) for c in cases], width, label=impl)
-        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cases))],
-                      [f"H={h} D={d}\n{'norm+rope' if norm else 'rope'}" for h, d, norm in cases], fontsize=7)
-        ax.set_title(f"{p}: GB/s of the minimal traffic")
-    axes[0].legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    bandwidth_plot(rows, path, lambda r: (r["H"], r["D"], r["norm"]),
+                   lambda case: f"H={case[0]} D={case[1]}\n{'norm+rope' if case[2] else 'rope'}", width=10)
