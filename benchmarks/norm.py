@@ -175,15 +175,20 @@ def run(ctx: Context) -> list[dict]:
                 if provider.name == "packdit":
                     row[f"{p}_moved_B_per_token"] = traffic[p]["moved"]
             rows.append(row)
+    report(ctx, "norm + modulate", rows,
+           ["impl", "tokens", "D", "segments", "fwd_ms", "fwd_GBps", "fwd_pct_hbm_peak", "bwd_ms", "bwd_GBps",
+            "bwd_pct_hbm_peak", "fwd_moved_B_per_token", "bwd_moved_B_per_token", "bwd_min_B_per_token", "rel_err"],
+           lambda r: f"N={r['tokens']} D={r['D']} S={r['segments']}")
+    return rows
+
+
+def report(ctx: Context, title: str, rows: list[dict], columns: list[str], case_label: Callable[[dict], str]) -> None:
+    """The timed rows as a table of bandwidths, then the other rows' notes (verified only, skipped)."""
     device = ctx.env.get("gpu") or "CPU, quick: torch path only, no performance claims"
-    print_table(f"norm + modulate ({device}; GB/s of the minimal traffic)", [r for r in rows if "fwd_ms" in r],
-                ["impl", "tokens", "D", "segments", "fwd_ms", "fwd_GBps", "fwd_pct_hbm_peak", "bwd_ms", "bwd_GBps",
-                 "bwd_pct_hbm_peak", "fwd_moved_B_per_token", "bwd_moved_B_per_token", "bwd_min_B_per_token",
-                 "rel_err"])
+    print_table(f"{title} ({device}; GB/s of the minimal traffic)", [r for r in rows if "fwd_ms" in r], columns)
     for r in rows:
         if "note" in r:
-            print(f"  N={r['tokens']} D={r['D']} S={r['segments']} {r['impl']}: {r['note']}")
-    return rows
+            print(f"  {case_label(r)} {r.get('impl', '')}: {r['note']}")
 
 
 def plot(rows: list[dict], path) -> None:

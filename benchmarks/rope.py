@@ -25,8 +25,8 @@ import functools
 from collections.abc import Callable
 
 import torch
-from common import Context, print_table
-from norm import Provider, bandwidth_plot, hbm_peak_gbps, interpreting, kernel_and_torch, time_passes, verified
+from common import Context
+from norm import Provider, bandwidth_plot, hbm_peak_gbps, interpreting, kernel_and_torch, report, time_passes, verified
 from workloads import patch_grid, take_tokens
 
 from packdit.layout import PackedSeqs
@@ -154,13 +154,9 @@ def run(ctx: Context) -> list[dict]:
                 gbps = traffic(heads, d, inputs[0].element_size(), norm, backward=p == "bwd") * n / ms / 1e6
                 row.update({f"{p}_ms": ms, f"{p}_GBps": gbps, f"{p}_pct_hbm_peak": 100 * gbps / peak if peak else None})
             rows.append(row)
-    device = ctx.env.get("gpu") or "CPU, quick: torch path only, no performance claims"
-    print_table(f"QK-norm + RoPE ({device}; GB/s of the minimal traffic)", [r for r in rows if "fwd_ms" in r],
-                ["impl", "tokens", "H", "D", "norm", "fwd_ms", "fwd_GBps", "fwd_pct_hbm_peak", "bwd_ms", "bwd_GBps",
-                 "bwd_pct_hbm_peak", "rel_err"])
-    for r in rows:
-        if "note" in r:
-            print(f"  H={r['H']} D={r['D']} norm={r['norm']} {r.get('impl', '')}: {r['note']}")
+    report(ctx, "QK-norm + RoPE", rows, ["impl", "tokens", "H", "D", "norm", "fwd_ms", "fwd_GBps", "fwd_pct_hbm_peak",
+                                         "bwd_ms", "bwd_GBps", "bwd_pct_hbm_peak", "rel_err"],
+           lambda r: f"H={r['H']} D={r['D']} norm={r['norm']}")
     return rows
 
 
