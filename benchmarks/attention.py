@@ -35,7 +35,8 @@ against the fp32 reference (``packdit.reference.varlen_attention`` after ``apply
 2x rule against the same reference run in bf16 (``common.verify_outputs``); a provider that disagrees
 is refused and not timed. Useful FLOPs: ``4 * D * H * pairs`` forward, x3.5 forward+backward
 (backward = 2.5x forward), pairs = sum L^2 (full), sum T (HW)^2 (spatial), sum HW T^2 (temporal).
-``vs_best_peer`` is packdit's TFLOP/s over the best peer's on the same case and pass; ``dq`` (packdit's rows) the
+``vs_best_peer`` is packdit's TFLOP/s over the best peer's on the same case and pass; ``rope_overhead`` (packdit's
+RoPE-on rows) its time over the same case and pass with RoPE off, minus 1 (goal: <= 0.10); ``dq`` (packdit's rows) the
 backward's dQ design: "single" (one add per element by the dK/dV kernel), "atomic" (fp32 atomics in it) or
 "separate" (the dQ kernel);
 ``one_block_heads`` (packdit's temporal rows) the most heads a program takes on temporal tiles; ``fwd_rows``
@@ -631,13 +632,14 @@ def run(ctx: Context) -> list[dict]:
             layouts[case.mix] = _layout(ctx, case.mix)
         rows += _run_case(ctx, case, layouts[case.mix], label)
     _add_peer_ratios(rows)
+    _add_rope_overheads(rows)
     rows += useful_areas(label)
     print_table("packdit's tiles: useful / computed query x key scores (host schedule of each mix's GPU layout; "
                 "static, not timed)", [r for r in rows if r["pass"] == "static"],
                 ["mix", "mode", "tokens", "samples", "packdit_useful_area", "forward_flop_per_byte", "block_m"])
     print_table(f"attention ({label}; TFLOP/s of useful FLOPs)", [r for r in rows if "TFLOPs" in r],
                 ["mix", "mode", "rope", "head_dim", "kv_heads", "pass", "provider", "dq", "ms", "TFLOPs",
-                 "vs_best_peer", "best_peer", "rel_err"])
+                 "vs_best_peer", "best_peer", "rope_overhead", "rel_err"])
     for r in rows:
         if r["pass"] == "-" and r.get("note", "").startswith(("skipped: time", "failed", "verified")):
             print(f"  {r['mix']} {r['mode']} rope={r['rope']} d{r['head_dim']} kv_heads={r.get('kv_heads')} "
@@ -680,6 +682,16 @@ def _add_peer_ratios(rows: list[dict]) -> None:
         for r in group:
             if r["provider"] == "packdit" and best is not None:
                 r["vs_best_peer"], r["best_peer"] = r["TFLOPs"] / best["TFLOPs"], best["provider"]
+
+
+def _add_rope_overheads(rows: list[dict]) -> None:
+    """``rope_overhead`` on packdit's timed RoPE-on rows: ms over the RoPE-off row of the same case and pass, - 1
+    (RoPE costs packdit its rotation pass; the peers get q and k rotated outside their timed calls)."""
+    timed = {(*_case_key(r), r["pass"]): r for r in rows if r.get("provider") == "packdit" and "ms" in r}
+    for (mix, mode, rope, head_dim, kv_heads, pass_), r in timed.items():
+        off = timed.get((mix, mode, False, head_dim, kv_heads, pass_))
+        if rope and off is not None:
+            r["rope_overhead"] = r["ms"] / off["ms"] - 1
 
 
 def plot(rows: list[dict], path) -> None:

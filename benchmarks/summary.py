@@ -17,7 +17,7 @@ from tabulate import tabulate
 # section -> (row filter, columns)
 VIEWS = {
     "attention": (lambda r: r.get("provider") == "packdit" and "TFLOPs" in r,
-                  ["mix", "mode", "rope", "head_dim", "pass", "TFLOPs", "vs_best_peer", "best_peer"]),
+                  ["mix", "mode", "rope", "head_dim", "pass", "TFLOPs", "vs_best_peer", "best_peer", "rope_overhead"]),
     "e2e": (lambda r: "strategy" in r,
             ["kind", "strategy", "samples_per_s", "useful_tokens_per_s", "MFU", "peak_memory_GiB",
              "useful_tokens_per_s_vs_shape-buckets", "useful_tokens_per_s_vs_pad", "note"]),

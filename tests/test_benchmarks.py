@@ -434,3 +434,18 @@ def test_measure_times_short_calls_more_often():
     assert 3 <= sleeps.repeats <= 5 and sleeps.median_ms >= 2
     assert common.measure(lambda: None, device=cpu, warmup=0, repeats=2, min_total_ms=1e9).repeats \
         == common.MAX_REPEATS
+
+
+def test_attention_rope_overhead_compares_packdit_with_its_rope_off_twin():
+    import attention
+
+    def row(provider, rope, ms, mode="full", pass_="fwd"):
+        return {"mix": "video-mix", "mode": mode, "rope": rope, "head_dim": 72, "kv_heads": 16, "pass": pass_,
+                "provider": provider, "ms": ms}
+
+    rows = [row("packdit", False, 2.0), row("packdit", True, 2.2), row("packdit", True, 3.0, pass_="fwd+bwd"),
+            row("torch-varlen", False, 1.0), row("torch-varlen", True, 1.0), row("packdit", True, 5.0, mode="spatial")]
+    attention._add_rope_overheads(rows)
+    assert rows[1]["rope_overhead"] == pytest.approx(0.1)
+    # no RoPE-off twin (other pass, other mode), RoPE-off rows and peers: no column
+    assert [i for i, r in enumerate(rows) if "rope_overhead" in r] == [1]
