@@ -188,7 +188,7 @@ def report(ctx: Context, title: str, rows: list[dict], columns: list[str], case_
     print_table(f"{title} ({device}; GB/s of the minimal traffic)", [r for r in rows if "fwd_ms" in r], columns)
     for r in rows:
         if "note" in r:
-            print(f"  {case_label(r)} {r.get('impl', '')}: {r['note']}")
+            print(f"  {' '.join([case_label(r), *([r['impl']] if 'impl' in r else [])])}: {r['note']}")
 
 
 def plot(rows: list[dict], path) -> None:
@@ -213,7 +213,8 @@ def bandwidth_plot(rows: list[dict], path, case_of: Callable[[dict], tuple], lab
             ax.bar([j + i * bar for j in range(len(cases))], [by_case.get(c, 0) for c in cases], bar, label=impl)
         ax.set_xticks([j + 0.4 - bar / 2 for j in range(len(cases))], [label_of(c) for c in cases], fontsize=7)
         ax.set_title(f"{p}: GB/s of the minimal traffic")
-    axes[0].legend()
+    if impls:
+        axes[0].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
