@@ -352,7 +352,8 @@ def _flex(seqs: PackedSeqs, mode: str) -> Callable:
         return group[q_idx] == group[kv_idx]
 
     n = seqs.num_tokens
-    block_mask = create_block_mask(same_group, None, None, n, n, device=group.device, _compile=True)
+    # compiled: eager would build the n x n mask (2.4 G entries for a 49k-token pack)
+    block_mask = torch.compile(create_block_mask)(same_group, None, None, n, n, device=group.device)
     compiled = torch.compile(flex_attention, dynamic=False)
 
     def fn(q, k, v):

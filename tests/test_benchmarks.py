@@ -449,3 +449,28 @@ def test_attention_rope_overhead_compares_packdit_with_its_rope_off_twin():
     assert rows[1]["rope_overhead"] == pytest.approx(0.1)
     # no RoPE-off twin (other pass, other mode), RoPE-off rows and peers: no column
     assert [i for i, r in enumerate(rows) if "rope_overhead" in r] == [1]
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp2:RuntimeWarning")  # the interpreter's bf16 dots
+def test_gpu_code_path_of_the_attention_section_runs(monkeypatch):
+    """The attention section's GPU branch (bf16, packdit's designs, every peer it tries, Flex compiled) on tiny
+    layouts on the CPU, packdit through its Triton launchers under the interpreter: the first and longest step of
+    the GPU check must not stop on an error a CPU could have shown. packdit is refused here (the interpreter's
+    bf16 dots are wrong), the peers the CPU lacks are skipped or failed with a reason."""
+    import attention
+    from common import Context
+
+    packdit_fn = attention._packdit
+    monkeypatch.setattr(Context, "is_gpu", property(lambda self: True))
+    monkeypatch.setattr(attention, "_mix_grids", lambda mix: [(2, 4, 4), (1, 6, 6), (1, 1, 1)])
+    monkeypatch.setattr(attention, "_packdit", lambda seqs, case, backend=None: packdit_fn(seqs, case, "triton"))
+    monkeypatch.setattr(attention, "_gpu_cases", lambda: [attention.Case("video-mix", 128, False, "full"),
+                                                          attention.Case("video-mix", 64, True, "spatial"),
+                                                          attention.Case("video-mix", 72, False, "temporal", group=2)])
+    rows = attention.run(dataclasses.replace(_cpu_context(), quick=False))
+    cases = [r for r in rows if r["pass"] != "static"]
+    assert {(r["mode"], r["provider"]) for r in cases} >= {
+        ("full", "packdit"), ("full", "packdit-atomic-dq"), ("full", "flex"), ("full", "torch-varlen"),
+        ("spatial", "packdit"), ("temporal", "packdit"), ("temporal", "packdit-one-head")}
+    assert all("ms" in r or r.get("refused") or r.get("note") for r in cases)
+    assert any("ms" in r for r in cases if r["provider"].startswith("sdpa"))
