@@ -67,9 +67,11 @@ def _eager(x: torch.Tensor, weight: torch.Tensor | None, cos: torch.Tensor, sin:
     return torch.stack([even * c - odd * s, even * s + odd * c], dim=-1).flatten(-2).to(x.dtype)
 
 
-def _packdit(positions: torch.Tensor, rope: RoPE3D) -> Callable:
+def _bound(op: Callable, positions: torch.Tensor, rope: RoPE3D) -> Callable:
+    """``fn(x, *weight)`` of ``op`` (qk_norm_rope or its reference, which share a signature): the norm weight when
+    given, the rotation by ``positions`` always."""
     def fn(x, *weight):
-        return qk_norm_rope(x, weight[0] if weight else None, positions, rope, eps=EPS)
+        return op(x, weight[0] if weight else None, positions, rope, eps=EPS)
     return fn
 
 
@@ -81,13 +83,7 @@ def _providers(ctx: Context, positions: torch.Tensor, rope: RoPE3D, head_dim: in
     def eager(x, *weight):
         return _eager(x, weight[0] if weight else None, cos, sin)
 
-    return kernel_and_torch(ctx, _packdit(positions, rope), eager)
-
-
-def _reference(positions: torch.Tensor, rope: RoPE3D) -> Callable:
-    def fn(x, *weight):
-        return qk_norm_rope_reference(x, weight[0] if weight else None, positions, rope, eps=EPS)
-    return fn
+    return kernel_and_torch(ctx, _bound(qk_norm_rope, positions, rope), eager)
 
 
 def _inputs(device: torch.device, n: int, heads: int, d: int, norm: bool, dtype: torch.dtype) -> list[torch.Tensor]:
@@ -108,19 +104,18 @@ def traffic(heads: int, d: int, itemsize: int, norm: bool, backward: bool) -> in
 def packdit_calls() -> list[tuple[str, Callable[[], None]]]:
     """``(label, call)``: each call runs packdit's pass forward and backward on CPU bf16 tensors of one GPU case's
     heads and head dim: the Triton launches of the GPU run, for ``precompile.py`` to record."""
-    return [(f"rope H{h} D{d} norm={norm}", functools.partial(_run_packdit, h, d, norm))
-            for h, d, norm, _ in _cases(gpu=True)]
-
-
-def _run_packdit(heads: int, d: int, norm: bool) -> None:
-    cpu = torch.device("cpu")
-    positions = _positions(cpu, gpu=True)
+    positions = _positions(torch.device("cpu"), gpu=True)
     # A launch specialises on the token count only by its divisibility by 16 (and whether it is 1): 256 + the
     # remainder keeps the GPU pack's, at 1/200 of its size.
     positions = positions[:256 + positions.shape[0] % 16]
-    *leaves, grad = _inputs(cpu, positions.shape[0], 2 * heads, d, norm, torch.bfloat16)
+    return [(f"rope H{h} D{d} norm={norm}", functools.partial(_run_packdit, positions, h, d, norm))
+            for h, d, norm, _ in _cases(gpu=True)]
+
+
+def _run_packdit(positions: torch.Tensor, heads: int, d: int, norm: bool) -> None:
+    *leaves, grad = _inputs(positions.device, positions.shape[0], 2 * heads, d, norm, torch.bfloat16)
     leaves = [t.requires_grad_(True) for t in leaves]
-    torch.autograd.grad(_packdit(positions, default_rope(d))(*leaves), leaves, grad)
+    torch.autograd.grad(_bound(qk_norm_rope, positions, default_rope(d))(*leaves), leaves, grad)
 
 
 def run(ctx: Context) -> list[dict]:
@@ -139,11 +134,11 @@ def run(ctx: Context) -> list[dict]:
         *inputs, grad = _inputs(ctx.device, n, heads, d, norm, dtype)
         base = {"tokens": n, "H": h, "D": d, "qk_heads": heads, "norm": norm,
                 "dtype": str(dtype).removeprefix("torch.")}
-        providers = ([Provider("packdit", _packdit(positions, rope), timed=False)] if interpreter
+        providers = ([Provider("packdit", _bound(qk_norm_rope, positions, rope), timed=False)] if interpreter
                      else _providers(ctx, positions, rope, d))
         names = ["y", "dx", "dweight"][:len(inputs) + 1]
-        accepted, refused = verified(f"rope/H{h}/D{d}/norm={norm}", providers, _reference(positions, rope), inputs,
-                                     grad, (), names, base)
+        accepted, refused = verified(f"rope/H{h}/D{d}/norm={norm}", providers,
+                                     _bound(qk_norm_rope_reference, positions, rope), inputs, grad, (), names, base)
         rows += refused
         for row, provider, err in accepted:
             row["rel_err"] = err

@@ -400,25 +400,31 @@ def test_sass_programs_per_sm_follow_the_occupancy_rules(arch, registers, warps,
     assert programs_per_sm(arch, registers, warps, shared) == expected
 
 
+@pytest.fixture
+def gpu_branch_context(monkeypatch):
+    """A CPU context whose sections take their GPU branch (``is_gpu``, full sizes: tests shrink the cases)."""
+    from common import Context
+
+    monkeypatch.setattr(Context, "is_gpu", property(lambda self: True))
+    return dataclasses.replace(_cpu_context(), quick=False)
+
+
 @pytest.mark.parametrize("section", ["norm", "rope"])
-def test_gpu_code_paths_of_the_bandwidth_sections_run(section, monkeypatch):
+def test_gpu_code_paths_of_the_bandwidth_sections_run(section, gpu_branch_context, monkeypatch):
     """A section's GPU branch (bf16, packdit beside eager and torch.compile peers, both passes timed) on a tiny
     case on the CPU, packdit under the Triton interpreter: an error there would otherwise first show on a GPU
     machine, and cost its time (the norm section's compiled peer failed its backward timing: torch.compile's
     backward donates its buffers and refuses a graph retained across calls)."""
     import importlib
 
-    from common import Context
-
     module = importlib.import_module(section)
-    monkeypatch.setattr(Context, "is_gpu", property(lambda self: True))
     if section == "norm":
         monkeypatch.setattr(module, "_cases", lambda gpu: [(64, 48, 3, False)])
     else:
         positions = module._positions
         monkeypatch.setattr(module, "_positions", lambda device, gpu: positions(device, False))
         monkeypatch.setattr(module, "_cases", lambda gpu: [(2, 24, True, False)])
-    rows = module.run(dataclasses.replace(_cpu_context(), quick=False))
+    rows = module.run(gpu_branch_context)
     assert sorted(r["impl"] for r in rows) == ["compile", "eager", "packdit"]
     assert all(r["dtype"] == "bfloat16" and r["fwd_ms"] > 0 and r["bwd_ms"] > 0 for r in rows), rows
 
@@ -452,22 +458,20 @@ def test_attention_rope_overhead_compares_packdit_with_its_rope_off_twin():
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered in exp2:RuntimeWarning")  # the interpreter's bf16 dots
-def test_gpu_code_path_of_the_attention_section_runs(monkeypatch):
+def test_gpu_code_path_of_the_attention_section_runs(gpu_branch_context, monkeypatch):
     """The attention section's GPU branch (bf16, packdit's designs, every peer it tries, Flex compiled) on tiny
     layouts on the CPU, packdit through its Triton launchers under the interpreter: the first and longest step of
     the GPU check must not stop on an error a CPU could have shown. packdit is refused here (the interpreter's
     bf16 dots are wrong), the peers the CPU lacks are skipped or failed with a reason."""
     import attention
-    from common import Context
 
     packdit_fn = attention._packdit
-    monkeypatch.setattr(Context, "is_gpu", property(lambda self: True))
     monkeypatch.setattr(attention, "_mix_grids", lambda mix: [(2, 4, 4), (1, 6, 6), (1, 1, 1)])
     monkeypatch.setattr(attention, "_packdit", lambda seqs, case, backend=None: packdit_fn(seqs, case, "triton"))
     monkeypatch.setattr(attention, "_gpu_cases", lambda: [attention.Case("video-mix", 128, False, "full"),
                                                           attention.Case("video-mix", 64, True, "spatial"),
                                                           attention.Case("video-mix", 72, False, "temporal", group=2)])
-    rows = attention.run(dataclasses.replace(_cpu_context(), quick=False))
+    rows = attention.run(gpu_branch_context)
     cases = [r for r in rows if r["pass"] != "static"]
     assert {(r["mode"], r["provider"]) for r in cases} >= {
         ("full", "packdit"), ("full", "packdit-atomic-dq"), ("full", "flex"), ("full", "torch-varlen"),
