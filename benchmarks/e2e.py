@@ -46,12 +46,14 @@ speedup over one GPU and scaling efficiency (speedup / P), and the peak memory o
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import socket
 import tempfile
 import textwrap
 import time
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
@@ -86,9 +88,13 @@ TOLERANCE = {torch.bfloat16: 2e-2, torch.float32: 1e-4}
 
 
 def _config(ctx: Context) -> dict:
-    if ctx.is_gpu and not ctx.quick:  # STDiT-XL width and head dim (72), 4 blocks to keep the run short
-        return dict(model=dict(hidden_size=1152, depth=4, num_heads=16), capacity=131_072, steps=8, scale=1)
-    return dict(model=dict(hidden_size=64, depth=1, num_heads=2), capacity=512, steps=3, scale=8)
+    return _gpu_config() if ctx.is_gpu and not ctx.quick else dict(
+        model=dict(hidden_size=64, depth=1, num_heads=2), capacity=512, steps=3, scale=8)
+
+
+def _gpu_config() -> dict:
+    """STDiT-XL width and head dim (72), full attention in each of 4 blocks (to keep the run short)."""
+    return dict(model=dict(hidden_size=1152, depth=4, num_heads=16), capacity=131_072, steps=8, scale=1)
 
 
 def _downscale(shape: tuple[int, ...], scale: int) -> tuple[int, ...]:
@@ -155,6 +161,19 @@ def _batches(strategy: str, stream: Stream, bucket_batches_: list[list[int]], ca
         return [b for b in pad_to_batch_max(stream.lengths, capacity=capacity, ranks=1,
                                             hidden_size=hidden).rank_batches(0) if b]
     return bucket_batches_
+
+
+def _strategy_batches(cfg: dict, strategy: str, stream: Stream,
+                      bucket_batches_: list[list[int]]) -> tuple[list[tuple[int, ...]], np.ndarray, list, list[int]]:
+    """``(shapes, lengths, batches, probe)``: the samples' shapes and token counts as ``strategy`` trains them, its
+    batches (indices into both) and the batch its step is verified on (the smallest of >= 2 samples, cut to
+    VERIFY_SAMPLES)."""
+    bucketed = strategy.startswith("shape-buckets")
+    shapes = stream.bucket_shapes if bucketed else stream.shapes
+    lengths = stream.bucket_lengths if bucketed else stream.lengths
+    batches = _batches(strategy, stream, bucket_batches_, cfg["capacity"], cfg["model"]["hidden_size"])
+    probe = min((b for b in batches if len(b) >= 2), key=lambda b: lengths[b].sum(), default=batches[0])
+    return shapes, lengths, batches, probe[:VERIFY_SAMPLES]
 
 
 def _features(lengths: np.ndarray, padded: bool) -> np.ndarray:
@@ -302,20 +321,16 @@ def _useful_flops(lengths, hidden: int, depth: int) -> float:
 def _measure_strategy(ctx: Context, cfg: dict, strategy: str, stream: Stream, bucket_batches_: list[list[int]],
                       dtype) -> tuple[dict, list]:
     """Verify, warm up, time every batch once; returns the measured row and the (features, ms) of its steps."""
-    capacity, hidden, depth = cfg["capacity"], cfg["model"]["hidden_size"], cfg["model"]["depth"]
-    bucketed = strategy.startswith("shape-buckets")
-    shapes = stream.bucket_shapes if bucketed else stream.shapes
-    lengths = stream.bucket_lengths if bucketed else stream.lengths
-    batches = _batches(strategy, stream, bucket_batches_, capacity, hidden)
+    hidden, depth = cfg["model"]["hidden_size"], cfg["model"]["depth"]
+    shapes, lengths, batches, probe = _strategy_batches(cfg, strategy, stream, bucket_batches_)
     gen = torch.Generator().manual_seed(0)
     latents = [torch.randn(s, generator=gen).to(ctx.device) for s in shapes]
     padded = strategy == "pad"
     model = _model(cfg, ctx.device, padded=padded)
     row = {"kind": "measured", "strategy": strategy, "backend": model.backend, "steps": len(batches),
            "samples": len(shapes), "changed_samples": float(np.mean([a != b for a, b in zip(stream.shapes, shapes)]))}
-    probe = min((b for b in batches if len(b) >= 2), key=lambda b: lengths[b].sum(), default=batches[0])
     try:
-        row["rel_err"] = _verify(ctx, cfg, strategy, model, [latents[i] for i in probe[:VERIFY_SAMPLES]], dtype)
+        row["rel_err"] = _verify(ctx, cfg, strategy, model, [latents[i] for i in probe], dtype)
     except OutputMismatch as e:
         return refused_row(row, e), []
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -374,6 +389,31 @@ def _add_ratios(rows: list[dict], prefix: str = "") -> None:
             if "useful_tokens_per_s" in r:
                 r[f"useful_tokens_per_s_vs_{baseline}"] = r["useful_tokens_per_s"] / base["useful_tokens_per_s"]
                 r[f"samples_per_s_vs_{baseline}"] = r["samples_per_s"] / base["samples_per_s"]
+
+
+def packdit_calls() -> list[tuple[str, Callable[[], None]]]:
+    """``(label, call)``: for each measured strategy, the packdit model's forward + backward (bf16 autocast,
+    ``backend="triton"``) on its verified probe batch and on every batch the GPU run trains, on CPU tensors: the
+    Triton launches of the GPU run, for ``precompile.py`` to record. The model keeps one block: its blocks are
+    alike (full attention, one width), so the others repeat the first one's launches."""
+    cfg = _gpu_config()
+    cfg["model"]["depth"] = 1
+    stream, bucket_batches_ = _training_stream(cfg)
+    calls = []
+    for strategy in MEASURE_ORDER:
+        shapes, _, batches, probe = _strategy_batches(cfg, strategy, stream, bucket_batches_)
+        model = functools.cache(functools.partial(_model, cfg, "cpu", padded=strategy == "pad", backend="triton"))
+        for k, samples in [("probe", probe), *enumerate(batches)]:
+            calls.append((f"e2e {strategy} step {k}",
+                          functools.partial(_run_step, model, [shapes[i] for i in samples], strategy == "pad")))
+    return calls
+
+
+def _run_step(model: Callable[[], nn.Module], shapes: list[tuple[int, ...]], padded: bool) -> None:
+    net = model()
+    loss, _ = _loss(net, _step_inputs([torch.zeros(s) for s in shapes], padded, seed=0), torch.bfloat16)
+    loss.backward()
+    net.zero_grad(set_to_none=True)
 
 
 def run(ctx: Context) -> list[dict]:

@@ -7,9 +7,12 @@ GPU cases launch a few hundred. This tool records those launches without running
 specialising every launch as the GPU launch will) and compiles them in worker processes into Triton's cache,
 with exactly the inputs Triton's JIT passes to ``triton.compile`` (``triton_aot.ExactCompile``): the section's
 launches then load them from the cache. A launch the recording missed compiles when it runs, as without this
-tool; a worker that would file a kernel under another cache key than the recording fails loudly.
+tool; a worker that would file a kernel under another cache key than the recording fails loudly. The recording
+leaves PyTorch's floating-point math on large tensors uninitialised (``triton_aot.uninitialized_math``; the
+launches depend on shapes, strides and host-side schedules only), so that e2e's 41 training steps at GPU sizes
+record in ~16 s on two cores.
 
-    python benchmarks/precompile.py                          # attention, mlp, norm, rope for this machine's GPU
+    python benchmarks/precompile.py                          # every section's, for this machine's GPU
     python benchmarks/precompile.py --only attention --workers 8
     python benchmarks/precompile.py --capture-only --arch 90 # count them on a CPU-only machine
 """
@@ -30,7 +33,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 import triton_aot  # noqa: E402
 
-SECTIONS = ("attention", "mlp", "norm", "rope")  # the sections whose modules define packdit_calls()
+SECTIONS = ("attention", "mlp", "norm", "rope", "e2e")  # the sections whose modules define packdit_calls()
 
 
 def _device_arch() -> int | None:
@@ -45,7 +48,7 @@ def _device_arch() -> int | None:
 
 def capture(sections: list[str], arch: int) -> list[triton_aot.ExactCompile]:
     """The compiles the GPU runs of ``sections`` make for ``arch``, each once, in the order they first launch."""
-    with triton_aot.capturing((arch,)) as recorder:
+    with triton_aot.capturing((arch,)) as recorder, triton_aot.uninitialized_math():
         for name in sections:
             for _, call in tqdm(importlib.import_module(name).packdit_calls(), desc=f"recording {name}",
                                 file=sys.stdout):

@@ -273,6 +273,24 @@ def capture(scenarios, archs=(90, 80), extra_tokens: int = 0) -> list[Launch]:
     return recorder.launches
 
 
+def recorded_keys(scenarios, arch: int = 90, uninitialized_from: int | None = None) -> tuple[set[str], float]:
+    """``(cache keys, seconds)`` of the compiles ``scenarios``' launches make for ``arch``, captured with PyTorch's
+    math computed (``uninitialized_from`` None) or left uninitialised on floating-point tensors of at least that
+    many elements (``triton_aot.uninitialized_math``); run in a worker process (``triton_aot.init_worker``)."""
+    import contextlib
+    import time
+
+    import triton_aot
+
+    started = time.perf_counter()
+    math = contextlib.nullcontext() if uninitialized_from is None else triton_aot.uninitialized_math(
+        uninitialized_from)
+    with triton_aot.capturing((arch,)) as recorder, math:
+        for scenario in scenarios:
+            _RUNNERS[scenario.kind](extra_tokens=0, **dict(scenario.params))
+    return set(recorder.exact), time.perf_counter() - started
+
+
 def jit_misses(scenarios, arch: int = 90, precompile: bool = True) -> list[str]:
     """The kernels Triton's JIT compiles, i.e. does not find in this process's Triton cache, when ``scenarios``
     launch as on a GPU of compute capability ``arch`` (``triton_aot.jit_lookups``), after (``precompile``) the

@@ -28,11 +28,11 @@ def test_gpu_check_dry_run(tmp_path):
     steps = re.findall(r"^=== \S+ \+\d+s (.*?) ===$", log, flags=re.M)
     benchmarks = [s.split()[1] for s in steps if s.startswith("benchmark ")]
     assert benchmarks == ["attention", "e2e", "mlp,norm,rope", "patchify,layout"]
-    # the kernels of attention, mlp, norm and rope are recorded (compiled on a GPU machine) before attention runs
-    precompiles = [k for k, s in enumerate(steps) if s.startswith("precompile attention,mlp,norm,rope ")]
+    # the kernels of attention, mlp, norm, rope and e2e are recorded (compiled on a GPU machine) before attention
+    precompiles = [k for k, s in enumerate(steps) if s.startswith("precompile attention,mlp,norm,rope,e2e ")]
     assert precompiles and precompiles[0] < steps.index(next(s for s in steps if s.startswith("benchmark attention")))
-    assert re.search(r"^precompile: [1-9]\d* kernel specialisations of attention, mlp, norm, rope for sm_90", log,
-                     flags=re.M)
+    assert re.search(r"^precompile: [1-9]\d* kernel specialisations of attention, mlp, norm, rope, e2e for sm_90",
+                     log, flags=re.M)
     # the GPU tests after mlp, norm and rope (not yet measured on a GPU), before patchify and layout (measured once)
     gpu_tests = steps.index("GPU tests (gpu and cuda_ext markers)")
     assert steps.index(next(s for s in steps if s.startswith("benchmark mlp,norm,rope"))) < gpu_tests

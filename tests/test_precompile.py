@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from kernel_launches import COVERAGE, PRODUCTION, jit_misses
+from kernel_launches import COVERAGE, PRODUCTION, jit_misses, recorded_keys
 from triton_aot import ExactCompile, Workers, compile_exact
 
 from packdit.ops.mlp import _TMA_TILE_CONFIGS
@@ -63,3 +63,36 @@ def test_precompile_records_the_sections_launches():
     recorded = re.search(r"^precompile: (\d+) kernel specialisations of mlp for sm_90", done.stdout, flags=re.M)
     assert recorded, done.stdout[-2000:]
     assert int(recorded.group(1)) >= len(_TMA_TILE_CONFIGS)  # at least every configuration of one GEMM launch
+
+
+def test_uninitialized_math_records_the_launches_computed_math_records(fresh_cache_worker):
+    """A training step of STDiT-XL (spatial and temporal attention, QK-norm, RoPE, fused MLP, modulated norms)
+    records the same compiles with every floating-point result left uninitialised (``triton_aot.
+    uninitialized_math``, as ``precompile.py`` captures) as with PyTorch's math computed."""
+    scenario = next(s for s in PRODUCTION if s.name == "STDiT-XL/2 rope video")
+    computed, _ = fresh_cache_worker.submit(recorded_keys, [scenario]).result()
+    uninitialized, _ = fresh_cache_worker.submit(recorded_keys, [scenario], uninitialized_from=1).result()
+    assert len(computed) > 10
+    assert uninitialized == computed
+
+
+def test_uninitialized_math_keeps_what_launches_depend_on():
+    """Views keep their storage offsets, integer and boolean results and value-dependent shapes are computed,
+    floating-point results have the layout PyTorch gives them, in-place updates of large float tensors are
+    skipped."""
+    import torch
+    from triton_aot import uninitialized_math
+
+    x = torch.ones(64, 72)
+    w = torch.ones(100, 72)
+    with uninitialized_math(min_elements=1024):
+        view = x[:, 8:]
+        assert view.data_ptr() == x.data_ptr() + 8 * x.element_size() and view.stride() == (72, 1)
+        assert torch.equal(torch.arange(5).cumsum(0), torch.tensor([0, 1, 3, 6, 10]))
+        assert torch.equal(torch.tensor([0, 3, 0, 2]).nonzero().flatten(), torch.tensor([1, 3]))
+        assert int((x == 1).sum()) == x.numel()  # a mask of a large float tensor
+        product = torch.nn.functional.linear(x, w)
+        assert product.shape == (64, 100) and product.stride() == (100, 1) and product.dtype == x.dtype
+        x.add_(1)
+        small = torch.ones(4, 4).add_(1)  # fewer than min_elements: computed
+    assert torch.equal(x, torch.ones(64, 72)) and torch.equal(small, torch.full((4, 4), 2.0))

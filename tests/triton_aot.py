@@ -399,6 +399,59 @@ def _case_from_specialization(kernel, arg_names, signature, constexprs, attrs, o
 
 
 @contextlib.contextmanager
+def uninitialized_math(min_elements: int = 1 << 16):
+    """Within the block, PyTorch's own (aten) operations that compute floating-point tensors from or into such
+    tensors of at least ``min_elements`` elements (a projection, or a bias gradient's sum over tokens) return them
+    uninitialised, with the shapes, dtypes and strides of PyTorch's meta functions, and in-place ones on such
+    tensors do nothing. A capture of a whole model's training step at GPU sizes (``benchmarks/e2e.py``: 131k
+    tokens, width 1152) then records its Triton launches without computing its projections, position
+    embeddings and elementwise passes: ~16 s for its 41 steps on two cores instead of ~1,000 s (the same 86
+    compiles). Like a recorded launch's outputs, those values are never read. What the launches depend on runs
+    as it is: views (a head's q, k, v are views of the projection, and the launch specialises on their offsets),
+    integer and boolean results (indices, masks, the layout's metadata), results whose shape depends on values
+    (``nonzero``), small tensors, and every operation outside aten (packdit's custom ops, whose launchers make
+    the recorded launches)."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten, tree_map_only
+
+    def tensors(tree) -> list:
+        return [t for t in tree_flatten(tree)[0] if isinstance(t, torch.Tensor)]
+
+    def large(tree) -> bool:
+        return any(t.is_floating_point() and t.numel() >= min_elements for t in tensors(tree))
+
+    def floats(tree) -> bool:
+        return bool(tensors(tree)) and all(t.is_floating_point() for t in tensors(tree))
+
+    def meta_result(func, args, kwargs):
+        meta_args, meta_kwargs = tree_map_only(torch.Tensor, lambda t: t.to("meta"), (args, kwargs))
+        if "device" in meta_kwargs:
+            meta_kwargs["device"] = torch.device("meta")
+        try:
+            return func(*meta_args, **meta_kwargs)
+        except Exception:  # noqa: BLE001 -- no meta function, or a shape that depends on values: compute it
+            return None
+
+    class UninitializedMath(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func.namespace == "aten" and not func.is_view:
+                if func._schema.is_mutable:
+                    if func._schema.name.endswith("_") and args and floats(args[0]) and large(args[0]):
+                        return args[0]  # in place: returns self
+                else:
+                    meta = meta_result(func, args, kwargs)
+                    if meta is not None and floats(meta) and (large(meta) or large((args, kwargs))):
+                        return tree_map_only(torch.Tensor, lambda m: torch.empty_strided(
+                            m.shape, m.stride(), dtype=m.dtype), meta)
+            return func(*args, **kwargs)
+
+    with UninitializedMath():
+        yield
+
+
+@contextlib.contextmanager
 def capturing(archs=(90, 80)):
     """Within the block, Triton launches are recorded (for each target in ``archs``), not run; yields the
     recorder, whose ``launches`` list grows and whose ``tags`` label the launches that follow."""
