@@ -46,14 +46,20 @@ def _device_arch() -> int | None:
     return 10 * major + minor
 
 
-def capture(sections: list[str], arch: int) -> list[triton_aot.ExactCompile]:
-    """The compiles the GPU runs of ``sections`` make for ``arch``, each once, in the order they first launch."""
+def capture(sections: list[str], arch: int) -> tuple[list[triton_aot.ExactCompile], list[str]]:
+    """``(compiles, failures)``: the compiles the GPU runs of ``sections`` make for ``arch``, each once, in the order
+    they first launch, and a message per section whose recording failed (what it recorded before is kept; the
+    other sections are recorded all the same)."""
+    failures = []
     with triton_aot.capturing((arch,)) as recorder, triton_aot.uninitialized_math():
         for name in sections:
-            for _, call in tqdm(importlib.import_module(name).packdit_calls(), desc=f"recording {name}",
-                                file=sys.stdout):
-                call()
-    return list(recorder.exact.values())
+            try:
+                for _, call in tqdm(importlib.import_module(name).packdit_calls(), desc=f"recording {name}",
+                                    file=sys.stdout):
+                    call()
+            except Exception as e:  # noqa: BLE001 -- report it, record the other sections
+                failures.append(f"recording {name}: {type(e).__name__}: {str(e).strip()[:300]}")
+    return list(recorder.exact.values()), failures
 
 
 def compile_all(jobs: list[triton_aot.ExactCompile], workers: int) -> list[str]:
@@ -94,15 +100,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--arch: no CUDA device here to take it from; name the target, e.g. --arch 90")
 
     started = time.perf_counter()
-    jobs = capture(sections, arch)
+    jobs, failures = capture(sections, arch)
     print(f"precompile: {len(jobs)} kernel specialisations of {', '.join(sections)} for sm_{arch}, "
           f"recorded in {time.perf_counter() - started:.1f} s")
-    if args.capture_only or not jobs:
-        return 0
-    started = time.perf_counter()
-    failures = compile_all(jobs, args.workers)
-    print(f"precompile: {len(jobs) - len(failures)} of {len(jobs)} compiled in {time.perf_counter() - started:.1f} s "
-          f"by {args.workers} processes")
+    if not args.capture_only and jobs:
+        started = time.perf_counter()
+        compile_failures = compile_all(jobs, args.workers)
+        print(f"precompile: {len(jobs) - len(compile_failures)} of {len(jobs)} compiled in "
+              f"{time.perf_counter() - started:.1f} s by {args.workers} processes")
+        failures += compile_failures
     for failure in failures:
         print(f"precompile: FAILED {failure}")
     return 1 if failures else 0

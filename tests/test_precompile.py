@@ -96,3 +96,22 @@ def test_uninitialized_math_keeps_what_launches_depend_on():
         x.add_(1)
         small = torch.ones(4, 4).add_(1)  # fewer than min_elements: computed
     assert torch.equal(x, torch.ones(64, 72)) and torch.equal(small, torch.full((4, 4), 2.0))
+
+
+def test_a_section_that_fails_to_record_leaves_the_others_recorded():
+    script = """
+import sys, types
+sys.path[:0] = ["benchmarks", "tests"]
+import precompile
+def broken():
+    raise RuntimeError("no such layout")
+sys.modules["broken"] = types.SimpleNamespace(packdit_calls=lambda: [("broken step", broken)])
+jobs, failures = precompile.capture(["broken", "norm"], 90)
+print(len(jobs), failures)
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    recorded, failures = done.stdout.strip().splitlines()[-1].split(" ", 1)
+    assert int(recorded) > 0 and failures == "['recording broken: RuntimeError: no such layout']", done.stdout
