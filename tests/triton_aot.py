@@ -405,12 +405,12 @@ def uninitialized_math(min_elements: int = 1 << 16):
     uninitialised, with the shapes, dtypes and strides of PyTorch's meta functions, and in-place ones on such
     tensors do nothing. A capture of a whole model's training step at GPU sizes (``benchmarks/e2e.py``: 131k
     tokens, width 1152) then records its Triton launches without computing its projections, position
-    embeddings and elementwise passes: ~16 s for its 41 steps on two cores instead of ~1,000 s (the same 86
-    compiles). Like a recorded launch's outputs, those values are never read. What the launches depend on runs
-    as it is: views (a head's q, k, v are views of the projection, and the launch specialises on their offsets),
-    integer and boolean results (indices, masks, the layout's metadata), results whose shape depends on values
-    (``nonzero``), small tensors, and every operation outside aten (packdit's custom ops, whose launchers make
-    the recorded launches)."""
+    embeddings and elementwise passes: ~16 s for its 41 steps on two cores, where leaving only the matrix
+    products and convolutions uninitialised took ~4 minutes, for the same 86 compiles. Like a recorded launch's
+    outputs, those values are never read. What the launches depend on runs as it is: views (a head's q, k, v are
+    views of the projection, and the launch specialises on their offsets), integer and boolean results (indices,
+    masks, the layout's metadata), results whose shape depends on values (``nonzero``), small tensors, and every
+    operation outside aten (packdit's custom ops, whose launchers make the recorded launches)."""
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_flatten, tree_map_only
