@@ -39,22 +39,17 @@ def _cases(gpu: bool) -> list[tuple[int, int, int, bool]]:
     return [(256, 64, 8, False)] + ([(40, 32, 3, True)] if interpreting() else [])
 
 
-CAPTURE_TOKENS = 256  # divisible by 16, as the GPU cases' token counts are (see packdit_calls)
-
-
 def packdit_calls() -> list[tuple[str, Callable[[], None]]]:
     """``(label, call)``: each call runs ``fused_mlp`` forward + backward on CPU bf16 tensors of one GPU case's
-    width, for ``precompile.py`` to record its Triton launches. Tokens are cut to ``CAPTURE_TOKENS``: the
-    backward's weight gradients (cuBLAS on a GPU) run for real on the CPU, and a launch specialises on the token
-    count only by its divisibility by 16, which the GPU cases' counts share."""
-    return [(f"mlp N{n} D{d}", functools.partial(_run_packdit, d, segments)) for n, d, segments, _ in _cases(gpu=True)]
+    shapes, for ``precompile.py`` to record its Triton launches."""
+    return [(f"mlp N{n} D{d}", functools.partial(_run_packdit, n, d, segments))
+            for n, d, segments, _ in _cases(gpu=True)]
 
 
-def _run_packdit(d: int, segments: int) -> None:
+def _run_packdit(n: int, d: int, segments: int) -> None:
     cpu = torch.device("cpu")
-    leaves = [x.requires_grad_(True) for x in _inputs(cpu, CAPTURE_TOKENS, d, segments, torch.bfloat16)]
-    index = segment_index(CAPTURE_TOKENS, segments, cpu)
-    torch.autograd.grad(fused_mlp(*leaves, index), leaves, torch.empty_like(leaves[0]))
+    leaves = [x.requires_grad_(True) for x in _inputs(cpu, n, d, segments, torch.bfloat16)]
+    torch.autograd.grad(fused_mlp(*leaves, segment_index(n, segments, cpu)), leaves, torch.empty_like(leaves[0]))
 
 
 def _inputs(device: torch.device, n: int, d: int, segments: int, dtype: torch.dtype) -> list[torch.Tensor]:

@@ -105,9 +105,6 @@ def packdit_calls() -> list[tuple[str, Callable[[], None]]]:
     """``(label, call)``: each call runs packdit's pass forward and backward on CPU bf16 tensors of one GPU case's
     heads and head dim: the Triton launches of the GPU run, for ``precompile.py`` to record."""
     positions = _positions(torch.device("cpu"), gpu=True)
-    # A launch specialises on the token count only by its divisibility by 16 (and whether it is 1): 256 + the
-    # remainder keeps the GPU pack's, at 1/200 of its size.
-    positions = positions[:256 + positions.shape[0] % 16]
     return [(f"rope H{h} D{d} norm={norm}", functools.partial(_run_packdit, positions, h, d, norm))
             for h, d, norm, _ in _cases(gpu=True)]
 
