@@ -273,22 +273,20 @@ def capture(scenarios, archs=(90, 80), extra_tokens: int = 0) -> list[Launch]:
     return recorder.launches
 
 
-def recorded_keys(scenarios, arch: int = 90, uninitialized_from: int | None = None) -> tuple[set[str], float]:
-    """``(cache keys, seconds)`` of the compiles ``scenarios``' launches make for ``arch``, captured with PyTorch's
-    math computed (``uninitialized_from`` None) or left uninitialised on floating-point tensors of at least that
-    many elements (``triton_aot.uninitialized_math``); run in a worker process (``triton_aot.init_worker``)."""
+def recorded_keys(scenarios, arch: int = 90, uninitialized_from: int | None = None) -> set[str]:
+    """The cache keys of the compiles ``scenarios``' launches make for ``arch``, captured with PyTorch's math
+    computed (``uninitialized_from`` None) or left uninitialised on floating-point tensors of at least that many
+    elements (``triton_aot.uninitialized_math``); run in a worker process (``triton_aot.init_worker``)."""
     import contextlib
-    import time
 
     import triton_aot
 
-    started = time.perf_counter()
     math = contextlib.nullcontext() if uninitialized_from is None else triton_aot.uninitialized_math(
         uninitialized_from)
     with triton_aot.capturing((arch,)) as recorder, math:
         for scenario in scenarios:
             _RUNNERS[scenario.kind](extra_tokens=0, **dict(scenario.params))
-    return set(recorder.exact), time.perf_counter() - started
+    return set(recorder.exact)
 
 
 def jit_misses(scenarios, arch: int = 90, precompile: bool = True) -> list[str]:

@@ -55,11 +55,16 @@ def test_a_compile_under_another_key_is_refused(fresh_cache_worker):
         fresh_cache_worker.submit(compile_exact, job).result()
 
 
-def test_precompile_records_the_sections_launches():
+def _python_without_interpreter(*args: str) -> subprocess.CompletedProcess:
+    """``python ARGS`` in the repository root with real Triton targets (the test session runs the interpreter)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "benchmarks/precompile.py", "--capture-only", "--arch", "90", "--only",
-                           "mlp"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    return done
+
+
+def test_precompile_records_the_sections_launches():
+    done = _python_without_interpreter("benchmarks/precompile.py", "--capture-only", "--arch", "90", "--only", "mlp")
     recorded = re.search(r"^precompile: (\d+) kernel specialisations of mlp for sm_90", done.stdout, flags=re.M)
     assert recorded, done.stdout[-2000:]
     assert int(recorded.group(1)) >= len(_TMA_TILE_CONFIGS)  # at least every configuration of one GEMM launch
@@ -70,8 +75,8 @@ def test_uninitialized_math_records_the_launches_computed_math_records(fresh_cac
     records the same compiles with every floating-point result left uninitialised (``triton_aot.
     uninitialized_math``, as ``precompile.py`` captures) as with PyTorch's math computed."""
     scenario = next(s for s in PRODUCTION if s.name == "STDiT-XL/2 rope video")
-    computed, _ = fresh_cache_worker.submit(recorded_keys, [scenario]).result()
-    uninitialized, _ = fresh_cache_worker.submit(recorded_keys, [scenario], uninitialized_from=1).result()
+    computed = fresh_cache_worker.submit(recorded_keys, [scenario]).result()
+    uninitialized = fresh_cache_worker.submit(recorded_keys, [scenario], uninitialized_from=1).result()
     assert len(computed) > 10
     assert uninitialized == computed
 
@@ -109,9 +114,6 @@ sys.modules["broken"] = types.SimpleNamespace(packdit_calls=lambda: [("broken st
 jobs, failures = precompile.capture(["broken", "norm"], 90)
 print(len(jobs), failures)
 """
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    done = _python_without_interpreter("-c", script)
     recorded, failures = done.stdout.strip().splitlines()[-1].split(" ", 1)
     assert int(recorded) > 0 and failures == "['recording broken: RuntimeError: no such layout']", done.stdout
